@@ -1,0 +1,178 @@
+"""Deterministic, sharded, restartable batches from Parquet row groups.
+
+The order of an epoch is a pure function of (seed, epoch), computed from metadata alone:
+
+1. the split's row groups are permuted by (seed, epoch) and concatenated into one stream of rows;
+2. rank ``r`` of ``W`` takes the contiguous rows ``[N·r/W, N·(r+1)/W)`` of that stream (ranks differ
+   by at most one row, and each reads only its share);
+3. a rank's rows are cut into windows of ``window_batches × batch_size`` rows; each window is
+   permuted by (seed, epoch, rank, window) and cut into batches, so no batch straddles two windows.
+
+Step ``k`` is therefore batch ``k mod window_batches`` of window ``k // window_batches``: a restart at
+any step reads only that window onwards, never replaying data. With ``num_workers`` worker processes,
+worker ``j`` builds windows ``j, j+n, ...`` and the batches come out in the same order as with none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from recsys.data.batch import Batch, BatchBuilder
+from recsys.data.parquet import ParquetSplit, RowGroupRef
+from recsys.data.schema import BatchSchema
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of one row group."""
+
+    ref: RowGroupRef
+    start: int
+    stop: int
+
+
+class ParquetLoader:
+    """Batches of one split for one rank.
+
+    Args:
+        split: the split's row groups (checked at open).
+        batch_size: rows per batch.
+        rank, world_size: this process's share of every epoch.
+        seed: with the epoch, decides every permutation.
+        shuffle: permute row groups and rows within windows; False keeps file order.
+        window_batches: batches per shuffle window (the memory a window needs is that many batches).
+        drop_last: drop the rows past the last full batch that every rank can make (training);
+            False yields every row of this rank, the last batch shorter (evaluation).
+        num_workers: worker processes that read and build windows (0 = in this process).
+
+    Example:
+        >>> loader = ParquetLoader(split, batch_size=2048, rank=0, world_size=2, seed=7)
+        >>> for step, batch in enumerate(loader.epoch(0, start_step=100), start=100): ...
+    """
+
+    def __init__(self, split: ParquetSplit, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 window_batches: int = 16, drop_last: bool = True, num_workers: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size <= 0 or window_batches <= 0:
+            raise ValueError("batch_size and window_batches must be > 0")
+        self.split = split
+        self.builder = BatchBuilder(split.schema)
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.window_batches = window_batches
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+
+    @classmethod
+    def for_schema(cls, files: list, schema: BatchSchema, batch_size: int,
+                   **kwargs: object) -> ParquetLoader:
+        return cls(ParquetSplit(files, schema), batch_size, **kwargs)  # type: ignore[arg-type]
+
+    # ---- the plan (metadata only) -------------------------------------------------------------
+
+    @property
+    def rank_rows(self) -> tuple[int, int]:
+        """This rank's [lo, hi) range of the epoch's row stream."""
+        n = self.split.num_rows
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def steps_per_epoch(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank when drop_last)."""
+        if self.drop_last:
+            return (self.split.num_rows // self.world_size) // self.batch_size
+        lo, hi = self.rank_rows
+        return -(-(hi - lo) // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch()
+
+    def rows_per_epoch(self) -> int:
+        lo, hi = self.rank_rows
+        return self.steps_per_epoch() * self.batch_size if self.drop_last else hi - lo
+
+    def _row_group_order(self, epoch: int) -> list[RowGroupRef]:
+        groups = self.split.row_groups
+        if not self.shuffle:
+            return list(groups)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
+        return [groups[i] for i in perm]
+
+    def _pieces(self, order: list[RowGroupRef], lo: int, hi: int) -> list[Piece]:
+        """The row-group pieces that hold stream rows [lo, hi)."""
+        out: list[Piece] = []
+        start = 0
+        for ref in order:
+            end = start + ref.num_rows
+            if end > lo and start < hi:
+                out.append(Piece(ref, max(lo - start, 0), min(hi, end) - start))
+            if end >= hi:
+                break
+            start = end
+        return out
+
+    def num_windows(self) -> int:
+        return -(-self.steps_per_epoch() // self.window_batches)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def read_window(self, epoch: int, window: int, order: list[RowGroupRef] | None = None,
+                    ) -> list[Batch]:
+        """Every batch of one window, built and checked."""
+        order = order if order is not None else self._row_group_order(epoch)
+        rows = self.window_batches * self.batch_size
+        lo, _ = self.rank_rows
+        used = self.rows_per_epoch()
+        a, b = window * rows, min((window + 1) * rows, used)
+        tables = []
+        for p in self._pieces(order, lo + a, lo + b):
+            t = self.split.read(p.ref).slice(p.start, p.stop - p.start)
+            self.builder.validate(t, self.split.where(p.ref), p.ref.first_row + p.start)
+            tables.append(t)
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
+                .permutation(table.num_rows)
+            table = table.take(perm)
+        return [self.builder.build(table.slice(i, self.batch_size))
+                for i in range(0, table.num_rows, self.batch_size)]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from ``start_step`` on (a restart reads nothing before it)."""
+        steps = self.steps_per_epoch()
+        if not 0 <= start_step <= steps:
+            raise ValueError(f"start_step {start_step} is outside the epoch's {steps} steps")
+        if start_step == steps:
+            return
+        first_window, skip = divmod(start_step, self.window_batches)
+        if self.num_workers == 0:
+            order = self._row_group_order(epoch)
+            windows = (self.read_window(epoch, w, order)
+                       for w in range(first_window, self.num_windows()))
+        else:
+            windows = iter(DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
+                                      num_workers=self.num_workers))
+        for w, batches in enumerate(windows):
+            yield from (batches[skip:] if w == 0 else batches)
+
+
+class _WindowDataset(IterableDataset):
+    """Worker ``j`` of ``n`` builds windows ``first + j, first + j + n, ...``; the DataLoader takes
+    one item from each worker in turn, so windows arrive in order."""
+
+    def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
+        self.loader, self.epoch, self.first = loader, epoch, first_window
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        info = get_worker_info()
+        j, n = (info.id, info.num_workers) if info else (0, 1)
+        order = self.loader._row_group_order(self.epoch)
+        for w in range(self.first + j, self.loader.num_windows(), n):
+            yield self.loader.read_window(self.epoch, w, order)

@@ -1,0 +1,240 @@
+"""What a dataset holds (its manifest) and what a Batch is built from (the batch schema).
+
+A dataset is a directory with ``dataset.json`` (a :class:`DatasetManifest`) and Parquet shards per view
+and split, e.g. ``impressions/train/part-00000.parquet``. Every column has a role: a model feature
+(dense, sparse, multi_sparse, with its side and cardinality), a label, a group id, the cascade stage,
+the teacher score, an oracle probability, or per-id weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from recsys.errors import DataError
+from recsys.spec import FeatureKind, FeatureSpec, OOVPolicy, Side, Spec
+
+MANIFEST = "dataset.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+# Column names shared by every writer and the loader.
+REQUEST_ID = "request_id"
+USER_ID = "user_id"
+STAGE = "stage"
+TEACHER = "teacher"
+RVQ_CODE = "rvq_code"  # the auxiliary sparse feature: L trie-node ids per row
+
+
+class Stage(IntEnum):
+    """The deepest cascade stage a candidate reached (what a row's ``stage`` column holds)."""
+
+    RETRIEVED = 0  # retrieved, dropped by the pre-ranker
+    PRERANKED = 1  # passed the pre-ranker, dropped by the ranker
+    RANKED = 2  # in the ranker's top list, not shown
+    EXPOSED = 3  # shown, not clicked
+    CLICKED = 4
+    CONVERTED = 5
+
+
+class ColumnRole(StrEnum):
+    DENSE = "dense"
+    SPARSE = "sparse"
+    MULTI_SPARSE = "multi_sparse"
+    LABEL = "label"
+    GROUP = "group"
+    STAGE = "stage"
+    TEACHER = "teacher"
+    ORACLE = "oracle"  # the true probability of a label (synthetic data)
+    WEIGHTS = "weights"
+    OTHER = "other"
+
+
+class ColumnInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: ColumnRole
+    side: Side | None = None
+    cardinality: int | None = None  # ids lie in [0, cardinality)
+    description: str = ""
+
+
+class DatasetManifest(BaseModel):
+    """The contents of ``dataset.json``.
+
+    Example:
+        >>> m = DatasetManifest.load("data/quickstart")
+        >>> m.files("impressions", "train")[:1]
+        [PosixPath('data/quickstart/impressions/train/part-00000.parquet')]
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    source: dict[str, object]
+    config_hash: str
+    columns: list[ColumnInfo]
+    # view -> split -> shard paths relative to the dataset directory
+    views: dict[str, dict[str, list[str]]]
+    rows: dict[str, dict[str, int]]
+    root: Path | None = None  # set on load, not stored
+
+    @classmethod
+    def load(cls, root: str | Path) -> DatasetManifest:
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise DataError(str(root), f"not a dataset directory: {MANIFEST} is missing "
+                            "(generate it with `recsys data synth` or `recsys data prepare`)")
+        try:
+            m = cls.model_validate_json(path.read_text())
+        except ValueError as e:
+            raise DataError(str(path), f"unreadable dataset manifest: {e}") from None
+        if m.format_version != FORMAT_VERSION:
+            raise DataError(str(path), f"format_version {m.format_version} is not supported "
+                            f"(expected {FORMAT_VERSION}); regenerate the dataset")
+        m.root = root
+        return m
+
+    def save(self, root: str | Path) -> None:
+        root = Path(root)
+        tmp = root / (MANIFEST + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2, exclude={"root"}))
+        tmp.replace(root / MANIFEST)
+
+    def column(self, name: str) -> ColumnInfo | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    def files(self, view: str, split: str) -> list[Path]:
+        assert self.root is not None, "manifest was not loaded from a directory"
+        if view not in self.views:
+            raise DataError(str(self.root / MANIFEST),
+                            f"no view '{view}' (views: {sorted(self.views)})")
+        if split not in self.views[view]:
+            raise DataError(str(self.root / MANIFEST),
+                            f"view '{view}' has no split '{split}' "
+                            f"(splits: {sorted(self.views[view])})")
+        return [self.root / f for f in self.views[view][split]]
+
+
+# --------------------------------------------------------------------------------------------------
+# the batch schema: which columns become which parts of a Batch
+
+
+@dataclass(frozen=True)
+class SparseColumn:
+    key: str  # the KJT key (the feature name)
+    column: str
+    num_embeddings: int
+    oov: OOVPolicy
+    multi: bool
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchSchema:
+    """The columns a Batch is made of, in order.
+
+    Example:
+        >>> schema = BatchSchema.from_spec(spec)
+        >>> schema.sparse_keys
+        ['user_id', 'item_id', ...]
+    """
+
+    dense: list[str]
+    sparse: list[SparseColumn]
+    labels: list[str]
+    groups: dict[str, str] = field(default_factory=dict)  # "request"/"user" -> column
+    stage: str | None = None
+    teacher: str | None = None
+    oracle: dict[str, str] = field(default_factory=dict)  # label -> probability column
+
+    @property
+    def sparse_keys(self) -> list[str]:
+        return [s.key for s in self.sparse]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every Parquet column the loader reads, without repeats."""
+        cols = list(self.dense) + [s.column for s in self.sparse]
+        cols += [s.weights for s in self.sparse if s.weights]
+        cols += list(self.labels) + list(self.groups.values())
+        cols += [c for c in (self.stage, self.teacher) if c] + list(self.oracle.values())
+        return list(dict.fromkeys(cols))
+
+    @classmethod
+    def from_spec(cls, spec: Spec, manifest: DatasetManifest | None = None) -> BatchSchema:
+        """The spec's features plus whatever labels, groups, stage, teacher and oracle columns the
+        dataset has (those are optional; features and labels are not)."""
+        feats = spec.features
+        sparse = [_sparse_column(f, feats.table_of(f).num_embeddings) for f in feats.sparse_fields()]
+        have = {c.name for c in manifest.columns} if manifest else None
+
+        def present(col: str) -> bool:
+            return have is None or col in have
+
+        groups = {k: c for k, c in (("request", REQUEST_ID), ("user", USER_ID)) if present(c)}
+        oracle = {lab: f"{lab}_prob" for lab in spec.data.labels if present(f"{lab}_prob")}
+        if manifest is not None:
+            oracle = {lab: col for lab, col in oracle.items()
+                      if manifest.column(col).role == ColumnRole.ORACLE}  # type: ignore[union-attr]
+        return cls(
+            dense=[f.source_column for f in feats.dense_fields()],
+            sparse=sparse,
+            labels=list(spec.data.labels),
+            groups=groups,
+            stage=STAGE if present(STAGE) else None,
+            teacher=TEACHER if present(TEACHER) else None,
+            oracle=oracle,
+        )
+
+    def with_rvq_code(self, num_nodes: int) -> BatchSchema:
+        """The same schema with the auxiliary ``rvq_code`` list column read into the KJT."""
+        extra = SparseColumn(RVQ_CODE, RVQ_CODE, num_nodes, OOVPolicy.ERROR, multi=True)
+        return BatchSchema(self.dense, [*self.sparse, extra], self.labels, self.groups,
+                           self.stage, self.teacher, self.oracle)
+
+
+def _sparse_column(f: FeatureSpec, num_embeddings: int) -> SparseColumn:
+    return SparseColumn(key=f.name, column=f.source_column, num_embeddings=num_embeddings,
+                        oov=f.oov, multi=f.kind == FeatureKind.MULTI_SPARSE, weights=f.weights)
+
+
+def check_spec_against_manifest(spec: Spec, manifest: DatasetManifest) -> None:
+    """Fail early, naming the field, when the spec and the dataset disagree."""
+    where = str((manifest.root or Path(".")) / MANIFEST)
+    expected_role = {FeatureKind.DENSE: ColumnRole.DENSE, FeatureKind.SPARSE: ColumnRole.SPARSE,
+                     FeatureKind.MULTI_SPARSE: ColumnRole.MULTI_SPARSE}
+    for f in spec.features.fields:
+        col = manifest.column(f.source_column)
+        if col is None:
+            raise DataError(where, f"features.fields[{f.name}]: the dataset has no column "
+                            f"'{f.source_column}' (columns: "
+                            f"{', '.join(c.name for c in manifest.columns)})")
+        if col.role != expected_role[f.kind]:
+            raise DataError(where, f"features.fields[{f.name}]: column '{col.name}' holds "
+                            f"{col.role} values, the spec declares kind = '{f.kind}'")
+        if f.kind != FeatureKind.DENSE and f.oov == OOVPolicy.ERROR and col.cardinality:
+            n = spec.features.table_of(f).num_embeddings
+            if col.cardinality > n:
+                raise DataError(where, f"features.fields[{f.name}]: ids go up to "
+                                f"{col.cardinality - 1} but the table has {n} rows: raise "
+                                "num_embeddings or set oov = 'hash'")
+    for lab in spec.data.labels:
+        col = manifest.column(lab)
+        if col is None or col.role != ColumnRole.LABEL:
+            labels = [c.name for c in manifest.columns if c.role == ColumnRole.LABEL]
+            raise DataError(where, f"data.labels: '{lab}' is not a label column of the dataset "
+                            f"(labels: {labels})")
+
+
+def write_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
