@@ -303,12 +303,13 @@ class FeaturesSpec(StrictModel):
         for f in self.fields:
             if f.table is not None and f.table not in declared:
                 known = ", ".join(sorted(declared)) or "none declared"
-                raise ValueError(f"field '{f.name}' names table '{f.table}', which is not in "
-                                 f"features.tables (known: {known})")
+                raise _KeyedError(f"fields[{f.name}].table",
+                                  f"names table '{f.table}', which is not in features.tables "
+                                  f"(known: {known})")
             if f.kind != FeatureKind.DENSE and f.table is None and f.name in declared:
-                raise ValueError(f"field '{f.name}' declares its own table, but a shared table "
-                                 "of that name exists: set table = "
-                                 f"'{f.name}' instead of num_embeddings")
+                raise _KeyedError(f"fields[{f.name}].num_embeddings",
+                                  "declares the field's own table, but a shared table of that "
+                                  f"name exists: set table = '{f.name}' instead")
         if not any(f.kind != FeatureKind.DENSE for f in self.fields):
             raise ValueError("features.fields needs at least one sparse feature")
         return self
@@ -570,7 +571,7 @@ class Spec(StrictModel):
 
 
 class _KeyedError(ValueError):
-    """A cross-section check that knows the key path it is about."""
+    """A check that knows the key path (relative to the model it validates) it is about."""
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
@@ -592,7 +593,23 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
         raise SpecError(str(path), [f"not valid TOML: {e}"]) from None
     for item in overrides:
         apply_override(raw, item, str(path))
-    return validate_spec(raw, str(path))
+    spec = validate_spec(raw, str(path))
+    check_paths(spec, str(path))
+    return spec
+
+
+def check_paths(spec: Spec, file: str = "<spec>") -> None:
+    """Files a spec needs before anything runs: a prepared dataset, or the raw input to prepare.
+    (Synthetic data is generated into data.path, which need not exist yet.)"""
+    problems = []
+    if spec.data.source == DataSource.PARQUET and not (Path(spec.data.path) / "dataset.json"
+                                                       ).is_file():
+        problems.append(f"data.path: no prepared dataset at '{spec.data.path}' (dataset.json "
+                        "not found); run `recsys data prepare` or `recsys data synth` first")
+    if spec.data.prepare is not None and not Path(spec.data.prepare.input).exists():
+        problems.append(f"data.prepare.input: raw data not found at '{spec.data.prepare.input}'")
+    if problems:
+        raise SpecError(file, problems)
 
 
 def validate_spec(raw: Mapping[str, Any], file: str = "<spec>") -> Spec:
@@ -641,9 +658,11 @@ def _step(node: Any, part: str, where: str, item: str, file: str) -> Any:
 def _describe(err: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
     loc = list(err["loc"])
     ctx = err.get("ctx") or {}
-    if isinstance(ctx.get("error"), _KeyedError):
-        return f"{ctx['error'].key}: {ctx['error']}"
     key = _key_path(loc, raw)
+    if isinstance(ctx.get("error"), _KeyedError):  # a check that knows its key below loc
+        inner = ctx["error"]
+        return f"{key + '.' if key else ''}{inner.key}: {inner}"
+
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""

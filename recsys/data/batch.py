@@ -72,89 +72,231 @@ class Batch(Pipelineable):
         return self._map(lambda t: t.pin_memory())
 
 
+@dataclass
+class Columns:
+    """Rows of a table as numpy columns laid out for cheap shuffles and batches.
+
+    Single ids sit in one feature-major matrix ``singles (n_single, n)`` (narrowed to int32 once
+    checked, so that a column fits in cache while a window is permuted); ``single_valid`` marks the
+    rows of a feature whose id is null (an empty bag). Id lists sit in ``jagged`` as
+    ``(offsets (n+1,), ids)`` with per-id ``weights``. Labels, group ids, stage, teacher and oracle
+    keep their stored dtype in ``values`` (NaN for a null float) and are widened per batch.
+
+    Example:
+        >>> cols = builder.columns(table, where="part-00000.parquet")
+        >>> batch = builder.assemble(cols.take(np.random.permutation(cols.n)).slice(0, 2048))
+    """
+
+    n: int
+    dense: np.ndarray  # (n, n_dense) float32
+    singles: np.ndarray  # (n_single, n)
+    single_valid: dict[str, np.ndarray]
+    jagged: dict[str, tuple[np.ndarray, np.ndarray]]
+    weights: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+
+    @staticmethod
+    def concat(parts: list[Columns]) -> Columns:
+        if len(parts) == 1:
+            return parts[0]
+        jagged = {}
+        for k in parts[0].jagged:
+            offs = [p.jagged[k][0] for p in parts]
+            shifts = np.cumsum([0] + [o[-1] for o in offs[:-1]])
+            offsets = np.concatenate([offs[0][:1]] + [o[1:] + sh for o, sh in
+                                                      zip(offs, shifts, strict=True)])
+            jagged[k] = (offsets, np.concatenate([p.jagged[k][1] for p in parts]))
+        valid_keys = {k for p in parts for k in p.single_valid}
+        return Columns(
+            n=sum(p.n for p in parts),
+            dense=np.concatenate([p.dense for p in parts]),
+            singles=np.concatenate([p.singles for p in parts], axis=1),
+            single_valid={k: np.concatenate([p.single_valid.get(k, np.ones(p.n, dtype=bool))
+                                             for p in parts]) for k in valid_keys},
+            jagged=jagged,
+            weights={k: np.concatenate([p.weights[k] for p in parts]) for k in parts[0].weights},
+            values={k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values},
+        )
+
+    def take(self, rows: np.ndarray) -> Columns:
+        """The given rows, in the given order: one gather per column."""
+        jagged, weights = {}, {}
+        for k, (offsets, ids) in self.jagged.items():
+            lengths, pos = _jagged_rows(offsets, rows)
+            new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=new_offsets[1:])
+            jagged[k] = (new_offsets, ids[pos])
+            if k in self.weights:
+                weights[k] = self.weights[k][pos]
+        singles = np.empty((len(self.singles), len(rows)), dtype=self.singles.dtype)
+        for i, row in enumerate(self.singles):  # row by row: each source row stays in cache
+            np.take(row, rows, out=singles[i])
+        return Columns(
+            n=len(rows), dense=np.take(self.dense, rows, axis=0), singles=singles,
+            single_valid={k: v[rows] for k, v in self.single_valid.items()},
+            jagged=jagged, weights=weights, values={k: v[rows] for k, v in self.values.items()},
+        )
+
+    def slice(self, a: int, b: int) -> Columns:
+        """Rows [a, b) as views (no copy)."""
+        jagged, weights = {}, {}
+        for k, (offsets, ids) in self.jagged.items():
+            lo, hi = offsets[a], offsets[b]
+            jagged[k] = (offsets[a:b + 1] - lo, ids[lo:hi])
+            if k in self.weights:
+                weights[k] = self.weights[k][lo:hi]
+        return Columns(
+            n=b - a, dense=self.dense[a:b], singles=self.singles[:, a:b],
+            single_valid={k: v[a:b] for k, v in self.single_valid.items()},
+            jagged=jagged, weights=weights, values={k: v[a:b] for k, v in self.values.items()},
+        )
+
+
 class BatchBuilder:
-    """Turns an Arrow table with the schema's columns into a :class:`Batch`, column by column
-    (no Python loop over rows), and checks values the schema forbids.
+    """Turns Arrow tables with the schema's columns into :class:`Batch` es, column by column
+    (no Python loop over rows), checking every value the schema forbids on the way.
+
+    ``columns`` converts and checks a table once; a window of rows can then be permuted with one
+    gather per column (:meth:`Columns.take`) and every batch is a set of slices of it
+    (:meth:`assemble`).
 
     Example:
         >>> builder = BatchBuilder(schema)
-        >>> builder.validate(table, where="train/part-00000.parquet", first_row=0)
-        >>> batch = builder.build(table)
+        >>> batch = builder.build(table, where="train/part-00000.parquet")
+        >>> cols = builder.columns(table, where="train/part-00000.parquet")
+        >>> first_two = builder.assemble(cols.take(np.array([0, 1])))
     """
 
     def __init__(self, schema: BatchSchema) -> None:
         self.schema = schema
         self._weighted = any(s.weights for s in schema.sparse)
+        self._singles = [sc for sc in schema.sparse if not sc.multi]
+        self._single_row = {sc.key: i for i, sc in enumerate(self._singles)}
+        largest = max((sc.num_embeddings for sc in schema.sparse), default=1)
+        # ids are checked (or hashed) into their tables before they are narrowed
+        self.id_dtype = np.int32 if largest <= np.iinfo(np.int32).max + 1 else np.int64
+        s = schema
+        others = [*s.labels, *s.groups.values(), s.stage, s.teacher, *s.oracle.values()]
+        self._values = [c for c in dict.fromkeys(others) if c]
 
-    # ---- checks -------------------------------------------------------------------------------
+    # ---- conversion and checks ----------------------------------------------------------------
 
-    def validate(self, table: pa.Table, where: str, first_row: int = 0) -> None:
-        """Raise DataError naming ``where``, the column and the row of the first bad value."""
-        for name in self.schema.dense:
-            col = _chunk(table, name)
-            if col.null_count:
-                raise DataError(where, f"column '{name}' has a null at row "
-                                f"{first_row + _first_null(col)}; dense features need a value")
-            values = col.to_numpy(zero_copy_only=False)
-            if values.dtype.kind == "f":
+    def columns(self, table: pa.Table, where: str = "table", first_row: int = 0) -> Columns:
+        """Convert ``table`` and check it; DataError names ``where``, the column and the row
+        (counted from ``first_row``) of the first value the schema forbids."""
+        s = self.schema
+        n = table.num_rows
+        dense = np.empty((n, len(s.dense)), dtype=np.float32)
+        for j, name in enumerate(s.dense):
+            values = _numbers(table, name, where, first_row, required="a dense feature")
+            # a finite sum proves every value finite in one pass; only a failure needs the scan
+            if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
                 bad = ~np.isfinite(values)
                 if bad.any():
                     row = int(np.argmax(bad))
                     raise DataError(where, f"column '{name}' holds {values[row]} at row "
                                     f"{first_row + row}; dense features must be finite")
-        for s in self.schema.sparse:
-            values, lengths = _ids(table, s, where)
-            if not len(values):
-                continue
-            lo, hi = int(values.min()), int(values.max())
-            if s.oov == OOVPolicy.HASH:
-                continue
-            if lo < 0 or hi >= s.num_embeddings:
-                bad_value = lo if lo < 0 else hi
-                pos = int(np.argmax(values == bad_value))
-                row = first_row + int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
-                what = "a negative id" if bad_value < 0 else "an id beyond its table"
-                raise DataError(where, f"column '{s.column}' has {what} ({bad_value}) at row "
-                                f"{row}; the table '{s.key}' has {s.num_embeddings} rows "
-                                "[0, {}) (set oov = 'hash' to map ids into it)"
-                                .format(s.num_embeddings))
-        for name in self.schema.labels:
-            col = _chunk(table, name)
+            dense[:, j] = values
+        values = {c: _numbers(table, c, where, first_row, "a label" if c in s.labels else None)
+                  for c in self._values}
+
+        singles = np.empty((len(self._singles), n), dtype=self.id_dtype)
+        single_valid: dict[str, np.ndarray] = {}
+        for i, sc in enumerate(self._singles):
+            col = _chunk(table, sc.column)
+            valid = None
             if col.null_count:
-                raise DataError(where, f"label column '{name}' has a null at row "
-                                f"{first_row + _first_null(col)}")
+                valid = single_valid[sc.key] = np.asarray(col.is_valid())
+                col = col.fill_null(0)
+            ids = col.to_numpy(zero_copy_only=False)
+            singles[i] = self._checked(sc, ids, None, valid, where, first_row)
+        jagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        weights: dict[str, np.ndarray] = {}
+        for sc in s.sparse:
+            if not sc.multi:
+                continue
+            offsets, ids = _list_column(_chunk(table, sc.column), sc.column, where)
+            jagged[sc.key] = (offsets, self._checked(sc, ids, offsets, None, where, first_row))
+            if sc.weights:
+                w = _chunk(table, sc.weights).flatten().to_numpy(zero_copy_only=False)
+                if len(w) != len(ids):
+                    raise DataError(where, f"column '{sc.weights}' holds {len(w)} weights for "
+                                    f"the {len(ids)} ids of '{sc.column}'")
+                weights[sc.key] = w.astype(np.float32, copy=False)
+        return Columns(n, dense, singles, single_valid, jagged, weights, values)
+
+    def _checked(self, sc: SparseColumn, ids: np.ndarray, offsets: np.ndarray | None,
+                 valid: np.ndarray | None, where: str, first_row: int) -> np.ndarray:
+        """Ids within [0, num_embeddings), narrowed; out-of-range ids are an error or hashed."""
+        if sc.oov == OOVPolicy.HASH:
+            return np.mod(ids, sc.num_embeddings).astype(self.id_dtype, copy=False)
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= sc.num_embeddings:
+                bad_value = lo if lo < 0 else hi
+                pos = int(np.argmax(ids == bad_value))
+                if valid is not None and bad_value == 0:  # the 0 filled in for a null is fine
+                    pos = int(np.argmax((ids == bad_value) & valid))
+                row = pos if offsets is None else \
+                    int(np.searchsorted(offsets, pos, side="right")) - 1
+                what = "a negative id" if bad_value < 0 else "an id beyond its table"
+                raise DataError(where, f"column '{sc.column}' has {what} ({bad_value}) at row "
+                                f"{first_row + row}; the table of '{sc.key}' has "
+                                f"{sc.num_embeddings} rows [0, {sc.num_embeddings}) "
+                                "(set oov = 'hash' to map ids into it)")
+        return ids.astype(self.id_dtype, copy=False)
+
+    def validate(self, table: pa.Table, where: str, first_row: int = 0) -> None:
+        """Raise DataError naming ``where``, the column and the row of the first bad value."""
+        self.columns(table, where, first_row)
 
     # ---- building -----------------------------------------------------------------------------
 
-    def build(self, table: pa.Table) -> Batch:
-        n = table.num_rows
+    def build(self, table: pa.Table, where: str = "table") -> Batch:
+        """Every row of ``table``, in order."""
+        return self.assemble(self.columns(table, where))
+
+    def assemble(self, cols: Columns) -> Batch:
+        """A Batch of every row of ``cols``."""
         s = self.schema
-        dense = np.empty((n, len(s.dense)), dtype=np.float32)
-        for j, name in enumerate(s.dense):
-            dense[:, j] = _chunk(table, name).to_numpy(zero_copy_only=False)
-        all_values, all_lengths, all_weights = [], [], []
-        for col in s.sparse:
-            values, lengths = _ids(table, col, col.column)
-            if col.oov == OOVPolicy.HASH:
-                values = np.mod(values, col.num_embeddings)
-            all_values.append(values)
-            all_lengths.append(lengths)
+        ones = np.ones(cols.n, dtype=np.int32)
+        values: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
+        for sc in s.sparse:
+            w = None
+            if sc.multi:
+                offsets, v = cols.jagged[sc.key]
+                lens = np.diff(offsets).astype(np.int32)
+                w = cols.weights.get(sc.key)
+            else:
+                v, lens = cols.singles[self._single_row[sc.key]], ones
+                valid = cols.single_valid.get(sc.key)
+                if valid is not None:  # a null single id is an empty bag
+                    v, lens = v[valid], valid.astype(np.int32)
+            values.append(v)
+            lengths.append(lens)
             if self._weighted:
-                all_weights.append(_weights(table, col, len(values)))
+                weights.append(w if w is not None else np.ones(len(v), dtype=np.float32))
         kjt = KeyedJaggedTensor(
             keys=s.sparse_keys,
-            values=torch.from_numpy(np.concatenate(all_values).astype(np.int64, copy=False)),
-            lengths=torch.from_numpy(np.concatenate(all_lengths).astype(np.int32, copy=False)),
-            weights=torch.from_numpy(np.concatenate(all_weights)) if self._weighted else None,
+            values=torch.from_numpy(np.concatenate(values, dtype=np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+            weights=torch.from_numpy(np.concatenate(weights)) if self._weighted else None,
         )
+
+        def tensor(column: str, dtype: type) -> torch.Tensor:
+            # astype copies: batches never alias a window, nor Arrow's read-only memory
+            return torch.from_numpy(cols.values[column].astype(dtype))
+
         return Batch(
-            dense=torch.from_numpy(dense),
+            dense=torch.from_numpy(np.array(cols.dense)),
             sparse=kjt,
-            labels={k: _float_tensor(table, k) for k in s.labels},
-            groups={k: _int_tensor(table, c) for k, c in s.groups.items()},
-            stage=_int_tensor(table, s.stage) if s.stage else None,
-            teacher=_float_tensor(table, s.teacher) if s.teacher else None,
-            oracle={k: _float_tensor(table, c) for k, c in s.oracle.items()},
+            labels={k: tensor(k, np.float32) for k in s.labels},
+            groups={k: tensor(c, np.int64) for k, c in s.groups.items()},
+            stage=tensor(s.stage, np.int64) if s.stage else None,
+            teacher=tensor(s.teacher, np.float32) if s.teacher else None,
+            oracle={k: tensor(c, np.float32) for k, c in s.oracle.items()},
         )
 
 
@@ -163,53 +305,37 @@ def _chunk(table: pa.Table, name: str) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def _first_null(col: pa.Array) -> int:
-    return int(np.argmax(~np.asarray(col.is_valid())))
-
-
-def _ids(table: pa.Table, s: SparseColumn, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, lengths) of one sparse column; a null single id is an empty bag."""
-    col = _chunk(table, s.column)
-    if s.multi:
-        offsets = col.offsets.to_numpy()
-        flat = col.flatten()
-        if flat.null_count:
-            raise DataError(where, f"column '{s.column}' has a null inside an id list")
-        lengths = np.diff(offsets).astype(np.int32)
-        if col.null_count:  # a null list is an empty bag (flatten() skips what backs it)
-            lengths[~np.asarray(col.is_valid())] = 0
-        return flat.to_numpy(zero_copy_only=False), lengths
-    if col.null_count:
-        valid = np.asarray(col.is_valid())
-        values = col.fill_null(0).to_numpy(zero_copy_only=False)[valid]
-        return values, valid.astype(np.int32)
-    values = col.to_numpy(zero_copy_only=False)
-    return values, np.ones(len(values), dtype=np.int32)
-
-
-def _weights(table: pa.Table, s: SparseColumn, count: int) -> np.ndarray:
-    if not s.weights:
-        return np.ones(count, dtype=np.float32)
-    w = _chunk(table, s.weights).flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    if len(w) != count:
-        raise DataError(f"column '{s.weights}'",
-                        f"holds {len(w)} weights for the {count} ids of '{s.column}'")
-    return w
-
-
-def _float_tensor(table: pa.Table, name: str) -> torch.Tensor:
+def _numbers(table: pa.Table, name: str, where: str, first_row: int,
+             required: str | None) -> np.ndarray:
+    """A numeric column as numpy; nulls are an error where ``required`` says what needs a value,
+    NaN elsewhere (e.g. the teacher score of rows the ranker never scored)."""
     col = _chunk(table, name)
     if col.null_count:
-        col = col.cast(pa.float32()).fill_null(float("nan"))
-    return torch.from_numpy(_writable(col.to_numpy(zero_copy_only=False).astype(np.float32,
-                                                                            copy=False)))
+        if required:
+            row = int(np.argmax(~np.asarray(col.is_valid())))
+            raise DataError(where, f"column '{name}' has a null at row {first_row + row}; "
+                            f"{required} needs a value")
+        col = col.cast(pa.float32())  # nulls become NaN
+    return col.to_numpy(zero_copy_only=False)
 
 
-def _int_tensor(table: pa.Table, name: str) -> torch.Tensor:
-    return torch.from_numpy(_writable(_chunk(table, name).to_numpy(zero_copy_only=False)
-                                      .astype(np.int64, copy=False)))
+def _list_column(col: pa.Array, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, values) of a list column; a null list is an empty bag."""
+    flat = col.flatten()  # respects slicing and skips whatever backs a null list
+    if flat.null_count:
+        raise DataError(where, f"column '{name}' has a null inside an id list")
+    lengths = np.diff(col.offsets.to_numpy())
+    if col.null_count:
+        lengths = np.where(np.asarray(col.is_valid()), lengths, 0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, flat.to_numpy(zero_copy_only=False)
 
 
-def _writable(a: np.ndarray) -> np.ndarray:
-    # Arrow hands out read-only views; torch wants to own writable memory (a copy, only then)
-    return np.require(a, requirements="W")
+def _jagged_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths of ``rows`` and the positions of their values, in row order."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    out_starts = np.cumsum(lengths) - lengths
+    pos = np.repeat(starts - out_starts, lengths) + np.arange(int(lengths.sum()))
+    return lengths, pos

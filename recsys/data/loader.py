@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recsys.data.batch import Batch, BatchBuilder
+from recsys.data.batch import Batch, BatchBuilder, Columns
 from recsys.data.parquet import ParquetSplit, RowGroupRef
 from recsys.data.schema import BatchSchema
 
@@ -70,6 +69,8 @@ class ParquetLoader:
         self.window_batches = window_batches
         self.drop_last = drop_last
         self.num_workers = num_workers
+        self._cached_ref: RowGroupRef | None = None
+        self._cached_cols: Columns | None = None
 
     @classmethod
     def for_schema(cls, files: list, schema: BatchSchema, batch_size: int,
@@ -131,18 +132,30 @@ class ParquetLoader:
         lo, _ = self.rank_rows
         used = self.rows_per_epoch()
         a, b = window * rows, min((window + 1) * rows, used)
-        tables = []
+        parts = []
         for p in self._pieces(order, lo + a, lo + b):
-            t = self.split.read(p.ref).slice(p.start, p.stop - p.start)
-            self.builder.validate(t, self.split.where(p.ref), p.ref.first_row + p.start)
-            tables.append(t)
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            cols = self._row_group_columns(p.ref)
+            parts.append(cols.slice(p.start, p.stop) if p.start or p.stop < p.ref.num_rows
+                         else cols)
+        window_cols = Columns.concat(parts)
         if self.shuffle:
+            # one gather per column for the whole window (it fits in cache), then every batch is
+            # a set of contiguous slices
             perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
-                .permutation(table.num_rows)
-            table = table.take(perm)
-        return [self.builder.build(table.slice(i, self.batch_size))
-                for i in range(0, table.num_rows, self.batch_size)]
+                .permutation(window_cols.n)
+            window_cols = window_cols.take(perm)
+        return [self.builder.assemble(window_cols.slice(i, min(i + self.batch_size,
+                                                               window_cols.n)))
+                for i in range(0, window_cols.n, self.batch_size)]
+
+    def _row_group_columns(self, ref: RowGroupRef) -> Columns:
+        """One row group, read and checked once; the last one is kept, since consecutive windows
+        share the row group that straddles their boundary."""
+        if self._cached_ref != ref:
+            cols = self.builder.columns(self.split.read(ref), self.split.where(ref),
+                                        ref.first_row)
+            self._cached_ref, self._cached_cols = ref, cols
+        return self._cached_cols
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_step`` on (a restart reads nothing before it)."""

@@ -239,7 +239,7 @@ def simulate_chunk(world: World, cfg: SyntheticSpec, split_index: int, chunk: in
         STAGE: stage.reshape(-1),
         TEACHER: teacher,
         "click_prob": p_click.reshape(-1).astype(np.float32),
-        "conversion_prob": p_conv.reshape(-1).astype(np.float32),
+        "conversion_prob": (p_click * p_conv).reshape(-1).astype(np.float32),
     }, schema=ARROW_SCHEMA)
 
 
@@ -275,11 +275,12 @@ def describe_columns(cfg: SyntheticSpec, world: World) -> list[ColumnInfo]:
         col("hour", S, Side.CONTEXT, NUM_HOURS),
         col("device", S, Side.CONTEXT, NUM_DEVICES),
         col("click", ColumnRole.LABEL, text="clicked (exposed rows only can be 1)"),
-        col("conversion", ColumnRole.LABEL, text="converted after a click"),
+        col("conversion", ColumnRole.LABEL, text="clicked and converted"),
         col(STAGE, ColumnRole.STAGE, text="deepest cascade stage reached (recsys.data.Stage)"),
         col(TEACHER, ColumnRole.TEACHER, text="ranker logit; null below the pre-ranker cut"),
         col("click_prob", ColumnRole.ORACLE, text="true click probability"),
-        col("conversion_prob", ColumnRole.ORACLE, text="true conversion probability given click"),
+        col("conversion_prob", ColumnRole.ORACLE,
+            text="true probability of click and conversion (the ESMM pCTCVR target)"),
     ]
 
 

@@ -1,0 +1,35 @@
+"""Benchmarks (`recsys bench NAME`): each measures side by side in one run and writes JSON + a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import pyarrow
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyarrow": pyarrow.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+
+
+def write_result(out_dir: str | Path, name: str, result: dict[str, Any], table: str) -> Path:
+    """Write ``NAME.json`` (the numbers and the machine) and ``NAME.md`` (the table) into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), **result}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    (out / f"{name}.md").write_text(table + "\n")
+    return path

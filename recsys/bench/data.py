@@ -1,0 +1,109 @@
+"""``recsys bench data``: rows/s from Parquet to Batch against a bare pyarrow read of the same files.
+
+Both run in one process pinned to one core (Arrow and torch limited to one thread), alternating
+repeats so that machine noise hits both alike; the best repeat of each is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from recsys.data.loader import ParquetLoader
+from recsys.data.parquet import ParquetSplit
+from recsys.data.schema import BatchSchema
+from recsys.data.source import ensure_dataset
+from recsys.spec import Spec
+from recsys.tables import format_table
+
+GOAL_ROWS_PER_S = 500_000
+GOAL_RATIO = 0.5
+
+
+@dataclass
+class DataBenchConfig:
+    view: str = "cascade"  # the larger view of the quickstart data: the same columns, more rows
+    split: str = "train"
+    batch_size: int | None = None  # default: the spec's train.batch_size
+    repeats: int = 3
+    one_core: bool = True
+
+
+def pin_to_one_core() -> None:
+    """One core for everything: the process, Arrow's pools and torch's intra-op threads."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    torch.set_num_threads(1)
+
+
+def bare_read(split: ParquetSplit) -> int:
+    """Decode every row group's columns with pyarrow alone (the floor a loader can approach)."""
+    rows = 0
+    for path in split.files:
+        f = pq.ParquetFile(path, memory_map=True)
+        for g in range(f.num_row_groups):
+            rows += f.read_row_group(g, columns=split.columns, use_threads=False).num_rows
+    return rows
+
+
+def loader_read(split: ParquetSplit, batch_size: int, shuffle: bool) -> int:
+    loader = ParquetLoader(split, batch_size, shuffle=shuffle, drop_last=False)
+    return sum(b.batch_size for b in loader.epoch(0))
+
+
+def run(spec: Spec, cfg: DataBenchConfig, progress: bool = True) -> tuple[dict[str, Any], str]:
+    manifest = ensure_dataset(spec, progress=progress)
+    schema = BatchSchema.from_spec(spec, manifest)
+    files = manifest.files(cfg.view, cfg.split)
+    batch_size = cfg.batch_size or spec.train.batch_size
+    if cfg.one_core:
+        pin_to_one_core()
+    cases = {
+        "bare pyarrow read": lambda s: bare_read(s),
+        "loader -> Batch (file order)": lambda s: loader_read(s, batch_size, False),
+        "loader -> Batch (shuffled)": lambda s: loader_read(s, batch_size, True),
+    }
+    best: dict[str, float] = {}
+    rows = 0
+    for rep in range(cfg.repeats):
+        for name, fn in cases.items():
+            split = ParquetSplit(files, schema)  # fresh handles: no case inherits another's cache
+            start = time.perf_counter()
+            rows = fn(split)
+            rate = rows / (time.perf_counter() - start)
+            best[name] = max(best.get(name, 0.0), rate)
+            if progress:
+                print(f"  repeat {rep + 1}/{cfg.repeats}  {name:<30} {rate:>12,.0f} rows/s")
+    bare = best["bare pyarrow read"]
+    shuffled = best["loader -> Batch (shuffled)"]
+    result = {
+        "rows": rows,
+        "files": len(files),
+        "columns": len(schema.columns),
+        "batch_size": batch_size,
+        "one_core": cfg.one_core,
+        "rows_per_s": best,
+        "ratio_loader_to_bare": shuffled / bare,
+        "goal_rows_per_s": GOAL_ROWS_PER_S,
+        "goal_ratio": GOAL_RATIO,
+        "meets_goals": shuffled >= GOAL_ROWS_PER_S and shuffled / bare >= GOAL_RATIO,
+    }
+    table = format_table(
+        ["reader", "rows/s", "vs bare read"],
+        [[name, rate, rate / bare] for name, rate in best.items()],
+    )
+    table += (f"\n\n{rows:,} rows x {len(schema.columns)} columns of {Path(files[0]).parent}, "
+              f"batch {batch_size}, {'one core' if cfg.one_core else 'all cores'}; "
+              f"goal >= {GOAL_ROWS_PER_S:,} rows/s and >= {GOAL_RATIO:g}x the bare read: "
+              f"{'met' if result['meets_goals'] else 'NOT met'} "
+              f"(loader/bare = {shuffled / bare:.2f})")
+    return result, table

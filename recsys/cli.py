@@ -1,0 +1,184 @@
+"""The ``recsys`` command line: thin wrappers over the library.
+
+    recsys spec show SPEC [--set k=v ...]
+    recsys data synth SPEC [--out DIR] [--force]
+    recsys data prepare FORMAT --input PATH --out DIR [...]
+    recsys data inspect SPEC [--view V]
+    recsys bench data [--spec SPEC] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from recsys.errors import RecsysError
+
+
+def _add_spec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="experiment spec (TOML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set train.batch_size=4096 (repeatable)")
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from recsys.spec import load_spec
+
+    return load_spec(args.spec, args.overrides)
+
+
+# ---- spec -----------------------------------------------------------------------------------------
+
+def cmd_spec_show(args: argparse.Namespace) -> int:
+    from recsys.spec import dump_toml, spec_hash
+
+    spec = _load(args)
+    print(f"# resolved spec {args.spec}, hash {spec_hash(spec)}")
+    print(dump_toml(spec))
+    return 0
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from recsys.data.source import ensure_dataset
+    from recsys.spec import DataSource
+
+    if args.out:
+        args.overrides.append(f"data.path={args.out}")
+    spec = _load(args)
+    if spec.data.source != DataSource.SYNTHETIC:
+        print(f"error: {args.spec}: data.source is '{spec.data.source}', not 'synthetic'",
+              file=sys.stderr)
+        return 2
+    manifest = ensure_dataset(spec, force=args.force)
+    _print_rows(manifest)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from recsys.data.adapters import prepare
+    from recsys.spec import PrepareSpec
+
+    options = {k: v for k, v in {
+        "label_threshold": args.label_threshold, "valid_fraction": args.valid_fraction,
+        "test_fraction": args.test_fraction, "hash_size": args.hash_size,
+    }.items() if v is not None}
+    opts = PrepareSpec(input=str(args.input), **options)
+    manifest = prepare(args.format, args.input, args.out, opts, force=args.force)
+    _print_rows(manifest)
+    return 0
+
+
+def _print_rows(manifest) -> None:  # type: ignore[no-untyped-def]
+    from recsys.tables import format_table
+
+    views = sorted(manifest.rows)
+    splits = sorted({s for v in views for s in manifest.rows[v]},
+                    key=lambda s: ("train", "valid", "test").index(s)
+                    if s in ("train", "valid", "test") else 9)
+    print(f"dataset {manifest.root} ({manifest.name}, config {manifest.config_hash})")
+    print(format_table(["split", *[f"{v} rows" for v in views]],
+                       [[s, *[manifest.rows[v].get(s, 0) for v in views]] for s in splits]))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from recsys.data.schema import SPLITS, BatchSchema
+    from recsys.data.source import ensure_dataset, open_split
+    from recsys.data.summary import format_summary, summarise_split
+
+    spec = _load(args)
+    manifest = ensure_dataset(spec)
+    view = args.view or spec.data.view
+    schema = BatchSchema.from_spec(spec, manifest)
+    summaries = [summarise_split(open_split(spec, manifest, split, view), split)
+                 for split in SPLITS if split in manifest.views[view]]
+    print(format_summary(manifest, view, schema, summaries))
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------------
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from recsys.bench import write_result
+    from recsys.bench.data import DataBenchConfig, run
+
+    spec = _load(args)
+    cfg = DataBenchConfig(view=args.view, batch_size=args.batch_size, repeats=args.repeats,
+                          one_core=not args.all_cores)
+    result, table = run(spec, cfg)
+    path = write_result(args.out, "data", result, table)
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
+
+
+# ---- wiring ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    spec = sub.add_parser("spec", help="inspect experiment specs").add_subparsers(
+        dest="action", required=True)
+    p = spec.add_parser("show", help="print the resolved spec (defaults filled in) and its hash")
+    _add_spec(p)
+    p.set_defaults(fn=cmd_spec_show)
+
+    data = sub.add_parser("data", help="generate, prepare and inspect datasets").add_subparsers(
+        dest="action", required=True)
+    p = data.add_parser("synth", help="run the synthetic cascade simulator into Parquet shards")
+    _add_spec(p)
+    p.add_argument("--out", help="dataset directory (default: the spec's data.path)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a dataset made from another config")
+    p.set_defaults(fn=cmd_data_synth)
+
+    p = data.add_parser("prepare", help="convert raw MovieLens / Criteo / libFM files")
+    p.add_argument("format", choices=["movielens", "criteo", "libfm"])
+    p.add_argument("--input", required=True, type=Path, help="raw file or directory")
+    p.add_argument("--out", required=True, type=Path, help="dataset directory to write")
+    p.add_argument("--label-threshold", type=float,
+                   help="positive label cut (MovieLens: rating >= 4; libFM: label > 0)")
+    p.add_argument("--valid-fraction", type=float, help="share of rows for valid (default 0.1)")
+    p.add_argument("--test-fraction", type=float, help="share of rows for test (default 0.1)")
+    p.add_argument("--hash-size", type=int, help="Criteo categorical buckets (default 2^20)")
+    p.add_argument("--force", action="store_true", help="replace an existing different dataset")
+    p.set_defaults(fn=cmd_data_prepare)
+
+    p = data.add_parser("inspect", help="read a spec's dataset back through the loader and "
+                        "summarise it")
+    _add_spec(p)
+    p.add_argument("--view", help="dataset view (default: the spec's data.view)")
+    p.set_defaults(fn=cmd_data_inspect)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON + table)").add_subparsers(
+        dest="action", required=True)
+    p = bench.add_parser("data", help="Parquet -> Batch rows/s against a bare pyarrow read")
+    p.add_argument("--spec", dest="spec", default="specs/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="bench-results", help="where data.json / data.md go")
+    p.add_argument("--view", default="cascade")
+    p.add_argument("--batch-size", type=int, help="default: the spec's train.batch_size")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--all-cores", action="store_true", help="do not pin to one core")
+    p.set_defaults(fn=cmd_bench_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The `recsys` command line end to end on a tiny synthetic dataset, and every shipped spec."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from recsys.cli import main
+from recsys.data.schema import DatasetManifest
+from recsys.spec import dump_toml, load_spec, spec_hash, validate_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "specs" / "quickstart.toml")
+TINY = [
+    "data.synthetic.num_users=300", "data.synthetic.num_items=400",
+    "data.synthetic.num_categories=12",
+    "data.synthetic.requests={ train = 1500, valid = 300, test = 300 }",
+    "data.synthetic.retrieved_per_request=20", "data.synthetic.preranked_per_request=10",
+    "data.synthetic.ranked_per_request=6", "data.synthetic.exposed_per_request=3",
+    "data.synthetic.row_group_size=2000", "train.batch_size=256",
+]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["data", "synth", QUICKSTART, "--out", str(out), *_sets(TINY)]) == 0
+    return out
+
+
+def test_synth_writes_the_splits_the_config_asks_for(tiny_data: Path) -> None:
+    m = DatasetManifest.load(tiny_data)
+    assert m.rows["impressions"] == {"train": 1500 * 3, "valid": 300 * 3, "test": 300 * 3}
+    assert m.rows["cascade"] == {"train": 1500 * 20, "valid": 300 * 20, "test": 300 * 20}
+
+
+def test_inspect_prints_the_rows_and_rates(tiny_data: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    args = ["data", "inspect", QUICKSTART, *_sets([*TINY, f"data.path={tiny_data}"])]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    train = next(line for line in out.splitlines() if line.startswith("| train"))
+    cells = [c.strip() for c in train.strip("|").split("|")]
+    assert cells[1] == "4,500"  # rows
+    assert cells[2] == "1,500"  # requests: every request exposes exactly 3 rows
+    assert 0.0 < float(cells[4]) < 1.0  # click rate
+    assert "deepest cascade stage" in out
+
+
+def test_bench_data_writes_json_with_a_consistent_ratio(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["bench", "data", "--spec", QUICKSTART, "--out", str(out), "--repeats", "1",
+            *_sets([*TINY, f"data.path={tiny_data}"])]
+    assert main(args) == 0
+    result = json.loads((out / "data.json").read_text())
+    rates = result["rows_per_s"]
+    assert result["rows"] == 1500 * 20  # the cascade view of train
+    assert result["batch_size"] == 256  # the spec's train.batch_size
+    assert result["ratio_loader_to_bare"] == pytest.approx(
+        rates["loader -> Batch (shuffled)"] / rates["bare pyarrow read"])
+    assert "vs bare read" in (out / "data.md").read_text()
+
+
+def test_errors_exit_2_and_name_the_file_and_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["spec", "show", QUICKSTART, "--set", "train.batch_sizee=4"]) == 2
+    err = capsys.readouterr().err
+    assert "quickstart.toml: train.batch_sizee: unknown key" in err
+    assert "batch_size" in err  # the valid keys are listed
+
+
+def test_spec_show_round_trips(capsys: pytest.CaptureFixture[str]) -> None:
+    """The resolved TOML that a run directory will store reads back to the same spec and hash."""
+    spec = load_spec(QUICKSTART)
+    again = validate_spec(tomllib.loads(dump_toml(spec)))
+    assert again == spec
+    assert spec_hash(again) == spec_hash(spec)
+    assert main(["spec", "show", QUICKSTART]) == 0
+    assert spec_hash(spec) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "specs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_spec_validates(path: Path) -> None:
+    raw = tomllib.loads(path.read_text())
+    raw_input = raw.get("data", {}).get("prepare", {}).get("input")
+    if raw_input and not Path(raw_input).exists() and not (ROOT / raw_input).exists():
+        pytest.skip(f"raw data {raw_input} is not on this machine")
+    spec = validate_spec(raw, str(path))
+    assert spec.name
