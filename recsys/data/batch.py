@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,27 @@ class Batch(Pipelineable):
     @property
     def batch_size(self) -> int:
         return int(self.dense.shape[0])
+
+    def with_sparse_feature(self, key: str, values: torch.Tensor,
+                            lengths: torch.Tensor) -> Batch:
+        """A copy whose KJT has one more feature appended, e.g. the auxiliary ``rvq_code`` with L
+        trie-node ids per row (``lengths`` all L) once the codes are known.
+
+        Example:
+            >>> batch = batch.with_sparse_feature("rvq_code", codes.flatten(),
+            ...                                   torch.full((B,), L, dtype=torch.int32))
+        """
+        if key in self.sparse.keys():
+            raise ValueError(f"the batch already has a sparse feature '{key}'")
+        if lengths.numel() != self.batch_size or int(lengths.sum()) != values.numel():
+            raise ValueError(f"'{key}': {lengths.numel()} lengths summing to {int(lengths.sum())} "
+                             f"for {values.numel()} values, in a batch of {self.batch_size}")
+        weights = self.sparse.weights_or_none()
+        extra = KeyedJaggedTensor(
+            keys=[key], values=values.to(torch.int64), lengths=lengths.to(torch.int32),
+            weights=None if weights is None else torch.ones(values.numel(), dtype=weights.dtype,
+                                                            device=weights.device))
+        return replace(self, sparse=KeyedJaggedTensor.concat([self.sparse, extra]))
 
     def _map(self, fn) -> Batch:  # type: ignore[no-untyped-def]
         out = {}
@@ -178,6 +199,10 @@ class BatchBuilder:
         s = schema
         others = [*s.labels, *s.groups.values(), s.stage, s.teacher, *s.oracle.values()]
         self._values = [c for c in dict.fromkeys(others) if c]
+        # columns whose nulls are an error (what needs a value); the teacher and oracle may be null
+        self._required = {c: "a group id" for c in s.groups.values()}
+        self._required.update({s.stage: "a stage"} if s.stage else {})
+        self._required.update({c: "a label" for c in s.labels})
 
     # ---- conversion and checks ----------------------------------------------------------------
 
@@ -197,7 +222,7 @@ class BatchBuilder:
                     raise DataError(where, f"column '{name}' holds {values[row]} at row "
                                     f"{first_row + row}; dense features must be finite")
             dense[:, j] = values
-        values = {c: _numbers(table, c, where, first_row, "a label" if c in s.labels else None)
+        values = {c: _numbers(table, c, where, first_row, self._required.get(c))
                   for c in self._values}
 
         singles = np.empty((len(self._singles), n), dtype=self.id_dtype)

@@ -1,0 +1,182 @@
+"""Adapters: raw public formats (MovieLens, Criteo TSV, libFM) -> prepared Parquet datasets.
+
+Every adapter writes one view, ``impressions``, with the splits ``train``, ``valid`` and ``test``
+through :class:`~recsys.data.parquet.DatasetWriter`, and describes every column in ``dataset.json``
+(role, side, cardinality, description). Conventions shared by all of them:
+
+* ids are int64, dense values float32, labels int8, multi-valued features ``list<int64>``;
+* id 0 means "unknown / missing" in every vocabulary an adapter builds, so its cardinality is the
+  vocabulary size + 1 (ids lie in ``[0, cardinality)``);
+* the splits are temporal (MovieLens: by timestamp) or positional (Criteo, libFM: file order):
+  the last ``test_fraction`` of rows are test, the ``valid_fraction`` before them valid, so no split
+  sees the future of a later one.
+
+:func:`prepare` is the entry point; a dataset already prepared with the same format, input and
+options is returned as it is, so calling it again is cheap.
+
+Example:
+    >>> manifest = prepare("movielens", "../shared/data/ml-latest-small", "data/movielens")
+    >>> manifest.rows["impressions"]
+    {'train': 80668, 'valid': 10084, 'test': 10084}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys.data.schema import MANIFEST, ColumnInfo, ColumnRole, DatasetManifest
+from recsys.errors import DataError
+from recsys.spec import PrepareSpec, Side
+
+FORMATS = ("movielens", "criteo", "libfm")
+VIEW = "impressions"
+COUNT_CHUNK_BYTES = 1 << 24  # how much of a file line counting holds in memory at once
+
+
+def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec | None = None, *,
+            force: bool = False, progress: bool = True) -> DatasetManifest:
+    """Convert the raw files of ``fmt`` at ``input`` into a prepared dataset directory ``out``.
+
+    ``input`` says where the raw files are (``options.input`` is not read here: the caller resolves
+    it, e.g. relative to the working directory). An ``out`` that already holds a dataset prepared
+    from the same format, input and options is returned untouched; one prepared from anything else
+    is an error unless ``force``.
+
+    Args:
+        fmt: one of :data:`FORMATS`.
+        input: MovieLens: the directory of the release; Criteo, libFM: the file.
+        out: the dataset directory to write (``dataset.json`` + Parquet shards).
+        options: splits, label threshold, hashing and shard sizes (defaults when None).
+        force: replace a dataset in ``out`` that was prepared from something else.
+        progress: show a progress bar.
+
+    Example:
+        >>> opts = PrepareSpec(input="train.txt", hash_size=1 << 18)
+        >>> m = prepare("criteo", "train.txt", "data/criteo", opts)
+        >>> [c.name for c in m.columns][:3]
+        ['click', 'I1', 'I2']
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown raw format '{fmt}' (known: {', '.join(FORMATS)})")
+    input = Path(input)
+    out = Path(out)
+    if not input.exists():
+        raise DataError(str(input), f"not found (the raw {fmt} input to prepare)")
+    options = options if options is not None else PrepareSpec(input=str(input))
+    chash = config_hash(fmt, input, options)
+    if (out / MANIFEST).exists():
+        existing = DatasetManifest.load(out)
+        if existing.config_hash == chash:
+            return existing
+        if not force:
+            raise DataError(str(out), f"holds a dataset made from another config "
+                            f"({existing.config_hash}, wanted {chash}); use another path or "
+                            "--force to replace it")
+    elif out.exists() and not out.is_dir():
+        raise DataError(str(out), "is a file; the dataset needs a directory path")
+    elif out.is_dir() and any(out.iterdir()) and not force:
+        # the writer replaces OUT wholesale: never let that delete a directory that is not ours
+        raise DataError(str(out), "exists, is not empty and is not a dataset directory; use "
+                        "another path or --force to replace it")
+    module = importlib.import_module(f"{__name__}.{fmt}")
+    return module.convert(input, out, options, config_hash=chash, progress=progress)
+
+
+def config_hash(fmt: str, input: str | Path, options: PrepareSpec) -> str:
+    """16 hex digits that identify a preparation: format, absolute input path and options.
+
+    ``options.input`` is left out: the resolved path stands for it, so a spec read from another
+    working directory still finds its dataset.
+
+    Example:
+        >>> len(config_hash("libfm", "a.libfm", PrepareSpec(input="a.libfm")))
+        16
+    """
+    canon = json.dumps({"format": fmt, "input": str(Path(input).resolve()),
+                        "options": options.model_dump(mode="json", exclude={"input"})},
+                       sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def source_info(fmt: str, input: Path, options: PrepareSpec) -> dict[str, object]:
+    """What ``dataset.json`` records about where a prepared dataset came from."""
+    return {"adapter": f"{__name__}.{fmt}", "format": fmt, "input": str(input.resolve()),
+            "options": options.model_dump(mode="json", exclude={"input"})}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers shared by the adapters
+
+
+def split_sizes(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, valid, test) row counts: the last ``test_fraction`` of ``n`` rows are test, the
+    ``valid_fraction`` before them valid (each rounded half up), the rest train.
+
+    Example:
+        >>> split_sizes(100, 0.1, 0.15)
+        (75, 10, 15)
+    """
+    test = min(n, math.floor(n * test_fraction + 0.5))
+    valid = min(n - test, math.floor(n * valid_fraction + 0.5))
+    return n - valid - test, valid, test
+
+
+def count_lines(path: Path, chunk_bytes: int = COUNT_CHUNK_BYTES) -> int:
+    """Lines in a text file (a last line without a newline counts), read in fixed-size chunks so
+    that a file of many GB never sits in memory.
+
+    Example:
+        >>> count_lines(Path("train.txt"))
+        45840617
+    """
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def first_bad_cast(values: pa.Array, typ: pa.DataType) -> int | None:
+    """Index of the first value of ``values`` that does not cast to ``typ`` (None if all do).
+
+    One cast of the whole array when it is clean; on failure a bisection (log n casts), so the
+    error path stays vectorised too.
+
+    Example:
+        >>> first_bad_cast(pa.array(["1", "2", "x", "y"]), pa.int64())
+        2
+    """
+    if _casts(values, typ):
+        return None
+    lo, hi = 0, len(values)  # the first bad value lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _casts(values.slice(lo, mid - lo), typ) else (lo, mid)
+    return lo
+
+
+def _casts(values: pa.Array, typ: pa.DataType) -> bool:
+    try:
+        pc.cast(values, typ)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def column(name: str, role: ColumnRole, side: Side | None = None, cardinality: int | None = None,
+           description: str = "") -> ColumnInfo:
+    """A :class:`ColumnInfo` in one line (positional, as the adapters' column tables read best)."""
+    return ColumnInfo(name=name, role=role, side=side, cardinality=cardinality,
+                      description=description)
+
+
+__all__ = ["FORMATS", "VIEW", "column", "config_hash", "count_lines", "first_bad_cast", "prepare",
+           "source_info", "split_sizes"]

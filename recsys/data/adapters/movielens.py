@@ -1,0 +1,452 @@
+"""MovieLens ratings -> a prepared dataset: one row per rating, ``click`` = rating >= threshold.
+
+Two layouts are recognised in the input directory:
+
+* **classic** (ML-100K): ``u.data`` (tab-separated ``user item rating timestamp``), ``u.user``
+  (``id|age|gender|occupation|zip``) and ``u.item`` (``id|title|release date|video release
+  date|IMDb URL|`` + 19 genre flags, latin-1);
+* **latest** (ml-latest, ml-latest-small, ML-20M/25M/32M): ``ratings.csv``
+  (``userId,movieId,rating,timestamp``) and ``movies.csv`` (``movieId,title,genres``, genres
+  ``|``-separated, ``(no genres listed)`` = none).
+
+Columns (every vocabulary keeps id 0 for "unknown"):
+
+============================  ============  =====================================================
+``request_id``                group         contiguous id of (user, UTC day), in (user, day) order
+``user_id``                   sparse, user  users remapped to 1..U in order of their raw ids
+``item_id``                   sparse, item  rated movies remapped to 1..I in order of raw ids
+``item_genres``               multi, item   genre ids, 1 + the genre's alphabetical rank
+``item_year``                 sparse, item  5-year bucket of the release year (:func:`year_bucket`)
+``hour``, ``weekday``         sparse, ctx   UTC hour 0..23 and weekday 0..6 (Monday = 0)
+``user_prior_count``          dense, user   log1p(ratings the user gave strictly before this one)
+``user_age``                  sparse, user  classic only: 7 age buckets (:data:`AGE_EDGES`)
+``user_gender``               sparse, user  classic only
+``user_occupation``           sparse, user  classic only
+``click``                     label         rating >= label_threshold (default 4.0)
+``rating``, ``timestamp``     other         the raw rating and Unix time, kept for analysis
+============================  ============  =====================================================
+
+The vocabularies span every split (which ids exist is not treated as leakage); everything that
+depends on behaviour (``user_prior_count``) is causal. Rows are sorted by timestamp (stable, so
+ties keep file order) and split globally: the last ``test_fraction`` are test, the
+``valid_fraction`` before them valid. Ratings are never looped over in Python.
+
+Example:
+    >>> from recsys.data.adapters import prepare
+    >>> m = prepare("movielens", "../shared/data/ml-latest-small", "data/movielens")
+    >>> m.column("user_id").cardinality
+    611
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as csv
+from tqdm import tqdm
+
+from recsys.data.adapters import VIEW, column, first_bad_cast, source_info, split_sizes
+from recsys.data.parquet import DatasetWriter
+from recsys.data.schema import REQUEST_ID, USER_ID, ColumnInfo, ColumnRole, DatasetManifest
+from recsys.errors import DataError
+from recsys.spec import PrepareSpec, Side
+
+CLASSIC_FILES = ("u.data", "u.user", "u.item")
+LATEST_FILES = ("ratings.csv", "movies.csv")
+README_FILES = ("README.txt", "README")  # the terms of use travel with the data
+DEFAULT_LABEL_THRESHOLD = 4.0
+# u.item's 19 genre flags, in file order (u.genre); "unknown" is treated as no genre
+CLASSIC_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                  "Romance", "Sci-Fi", "Thriller", "War", "Western")
+NO_GENRES = ("", "unknown", "(no genres listed)")
+# MovieLens-1M's age groups: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+ -> ids 1..7
+AGE_EDGES = (18, 25, 35, 45, 50, 56)
+YEAR_FIRST, YEAR_WIDTH = 1900, 5
+SECONDS_PER_DAY = 86_400
+EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0, as datetime.weekday)
+TITLE_YEAR = r"\((?P<year>\d{4})(?:\s*[-\x{2013}]\s*\d{0,4})?\)\s*$"  # "(1995)", "(2006-2007)"
+DATE_YEAR = r"(?P<year>\d{4})\s*$"  # u.item's "01-Jan-1995"
+
+
+@dataclass
+class Ratings:
+    """The ratings, raw ids, in file order."""
+
+    user: np.ndarray  # int64 raw user ids
+    item: np.ndarray  # int64 raw movie ids
+    rating: np.ndarray  # float64
+    timestamp: np.ndarray  # int64 Unix seconds
+
+
+@dataclass
+class Movies:
+    """One row per movie of the movie file."""
+
+    raw_id: np.ndarray  # int64
+    genres: pa.ListArray  # list<int64>: genre ids (1-based, into genre_names)
+    genre_names: list[str]  # genre id g is genre_names[g - 1]
+    year: np.ndarray  # int64 release year, 0 = unknown
+
+
+@dataclass
+class Users:
+    """Classic layout only: one row per user of ``u.user``."""
+
+    raw_id: np.ndarray
+    age: np.ndarray  # int64 years
+    gender: pa.Array  # string
+    occupation: pa.Array  # string
+
+
+def detect_layout(directory: Path) -> str:
+    """``"classic"`` or ``"latest"``; DataError naming the directory and the files looked for.
+
+    Example:
+        >>> detect_layout(Path("../shared/data/ml-latest-small"))
+        'latest'
+    """
+    if not directory.is_dir():
+        raise DataError(str(directory), "expected a MovieLens directory (with "
+                        f"{', '.join(LATEST_FILES)} or {', '.join(CLASSIC_FILES)}), found a file")
+    for layout, files in (("classic", CLASSIC_FILES), ("latest", LATEST_FILES)):
+        if (directory / files[0]).is_file():
+            missing = [f for f in files if not (directory / f).is_file()]
+            if missing:
+                raise DataError(str(directory), f"has {files[0]} ({layout} layout) but not "
+                                f"{', '.join(missing)}")
+            return layout
+    raise DataError(str(directory), "no MovieLens layout found: looked for "
+                    f"{' + '.join(LATEST_FILES)} (latest) and {' + '.join(CLASSIC_FILES)} "
+                    "(classic ML-100K)")
+
+
+def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
+            progress: bool = True) -> DatasetManifest:
+    """Read a MovieLens directory and write the prepared dataset (see the module docstring).
+
+    Called by :func:`recsys.data.adapters.prepare`, which handles caching and ``force``.
+
+    Example:
+        >>> convert(Path("ml-100k"), Path("data/ml100k"), PrepareSpec(input="ml-100k"),
+        ...         config_hash="0123456789abcdef")
+    """
+    layout = detect_layout(input)
+    if layout == "classic":
+        ratings, movies, users = read_classic(input)
+    else:
+        (ratings, movies), users = read_latest(input), None
+    threshold = options.label_threshold
+    threshold = DEFAULT_LABEL_THRESHOLD if threshold is None else threshold
+    table, columns = build_table(ratings, movies, users, threshold)
+
+    writer = DatasetWriter(out, f"movielens-{layout}", {**source_info("movielens", input, options),
+                                                        "layout": layout},
+                           config_hash, columns, table.schema,
+                           rows_per_shard=options.rows_per_shard,
+                           row_group_size=options.row_group_size)
+    sizes = split_sizes(table.num_rows, options.valid_fraction, options.test_fraction)
+    start = 0
+    for split, size in tqdm(list(zip(("train", "valid", "test"), sizes, strict=True)),
+                            desc="movielens -> parquet", unit="split", disable=not progress):
+        writer.write(VIEW, split, table.slice(start, size))
+        start += size
+    for name in README_FILES:
+        if (input / name).is_file():
+            shutil.copy2(input / name, writer.partial / name)
+    return writer.finish()
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_latest(directory: Path) -> tuple[Ratings, Movies]:
+    """``ratings.csv`` and ``movies.csv`` of the latest layout."""
+    path = directory / "ratings.csv"
+    t = _read_csv(path, csv.ReadOptions(),
+                  csv.ParseOptions(),
+                  {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(),
+                   "timestamp": pa.int64()}, header=True)
+    ratings = _ratings(t, path, ["userId", "movieId", "rating", "timestamp"], header=True)
+    path = directory / "movies.csv"
+    m = _read_csv(path, csv.ReadOptions(), csv.ParseOptions(),
+                  {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()},
+                  header=True)
+    raw_id = _unique_ids(m, path, "movieId", header=True)
+    names = pc.split_pattern(m.column("genres").combine_chunks().fill_null(""), "|")
+    genres, genre_names = _encode_genres(names)
+    year = _year(m.column("title"))
+    return ratings, Movies(raw_id, genres, genre_names, year)
+
+
+def read_classic(directory: Path) -> tuple[Ratings, Movies, Users]:
+    """``u.data``, ``u.item`` and ``u.user`` of the ML-100K layout."""
+    path = directory / "u.data"
+    names = ["user", "item", "rating", "timestamp"]
+    t = _read_csv(path, csv.ReadOptions(column_names=names),
+                  csv.ParseOptions(delimiter="\t", quote_char=False),
+                  {"user": pa.int64(), "item": pa.int64(), "rating": pa.float64(),
+                   "timestamp": pa.int64()})
+    ratings = _ratings(t, path, names)
+
+    path = directory / "u.item"
+    flags = [f"genre_{i}" for i in range(len(CLASSIC_GENRES))]
+    names = ["id", "title", "release_date", "video_release_date", "url", *flags]
+    m = _read_csv(path, csv.ReadOptions(column_names=names, encoding="latin-1"),
+                  csv.ParseOptions(delimiter="|", quote_char=False),
+                  {"id": pa.int64(), **{c: pa.string() for c in names[1:5]},
+                   **{f: pa.int8() for f in flags}})
+    raw_id = _unique_ids(m, path, "id")
+    # the flags as (movie, genre) pairs, movie-major, then as one list of genre names per movie
+    matrix = np.stack([m.column(f).fill_null(0).to_numpy() for f in flags], axis=1) > 0
+    movie, genre = np.nonzero(matrix)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(movie, minlength=len(raw_id)))])
+    genre_lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                           pa.array(np.array(CLASSIC_GENRES)[genre]))
+    genres, genre_names = _encode_genres(genre_lists)
+    year = _year(m.column("title"))
+    from_date = _year(m.column("release_date"), DATE_YEAR)
+    movies = Movies(raw_id, genres, genre_names, np.where(year > 0, year, from_date))
+
+    path = directory / "u.user"
+    names = ["id", "age", "gender", "occupation", "zip"]
+    u = _read_csv(path, csv.ReadOptions(column_names=names, encoding="latin-1"),
+                  csv.ParseOptions(delimiter="|", quote_char=False),
+                  {"id": pa.int64(), "age": pa.int64(), "gender": pa.string(),
+                   "occupation": pa.string(), "zip": pa.string()})
+    users = Users(_unique_ids(u, path, "id"), u.column("age").fill_null(-1).to_numpy(),
+                  u.column("gender").combine_chunks(), u.column("occupation").combine_chunks())
+    return ratings, movies, users
+
+
+def _read_csv(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
+              types: dict[str, pa.DataType], *, header: bool = False) -> pa.Table:
+    """Read a whole CSV with the given column types; any problem is a DataError naming the
+    file, and a value that does not convert also names its line and column."""
+    convert = csv.ConvertOptions(column_types=types, include_columns=list(types),
+                                 null_values=[""], strings_can_be_null=True)
+    try:
+        return csv.read_csv(path, read_options=read, parse_options=parse,
+                            convert_options=convert)
+    except pa.ArrowInvalid as e:
+        if "conversion error" in str(e):
+            as_text = csv.ConvertOptions(column_types={c: pa.string() for c in types},
+                                         include_columns=list(types), strings_can_be_null=True)
+            text = csv.read_csv(path, read_options=read, parse_options=parse,
+                                convert_options=as_text)
+            _raise_first_bad_value(path, text, types, header)
+        raise DataError(str(path), f"cannot read: {e}") from None
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(str(path), f"cannot read: {e}") from None
+
+
+def _raise_first_bad_value(path: Path, text: pa.Table, types: dict[str, pa.DataType],
+                           header: bool) -> None:
+    """Name the line and column of the first value that does not convert to its type."""
+    for name, typ in types.items():
+        col = text.column(name).combine_chunks()
+        row = first_bad_cast(col, typ)
+        if row is not None:
+            raise DataError(f"{path}:{row + 1 + header}", f"column '{name}' holds "
+                            f"{col[row].as_py()!r}, which is not a valid {typ}")
+
+
+def _ratings(t: pa.Table, path: Path, names: list[str], header: bool = False) -> Ratings:
+    if t.num_rows == 0:
+        raise DataError(str(path), "holds no ratings")
+    return Ratings(*(_required(t, path, c, header) for c in names))
+
+
+def _required(t: pa.Table, path: Path, name: str, header: bool = False) -> np.ndarray:
+    """A column without nulls, as numpy; a missing value names its line."""
+    col = t.column(name).combine_chunks()
+    if col.null_count:
+        row = int(np.argmax(~np.asarray(col.is_valid())))
+        raise DataError(f"{path}:{row + 1 + header}", f"column '{name}' is empty")
+    return col.to_numpy()
+
+
+def _unique_ids(t: pa.Table, path: Path, name: str, header: bool = False) -> np.ndarray:
+    """An id column that must list each id once (a second row for an id would be ambiguous)."""
+    ids = _required(t, path, name, header)
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = ids[first[np.argmax(counts > 1)]]
+        row = int(np.flatnonzero(ids == dup)[1])
+        raise DataError(f"{path}:{row + 1 + header}", f"column '{name}' lists id {dup} a second "
+                        "time; ids must be unique")
+    return ids
+
+
+def _encode_genres(names: pa.ListArray) -> tuple[pa.ListArray, list[str]]:
+    """Genre-name lists -> lists of genre ids (1 + alphabetical rank); "no genre" markers drop."""
+    flat = names.flatten()
+    keep = ~np.isin(flat.to_numpy(zero_copy_only=False), NO_GENRES)
+    parent = pc.list_parent_indices(names).to_numpy()[keep]
+    vocab = sorted(set(pc.unique(flat.filter(pa.array(keep))).to_pylist()))
+    ids = pc.index_in(flat.filter(pa.array(keep)), value_set=pa.array(vocab, pa.string()))
+    lengths = np.bincount(parent, minlength=len(names))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = ids.to_numpy(zero_copy_only=False).astype(np.int64) + 1
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)), vocab
+
+
+def _year(text: pa.ChunkedArray, pattern: str = TITLE_YEAR) -> np.ndarray:
+    """The 4-digit year ``pattern`` finds in each string; 0 where there is none."""
+    found = pc.struct_field(pc.extract_regex(text.combine_chunks().fill_null(""), pattern), "year")
+    return pc.cast(found, pa.int64()).fill_null(0).to_numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# the table
+
+
+def year_bucket(year: np.ndarray) -> np.ndarray:
+    """Release year -> id: 0 unknown (year 0), 1 before 1900, then one id per 5 years from 1900.
+
+    Example:
+        >>> year_bucket(np.array([0, 1895, 1900, 1995, 2018]))
+        array([ 0,  1,  2, 21, 25])
+    """
+    bucket = np.where(year < YEAR_FIRST, 1, (year - YEAR_FIRST) // YEAR_WIDTH + 2)
+    return np.where(year > 0, bucket, 0).astype(np.int64)
+
+
+def age_bucket(age: np.ndarray) -> np.ndarray:
+    """Age in years -> 1..7 (<18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+); unknown (< 0) -> 0.
+
+    Example:
+        >>> age_bucket(np.array([-1, 7, 18, 24, 25, 56, 73]))
+        array([0, 1, 2, 2, 3, 7, 7])
+    """
+    return np.where(age >= 0, np.searchsorted(AGE_EDGES, age, side="right") + 1, 0) \
+        .astype(np.int64)
+
+
+def prior_counts(user: np.ndarray) -> np.ndarray:
+    """For rows in time order: how many earlier rows have the same user.
+
+    Example:
+        >>> prior_counts(np.array([5, 7, 5, 5, 7]))
+        array([0, 0, 1, 2, 1])
+    """
+    by_user = np.argsort(user, kind="stable")  # stable: rows of one user stay in time order
+    grouped = user[by_user]
+    starts = np.concatenate([[0], np.flatnonzero(grouped[1:] != grouped[:-1]) + 1])
+    group_start = np.repeat(starts, np.diff(np.concatenate([starts, [len(user)]])))
+    out = np.empty(len(user), dtype=np.int64)
+    out[by_user] = np.arange(len(user)) - group_start
+    return out
+
+
+def _remap(raw: np.ndarray, vocab: np.ndarray) -> np.ndarray:
+    """Raw ids -> 1 + their position in the sorted ``vocab``; ids not in it -> 0."""
+    if not len(vocab):
+        return np.zeros(len(raw), dtype=np.int64)
+    pos = np.searchsorted(vocab, raw)
+    clipped = np.minimum(pos, len(vocab) - 1)
+    return np.where(vocab[clipped] == raw, clipped + 1, 0).astype(np.int64)
+
+
+def _encode_strings(values: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Strings -> 1 + alphabetical rank among the distinct non-empty values; null/empty -> 0."""
+    values = values.fill_null("")
+    vocab = sorted(v for v in pc.unique(values).to_pylist() if v)
+    ids = pc.index_in(values, value_set=pa.array(vocab, pa.string()))
+    return pc.add(ids, 1).fill_null(0).to_numpy().astype(np.int64), vocab
+
+
+def build_table(ratings: Ratings, movies: Movies, users: Users | None,
+                threshold: float) -> tuple[pa.Table, list[ColumnInfo]]:
+    """Every rating as a row, in (stable) timestamp order, with its column descriptions.
+
+    Example:
+        >>> table, columns = build_table(*read_latest(Path("ml-latest-small")), None, 4.0)
+    """
+    order = np.argsort(ratings.timestamp, kind="stable")
+    ts = ratings.timestamp[order]
+    raw_user, raw_item = ratings.user[order], ratings.item[order]
+    rating = ratings.rating[order]
+
+    user_vocab, item_vocab = np.unique(raw_user), np.unique(raw_item)
+    user_id, item_id = _remap(raw_user, user_vocab), _remap(raw_item, item_vocab)
+
+    # per item id (index 0 = unknown): the row of its movie; movies without one get a sentinel
+    # row with no genres and year 0 appended after the real ones
+    movie_row = np.full(len(item_vocab) + 1, len(movies.raw_id), dtype=np.int64)
+    known = _remap(movies.raw_id, item_vocab)
+    movie_row[known[known > 0]] = np.flatnonzero(known > 0)
+    no_genres = pa.array([[]], pa.list_(pa.int64()))
+    genres_by_item = pa.concat_arrays([movies.genres, no_genres]).take(pa.array(movie_row))
+    year_by_item = year_bucket(np.concatenate([movies.year, [0]])[movie_row])
+
+    day = ts // SECONDS_PER_DAY
+    _, request_id = np.unique(user_id * (day.max() - day.min() + 1) + (day - day.min()),
+                              return_inverse=True)
+    data: dict[str, pa.Array | np.ndarray] = {
+        REQUEST_ID: request_id.astype(np.int64),
+        USER_ID: user_id,
+        "item_id": item_id,
+        "item_genres": genres_by_item.take(pa.array(item_id)),
+        "item_year": year_by_item[item_id],
+        "hour": (ts // 3600) % 24,
+        "weekday": (day + EPOCH_WEEKDAY) % 7,
+        "user_prior_count": np.log1p(prior_counts(user_id)).astype(np.float32),
+    }
+    genre_text = ", ".join(f"{i} = {g}" for i, g in enumerate(movies.genre_names, start=1))
+    S, D = ColumnRole.SPARSE, ColumnRole.DENSE
+    columns = [
+        column(REQUEST_ID, ColumnRole.GROUP, None, None, "contiguous id of (user, UTC day)"),
+        column(USER_ID, S, Side.USER, len(user_vocab) + 1,
+               "user, remapped to 1..U in raw-id order (0 = unknown)"),
+        column("item_id", S, Side.ITEM, len(item_vocab) + 1,
+               "rated movie, remapped to 1..I in raw-id order (0 = unknown)"),
+        column("item_genres", ColumnRole.MULTI_SPARSE, Side.ITEM, len(movies.genre_names) + 1,
+               f"genres ({genre_text}); empty when none are listed"),
+        column("item_year", S, Side.ITEM, int(year_by_item.max()) + 1,
+               f"release year bucket: 0 unknown, 1 before {YEAR_FIRST}, then "
+               f"{YEAR_WIDTH}-year buckets from {YEAR_FIRST} (id 2)"),
+        column("hour", S, Side.CONTEXT, 24, "UTC hour of the rating, 0..23"),
+        column("weekday", S, Side.CONTEXT, 7, "UTC weekday of the rating, Monday = 0"),
+        column("user_prior_count", D, Side.USER, None,
+               "log1p(ratings the user gave strictly before this one); causal"),
+    ]
+    if users is not None:
+        row = _remap(users.raw_id, user_vocab)  # u.user row -> user id (0 = never rated)
+        by_user = np.full(len(user_vocab) + 1, len(users.raw_id), dtype=np.int64)
+        by_user[row[row > 0]] = np.flatnonzero(row > 0)
+        age = np.concatenate([age_bucket(users.age), [0]])
+        gender, genders = _encode_strings(users.gender)
+        occupation, occupations = _encode_strings(users.occupation)
+        data["user_age"] = age[by_user][user_id]
+        data["user_gender"] = np.concatenate([gender, [0]])[by_user][user_id]
+        data["user_occupation"] = np.concatenate([occupation, [0]])[by_user][user_id]
+        columns += [
+            column("user_age", S, Side.USER, len(AGE_EDGES) + 2,
+                   "age bucket: 1 <18, 2 18-24, 3 25-34, 4 35-44, 5 45-49, 6 50-55, 7 56+"),
+            column("user_gender", S, Side.USER, len(genders) + 1,
+                   ", ".join(f"{i} = {g}" for i, g in enumerate(genders, start=1))),
+            column("user_occupation", S, Side.USER, len(occupations) + 1,
+                   "occupation, 1 + alphabetical rank (0 = unknown)"),
+        ]
+    data["click"] = (rating >= threshold).astype(np.int8)
+    data["rating"] = rating.astype(np.float32)
+    data["timestamp"] = ts
+    columns += [
+        column("click", ColumnRole.LABEL, None, None, f"rating >= {threshold}"),
+        column("rating", ColumnRole.OTHER, None, None, "the raw star rating"),
+        column("timestamp", ColumnRole.OTHER, None, None, "Unix time of the rating (seconds)"),
+    ]
+    return pa.table(data, schema=_schema(data)), columns
+
+
+def _schema(data: dict[str, pa.Array | np.ndarray]) -> pa.Schema:
+    types = {"user_prior_count": pa.float32(), "item_genres": pa.list_(pa.int64()),
+             "click": pa.int8(), "rating": pa.float32()}
+    return pa.schema([(name, types.get(name, pa.int64())) for name in data])
