@@ -29,6 +29,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         |:------|--------:|
         | train | 200,000 |
     """
+    bad = [i for i, row in enumerate(rows) if len(row) != len(headers)]
+    if bad:
+        raise ValueError(f"row {bad[0]} has {len(rows[bad[0]])} cells for {len(headers)} headers")
     cells = [[fmt(v) for v in row] for row in rows]
     numeric = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
                    for r in rows) if rows else False for i in range(len(headers))]

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recsys.data.batch import Batch, BatchBuilder, Columns
 from recsys.data.parquet import ParquetSplit, RowGroupRef
-from recsys.data.schema import BatchSchema
 
 
 @dataclass(frozen=True)
@@ -71,11 +70,6 @@ class ParquetLoader:
         self.num_workers = num_workers
         self._cached_ref: RowGroupRef | None = None
         self._cached_cols: Columns | None = None
-
-    @classmethod
-    def for_schema(cls, files: list, schema: BatchSchema, batch_size: int,
-                   **kwargs: object) -> ParquetLoader:
-        return cls(ParquetSplit(files, schema), batch_size, **kwargs)  # type: ignore[arg-type]
 
     # ---- the plan (metadata only) -------------------------------------------------------------
 
@@ -139,8 +133,7 @@ class ParquetLoader:
                          else cols)
         window_cols = Columns.concat(parts)
         if self.shuffle:
-            # one gather per column for the whole window (it fits in cache), then every batch is
-            # a set of contiguous slices
+            # one gather per column for the whole window; every batch is then a set of slices
             perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
                 .permutation(window_cols.n)
             window_cols = window_cols.take(perm)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +18,6 @@ class SplitSummary:
     split: str
     rows: int = 0
     batches: int = 0
-    seconds: float = 0.0
     positives: dict[str, float] = field(default_factory=dict)
     oracle: dict[str, float] = field(default_factory=dict)
     requests: int = 0
@@ -41,7 +39,6 @@ def summarise_split(split: ParquetSplit, name: str, batch_size: int = 8192,
     value_total = dict.fromkeys(id_counts, 0)
     stage_counts = np.zeros(len(Stage), dtype=np.int64)
     groups: dict[str, set[int]] = {k: set() for k in schema.groups}
-    start = time.perf_counter()
     for batch in tqdm(loader.epoch(0), total=len(loader), desc=f"reading {name}", unit="batch",
                       disable=not progress, leave=False):
         out.rows += batch.batch_size
@@ -60,7 +57,6 @@ def summarise_split(split: ParquetSplit, name: str, batch_size: int = 8192,
             spec = next(s for s in schema.sparse if s.key == key)
             id_counts[key] += np.bincount(np.mod(values, spec.num_embeddings),
                                           minlength=spec.num_embeddings)
-    out.seconds = time.perf_counter() - start
     n = max(out.rows, 1)
     out.positives = {k: v / n for k, v in label_sum.items()}
     out.oracle = {k: v / n for k, v in oracle_sum.items()}
@@ -78,9 +74,9 @@ def format_summary(manifest: DatasetManifest, view: str, schema: BatchSchema,
     """Tables: rows and labels per split, stage shares (cascade data), and ids per feature."""
     labels = list(schema.labels)
     head = ["split", "rows", "requests", "users", *[f"{k} rate" for k in labels],
-            *[f"{k} oracle" for k in schema.oracle], "loader rows/s"]
+            *[f"{k} oracle" for k in schema.oracle]]
     rows = [[s.split, s.rows, s.requests, s.users, *[s.positives[k] for k in labels],
-             *[s.oracle[k] for k in schema.oracle], s.rows / max(s.seconds, 1e-9)]
+             *[s.oracle[k] for k in schema.oracle]]
             for s in summaries]
     parts = [f"dataset {manifest.root} ({manifest.name}), view '{view}'",
              format_table(head, rows)]

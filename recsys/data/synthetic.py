@@ -48,6 +48,8 @@ from recsys.data.schema import (
 from recsys.errors import DataError
 from recsys.spec import Side, SyntheticSpec
 
+# Bump when the simulation changes, so that data made by older code is not taken as current.
+SIMULATOR_VERSION = 1
 CHUNK_REQUESTS = 2048  # requests per generation chunk (fixed: part of what decides the bytes)
 NUM_AGES = 7
 NUM_REGIONS = 16
@@ -81,8 +83,8 @@ class World:
 
 
 def config_hash(cfg: SyntheticSpec) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
-                          .encode()).hexdigest()[:16]
+    payload = {"simulator_version": SIMULATOR_VERSION, **cfg.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_world(cfg: SyntheticSpec) -> World:
