@@ -637,6 +637,9 @@ def apply_override(raw: dict[str, Any], item: str, file: str = "<spec>") -> None
     if isinstance(node, list):
         raise SpecError(file, [f"--set '{item}': '{'.'.join(parts[:-1])}' is a list; "
                                "name an entry and a key in it"])
+    if not isinstance(node, dict):
+        raise SpecError(file, [f"--set '{item}': '{'.'.join(parts[:-1])}' is a value, "
+                               "not a section"])
     node[last] = value
 
 

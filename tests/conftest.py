@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny synthetic dataset (generated once per session), a Spec that matches it,
+and a helper that writes small hand-made Parquet files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.data.schema import BatchSchema, DatasetManifest
+from recsys.data.synthetic import generate
+from recsys.spec import Spec, SyntheticSpec, validate_spec
+
+TINY_SYNTHETIC: dict[str, Any] = {
+    "seed": 11,
+    "num_users": 300,
+    "num_items": 400,
+    "num_categories": 12,
+    "cluster_branching": [2, 2, 2],
+    "requests": {"train": 3000, "valid": 500, "test": 500},
+    "retrieved_per_request": 20,
+    "preranked_per_request": 10,
+    "ranked_per_request": 6,
+    "exposed_per_request": 3,
+    "rows_per_shard": 4000,
+    "row_group_size": 1000,
+}
+
+# item_brand cardinality of the tiny world: max(8, num_items // 20)
+TINY_NUM_BRANDS = 20
+
+
+def tiny_spec_dict(path: str | Path) -> dict[str, Any]:
+    """The raw (TOML-shaped) spec of the tiny synthetic dataset at ``path``."""
+
+    def sparse(name: str, side: str, n: int) -> dict[str, Any]:
+        return {"name": name, "side": side, "kind": "sparse", "num_embeddings": n}
+
+    def dense(name: str, side: str) -> dict[str, Any]:
+        return {"name": name, "side": side, "kind": "dense"}
+
+    return {
+        "name": "tiny",
+        "data": {"source": "parquet", "path": str(path), "view": "impressions",
+                 "labels": ["click", "conversion"], "shuffle_window_batches": 4},
+        "features": {
+            "embedding_dim": 8,
+            "tables": [{"name": "category", "num_embeddings": TINY_SYNTHETIC["num_categories"]}],
+            "fields": [
+                sparse("user_id", "user", TINY_SYNTHETIC["num_users"]),
+                sparse("user_age", "user", 7),
+                sparse("user_region", "user", 16),
+                {"name": "user_hist_categories", "side": "user", "kind": "multi_sparse",
+                 "table": "category", "pooling": "mean"},
+                dense("user_activity", "user"),
+                sparse("item_id", "item", TINY_SYNTHETIC["num_items"]),
+                {"name": "item_category", "side": "item", "kind": "sparse", "table": "category"},
+                sparse("item_brand", "item", TINY_NUM_BRANDS),
+                dense("item_price", "item"),
+                dense("item_popularity", "item"),
+                sparse("hour", "context", 24),
+                sparse("device", "context", 4),
+            ],
+        },
+        "model": {"arch": "mlp", "tasks": ["click", "conversion"]},
+        "train": {"batch_size": 64, "seed": 3},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_cfg() -> SyntheticSpec:
+    return SyntheticSpec(**TINY_SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory,
+                 tiny_synthetic_cfg: SyntheticSpec) -> DatasetManifest:
+    """The tiny synthetic dataset, generated once per session (read-only for tests)."""
+    out = tmp_path_factory.mktemp("synthetic") / "tiny"
+    generate(tiny_synthetic_cfg, out, progress=False)
+    return DatasetManifest.load(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_dataset: DatasetManifest) -> Spec:
+    return validate_spec(tiny_spec_dict(tiny_dataset.root), "tiny.toml")
+
+
+@pytest.fixture(scope="session")
+def tiny_schema(tiny_spec: Spec, tiny_dataset: DatasetManifest) -> BatchSchema:
+    return BatchSchema.from_spec(tiny_spec, tiny_dataset)
+
+
+@pytest.fixture
+def write_parquet(tmp_path: Path) -> Callable[..., Path]:
+    """``write_parquet(name, columns_or_table, row_group_size=None, schema=None) -> path``.
+
+    ``columns_or_table`` is a ``pa.Table`` or a dict of column name -> values (Python lists or Arrow
+    arrays); the file goes under the test's tmp_path.
+    """
+
+    def write(name: str, data: pa.Table | dict[str, Any], row_group_size: int | None = None,
+              schema: pa.Schema | None = None) -> Path:
+        table = data if isinstance(data, pa.Table) else pa.table(data, schema=schema)
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=row_group_size)
+        return path
+
+    return write

@@ -1,0 +1,402 @@
+"""Bad input gets an error that names the file and the key or column (and the row where it helps)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.data.loader import ParquetLoader
+from recsys.data.parquet import ParquetSplit
+from recsys.data.schema import BatchSchema, SparseColumn
+from recsys.errors import DataError, SpecError
+from recsys.spec import OOVPolicy, load_spec, spec_hash, validate_spec
+
+# ==================================================================================================
+# specs
+
+BASE_TOML = """\
+name = "bad-input"
+
+[data]
+source = "synthetic"
+path = "data/not-generated-yet"
+labels = ["click"]
+
+[features]
+embedding_dim = 16
+
+[[features.tables]]
+name = "category"
+num_embeddings = 12
+
+[[features.fields]]
+name = "user_id"
+side = "user"
+kind = "sparse"
+num_embeddings = 10
+
+[[features.fields]]
+name = "item_category"
+side = "item"
+kind = "sparse"
+table = "category"
+
+[[features.fields]]
+name = "price"
+side = "item"
+kind = "dense"
+
+[model]
+arch = "mlp"
+
+[train]
+batch_size = 32
+"""
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def spec_error(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path, overrides=overrides or [])
+    message = str(info.value)
+    assert str(path) in message  # every problem names the file
+    return message
+
+
+def test_base_spec_is_valid(tmp_path):
+    spec = load_spec(write_spec(tmp_path, BASE_TOML))
+    assert spec.train.batch_size == 32
+    assert [f.name for f in spec.features.fields] == ["user_id", "item_category", "price"]
+
+
+def test_unknown_key_lists_the_valid_keys(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML.replace("batch_size = 32", "batch_sise = 32"))
+    message = spec_error(path)
+    assert "train.batch_sise" in message
+    assert "unknown key" in message
+    valid = message.split("expected one of:", 1)[1]
+    for key in ("batch_size", "epochs", "seed", "max_steps"):
+        assert key in valid
+
+
+def test_unknown_key_inside_a_list_entry_names_the_entry(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML.replace('kind = "dense"', 'kind = "dense"\ncolour = 1'))
+    message = spec_error(path)
+    assert "features.fields[price].colour" in message
+    assert "unknown key" in message and "side" in message
+
+
+def test_wrong_type(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML.replace("batch_size = 32", 'batch_size = "big"'))
+    message = spec_error(path)
+    assert "train.batch_size" in message
+    assert "'big'" in message
+
+
+def test_impossible_value(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML.replace("batch_size = 32", "batch_size = 0"))
+    message = spec_error(path)
+    assert "train" in message and "batch_size must be > 0" in message
+
+
+def test_missing_spec_file(tmp_path):
+    path = tmp_path / "nowhere" / "spec.toml"
+    message = spec_error(path)
+    assert "not found" in message
+
+
+def test_not_toml(tmp_path):
+    message = spec_error(write_spec(tmp_path, "[data\npath = 3\n"))
+    assert "TOML" in message
+
+
+def test_feature_naming_an_undeclared_table(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML.replace('table = "category"', 'table = "categories"'))
+    message = spec_error(path)
+    assert "features" in message
+    assert "item_category" in message  # the field
+    assert "'categories'" in message  # the table it names
+    assert "category" in message.split("'categories'", 1)[1]  # the known tables
+
+
+def test_pin_subspaces_must_divide_the_embedding_dim(tmp_path):
+    text = BASE_TOML.replace('arch = "mlp"', 'arch = "pin"\n\n[model.pin]\nsubspaces = 3')
+    message = spec_error(write_spec(tmp_path, text))
+    assert "model.pin.subspaces" in message
+    assert "16" in message and "3" in message
+    ok = BASE_TOML.replace('arch = "mlp"', 'arch = "pin"\n\n[model.pin]\nsubspaces = 4')
+    assert load_spec(write_spec(tmp_path, ok, "ok.toml")).model.pin.subspaces == 4
+
+
+def test_override_of_an_unknown_key_path(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML)
+    message = spec_error(path, ["train.batch_sise=4096"])
+    assert "train.batch_sise" in message and "unknown key" in message
+    message = spec_error(path, ["trian.batch_size=4096"])
+    assert "trian" in message and "unknown key" in message
+    message = spec_error(path, ["features.fields.no_such_field.num_embeddings=3"])
+    assert "no_such_field" in message and "user_id" in message
+    message = spec_error(path, ["train.batch_size"])
+    assert "KEY.PATH=VALUE" in message
+
+
+def test_override_below_a_scalar_value(tmp_path):
+    message = spec_error(write_spec(tmp_path, BASE_TOML), ["train.batch_size.x=1"])
+    assert "'train.batch_size' is a value, not a section" in message
+    message = spec_error(write_spec(tmp_path, BASE_TOML), ["data.labels.0.x=2"])
+    assert "is a value, not a section" in message
+
+
+def test_valid_overrides_change_the_value(tmp_path):
+    path = write_spec(tmp_path, BASE_TOML)
+    spec = load_spec(path, overrides=["train.batch_size=4096", "data.labels=[\"click\"]",
+                                      "features.fields.user_id.num_embeddings=77",
+                                      "features.fields.2.side=user", "model.arch=dcn",
+                                      "name=renamed"])
+    assert spec.train.batch_size == 4096
+    assert spec.features.fields[0].num_embeddings == 77
+    assert spec.features.fields[2].side == "user"
+    assert spec.model.arch == "dcn"
+    assert spec.name == "renamed"
+    message = spec_error(path, ["train.batch_size=big"])  # read as a string, then rejected
+    assert "train.batch_size" in message and "'big'" in message
+
+
+def test_spec_hash_ignores_key_order_and_follows_values(tmp_path):
+    spec = load_spec(write_spec(tmp_path, BASE_TOML))
+    raw = spec.model_dump(mode="json")
+
+    def reorder(obj):
+        if isinstance(obj, dict):
+            return {k: reorder(obj[k]) for k in reversed(list(obj))}
+        if isinstance(obj, list):
+            return [reorder(x) for x in obj]
+        return obj
+
+    reordered = reorder(copy.deepcopy(raw))
+    assert list(reordered) != list(raw)
+    h = spec_hash(spec)
+    assert re.fullmatch(r"[0-9a-f]{16}", h)
+    assert spec_hash(validate_spec(reordered)) == h
+    assert spec_hash(validate_spec(raw)) == h
+    # defaults written out or left implicit: the same resolved spec
+    assert spec_hash(load_spec(write_spec(tmp_path, BASE_TOML + "epochs = 1\n", "b.toml"))) == h
+    changed = copy.deepcopy(raw)
+    changed["train"]["batch_size"] = 33
+    assert spec_hash(validate_spec(changed)) != h
+    assert spec_hash(load_spec(write_spec(tmp_path, BASE_TOML), ["train.seed=1"])) != h
+
+
+# ==================================================================================================
+# data
+
+SCHEMA = BatchSchema(
+    dense=["price"],
+    sparse=[SparseColumn("user", "uid", 10, OOVPolicy.ERROR, multi=False),
+            SparseColumn("tags", "tags", 8, OOVPolicy.ERROR, multi=True)],
+    labels=["click"],
+    groups={"request": "request_id"},
+)
+
+
+def good_columns(n: int = 12) -> dict[str, pa.Array]:
+    r = np.arange(n)
+    return {
+        "request_id": pa.array(r // 3, type=pa.int64()),
+        "uid": pa.array(r % 10, type=pa.int64()),
+        "tags": pa.array([[int(i) % 8] * (int(i) % 3) for i in r], type=pa.list_(pa.int64())),
+        "price": pa.array(r * 0.25, type=pa.float32()),
+        "click": pa.array(r % 2, type=pa.int8()),
+    }
+
+
+def write(tmp_path: Path, name: str, columns: dict[str, pa.Array]) -> Path:
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path, row_group_size=4)
+    return path
+
+
+def with_value(column: str, row: int, value: object, n: int = 12) -> dict[str, pa.Array]:
+    cols = good_columns(n)
+    values = cols[column].to_pylist()
+    values[row] = value
+    cols[column] = pa.array(values, type=cols[column].type)
+    return cols
+
+
+def open_error(files: list[Path]) -> str:
+    with pytest.raises(DataError) as info:
+        ParquetSplit(files, SCHEMA)
+    return str(info.value)
+
+
+def iterate_error(files: list[Path], schema: BatchSchema = SCHEMA) -> str:
+    """Opening succeeds (the schema is fine); the bad value stops the epoch."""
+    loader = ParquetLoader(ParquetSplit(files, schema), 5, seed=1, window_batches=2,
+                           drop_last=False)
+    with pytest.raises(DataError) as info:
+        for _ in loader.epoch(0):
+            pass
+    return str(info.value)
+
+
+def test_good_files_load(tmp_path):
+    files = [write(tmp_path, "a.parquet", good_columns()), write(tmp_path, "b.parquet",
+                                                                 good_columns())]
+    loader = ParquetLoader(ParquetSplit(files, SCHEMA), 5, drop_last=False)
+    assert sum(b.batch_size for b in loader.epoch(0)) == 24
+
+
+def test_missing_data_file(tmp_path):
+    good = write(tmp_path, "a.parquet", good_columns())
+    missing = tmp_path / "b.parquet"
+    message = open_error([good, missing])
+    assert str(missing) in message and "not found" in message
+
+
+def test_split_without_files():
+    with pytest.raises(DataError, match="no Parquet files"):
+        ParquetSplit([], SCHEMA)
+
+
+@pytest.mark.parametrize("column", ["price", "uid", "tags", "click", "request_id"])
+def test_missing_column(tmp_path, column):
+    cols = good_columns()
+    del cols[column]
+    path = write(tmp_path, "a.parquet", cols)
+    message = open_error([write(tmp_path, "ok.parquet", good_columns()), path])
+    assert str(path) in message
+    assert f"missing column '{column}'" in message
+
+
+@pytest.mark.parametrize("column,values,expected", [
+    ("uid", pa.array([str(i) for i in range(12)]), "integer ids"),
+    ("tags", pa.array(np.arange(12) * 0.5), "a list of integer ids"),
+    ("tags", pa.array([["a"]] * 12), "a list of integer ids"),
+    ("price", pa.array(["1.5"] * 12), "a number"),
+    ("click", pa.array(["yes"] * 12), "labels"),
+    ("request_id", pa.array(np.arange(12) * 1.0), "integer group ids"),
+])
+def test_wrong_column_type(tmp_path, column, values, expected):
+    cols = good_columns()
+    cols[column] = values
+    path = write(tmp_path, "a.parquet", cols)
+    message = open_error([path])
+    assert str(path) in message
+    assert f"column '{column}'" in message
+    assert expected in message
+    # the type found, as the file stores it (Parquet may rename a list's item field)
+    is_list = pa.types.is_list(values.type)
+    assert ("has type list<" in message) == is_list
+    assert str(values.type.value_type if is_list else values.type) in message
+
+
+def test_negative_id_with_oov_error(tmp_path):
+    path = write(tmp_path, "b.parquet", with_value("uid", 5, -3))
+    message = iterate_error([write(tmp_path, "a.parquet", good_columns()), path])
+    assert str(path) in message
+    assert "'uid'" in message and "negative id (-3)" in message and "row 5" in message
+    assert "oov = 'hash'" in message  # the fix
+
+
+def test_id_beyond_its_table_with_oov_error(tmp_path):
+    path = write(tmp_path, "b.parquet", with_value("uid", 10, 10))
+    message = iterate_error([write(tmp_path, "a.parquet", good_columns()), path])
+    assert str(path) in message
+    assert "'uid'" in message and "beyond its table (10)" in message and "row 10" in message
+    assert "10 rows" in message
+
+
+def test_bad_id_inside_a_list(tmp_path):
+    # rows 0..11 have (i % 3) tags; row 8 holds two, the second one bad
+    path = write(tmp_path, "a.parquet", with_value("tags", 8, [0, 8]))
+    message = iterate_error([path])
+    assert str(path) in message
+    assert "'tags'" in message and "(8)" in message and "row 8" in message
+
+
+def test_hash_policy_accepts_the_same_ids(tmp_path):
+    path = write(tmp_path, "a.parquet", with_value("uid", 5, -3))
+    hashed = BatchSchema(dense=SCHEMA.dense, labels=SCHEMA.labels, groups=SCHEMA.groups,
+                         sparse=[SparseColumn("user", "uid", 10, OOVPolicy.HASH, False),
+                                 SCHEMA.sparse[1]])
+    loader = ParquetLoader(ParquetSplit([path], hashed), 12, shuffle=False, drop_last=False)
+    (batch,) = list(loader.epoch(0))
+    assert batch.sparse.to_dict()["user"].values().tolist()[5] == 7  # -3 mod 10
+
+
+@pytest.mark.parametrize("value,shown", [(float("nan"), "nan"), (float("inf"), "inf"),
+                                         (float("-inf"), "-inf")])
+def test_non_finite_dense_value(tmp_path, value, shown):
+    path = write(tmp_path, "b.parquet", with_value("price", 7, value))
+    message = iterate_error([write(tmp_path, "a.parquet", good_columns()), path])
+    assert str(path) in message
+    assert "'price'" in message and "row 7" in message and f"holds {shown}" in message
+
+
+def test_null_dense_value(tmp_path):
+    path = write(tmp_path, "a.parquet", with_value("price", 9, None))
+    message = iterate_error([path])
+    assert str(path) in message and "'price'" in message and "row 9" in message
+
+
+def test_null_label(tmp_path):
+    path = write(tmp_path, "a.parquet", with_value("click", 2, None))
+    message = iterate_error([path])
+    assert str(path) in message and "'click'" in message and "row 2" in message
+
+
+@pytest.mark.parametrize("column", ["request_id", "stage"])
+def test_null_group_id_or_stage(tmp_path, column):
+    """A null request id (or stage) cannot be made up: an error, not a garbage integer."""
+    cols = good_columns()
+    cols["stage"] = pa.array(np.arange(12) % 6, type=pa.int8())
+    values = cols[column].to_pylist()
+    values[6] = None
+    cols[column] = pa.array(values, type=cols[column].type)
+    path = write(tmp_path, "a.parquet", cols)
+    schema = BatchSchema(dense=SCHEMA.dense, sparse=SCHEMA.sparse, labels=SCHEMA.labels,
+                         groups=SCHEMA.groups, stage="stage")
+    message = iterate_error([path], schema)
+    assert str(path) in message and f"'{column}'" in message and "row 6" in message
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.parquet"
+    path.write_bytes(b"")
+    message = open_error([write(tmp_path, "a.parquet", good_columns()), path])
+    assert str(path) in message and "empty (0 bytes)" in message
+
+
+def test_truncated_file(tmp_path):
+    path = write(tmp_path, "cut.parquet", good_columns(200))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    message = open_error([path])
+    assert str(path) in message and "not a readable Parquet file" in message
+
+
+def test_not_a_parquet_file(tmp_path):
+    path = tmp_path / "notes.parquet"
+    path.write_text("request_id,uid\n1,2\n")
+    message = open_error([path])
+    assert str(path) in message
+
+
+def test_split_with_zero_rows(tmp_path):
+    empty = {k: v.slice(0, 0) for k, v in good_columns().items()}
+    (tmp_path / "split").mkdir()
+    files = [write(tmp_path / "split", f"part-{i}.parquet", empty) for i in range(2)]
+    message = open_error(files)
+    assert str(tmp_path / "split") in message and "no rows" in message
