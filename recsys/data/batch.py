@@ -55,7 +55,7 @@ class Batch(Pipelineable):
             >>> batch = batch.with_sparse_feature("rvq_code", codes.flatten(),
             ...                                   torch.full((B,), L, dtype=torch.int32))
         """
-        if key in self.sparse.keys():
+        if key in self.sparse.keys():  # noqa: SIM118 (a KJT is not a dict)
             raise ValueError(f"the batch already has a sparse feature '{key}'")
         if lengths.numel() != self.batch_size or int(lengths.sum()) != values.numel():
             raise ValueError(f"'{key}': {lengths.numel()} lengths summing to {int(lengths.sum())} "

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
-from recsys.data.schema import BatchSchema, ColumnInfo, DatasetManifest
+from recsys.data.schema import MANIFEST, BatchSchema, ColumnInfo, DatasetManifest
 from recsys.errors import DataError
 
 COMPRESSION = "snappy"  # decodes faster than zstd; the loader is read-bound
@@ -83,6 +83,30 @@ class ShardWriter:
             self._writer.close()
             self._writer = None
             self._rows_in_shard = 0
+
+
+def claim_output(out: Path, config_hash: str, force: bool) -> DatasetManifest | None:
+    """Decide what to do with a dataset directory before writing it.
+
+    Returns the dataset already there when it was made from the same config (nothing to do);
+    returns None when ``out`` may be written. A dataset from another config, a file, or a non-empty
+    directory that is not a dataset is an error unless ``force``: the writer replaces ``out``
+    wholesale, and must never silently delete what is not its own.
+    """
+    if (out / MANIFEST).exists():
+        existing = DatasetManifest.load(out)
+        if existing.config_hash == config_hash:
+            return existing
+        if not force:
+            raise DataError(str(out), f"holds a dataset made from another config "
+                            f"({existing.config_hash}, wanted {config_hash}); use another path "
+                            "or --force to replace it")
+    elif out.exists() and not out.is_dir():
+        raise DataError(str(out), "is a file; a dataset needs a directory path")
+    elif out.is_dir() and any(out.iterdir()) and not force:
+        raise DataError(str(out), "exists, is not empty and is not a dataset directory; use "
+                        "another path or --force to replace it")
+    return None
 
 
 class DatasetWriter:

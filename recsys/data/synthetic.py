@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from recsys.data.parquet import DatasetWriter
+from recsys.data.parquet import DatasetWriter, claim_output
 from recsys.data.schema import (
     REQUEST_ID,
     SPLITS,
@@ -45,7 +45,6 @@ from recsys.data.schema import (
     DatasetManifest,
     Stage,
 )
-from recsys.errors import DataError
 from recsys.spec import Side, SyntheticSpec
 
 # Bump when the simulation changes, so that data made by older code is not taken as current.
@@ -89,47 +88,47 @@ def config_hash(cfg: SyntheticSpec) -> str:
 
 def build_world(cfg: SyntheticSpec) -> World:
     rng = np.random.default_rng([cfg.seed, 0])
-    d, U, I, C = cfg.latent_dim, cfg.num_users, cfg.num_items, cfg.num_categories
+    d, n_users, n_items, n_cats = cfg.latent_dim, cfg.num_users, cfg.num_items, cfg.num_categories
 
     # user-cluster tree: node ids per level are global within the level
     levels = len(cfg.cluster_branching)
     leaves = int(np.prod(cfg.cluster_branching))
-    leaf = rng.integers(leaves, size=U)
-    path = np.empty((U, levels), dtype=np.int64)
+    leaf = rng.integers(leaves, size=n_users)
+    path = np.empty((n_users, levels), dtype=np.int64)
     rest = leaf.copy()
     for lvl in range(levels - 1, -1, -1):  # leaf index -> node index at every level
         path[:, lvl] = rest
         rest = rest // cfg.cluster_branching[lvl]
-    latent = np.zeros((U, d))
+    latent = np.zeros((n_users, d))
     for lvl in range(levels):
         nodes = int(np.prod(cfg.cluster_branching[: lvl + 1]))
         centers = rng.normal(0.0, 0.75**lvl, size=(nodes, d))
         latent += centers[path[:, lvl]]
-    latent += rng.normal(0.0, 0.3, size=(U, d))
+    latent += rng.normal(0.0, 0.3, size=(n_users, d))
 
     top, second = path[:, 0], path[:, 1]
-    age = (top * 2 + rng.integers(0, 3, size=U)) % NUM_AGES
-    region = (second * 3 + rng.integers(0, 2, size=U)) % NUM_REGIONS
-    device = rng.integers(NUM_DEVICES, size=U)
-    weight = rng.lognormal(0.0, 1.0, size=U)
+    age = (top * 2 + rng.integers(0, 3, size=n_users)) % NUM_AGES
+    region = (second * 3 + rng.integers(0, 2, size=n_users)) % NUM_REGIONS
+    device = rng.integers(NUM_DEVICES, size=n_users)
+    weight = rng.lognormal(0.0, 1.0, size=n_users)
     weight /= weight.sum()
 
-    category_center = rng.normal(0.0, 1.0, size=(C, d))
-    item_category = rng.integers(C, size=I)
-    item_latent = 0.8 * category_center[item_category] + rng.normal(0.0, 0.6, size=(I, d))
-    num_brands = max(8, I // 20)
-    item_brand = (item_category * 7 + rng.integers(0, 5, size=I)) % num_brands
-    price = rng.normal(0.0, 1.0, size=C)[item_category] + rng.normal(0.0, 0.5, size=I)
-    popularity = rng.normal(0.0, 1.0, size=I)
+    category_center = rng.normal(0.0, 1.0, size=(n_cats, d))
+    item_category = rng.integers(n_cats, size=n_items)
+    item_latent = 0.8 * category_center[item_category] + rng.normal(0.0, 0.6, size=(n_items, d))
+    num_brands = max(8, n_items // 20)
+    item_brand = (item_category * 7 + rng.integers(0, 5, size=n_items)) % num_brands
+    price = rng.normal(0.0, 1.0, size=n_cats)[item_category] + rng.normal(0.0, 0.5, size=n_items)
+    popularity = rng.normal(0.0, 1.0, size=n_items)
 
     # recent categories: a Gumbel top-k draw from the user's category affinities
-    scores = latent @ category_center.T / np.sqrt(d) + rng.gumbel(size=(U, C))
-    lengths = rng.integers(1, cfg.history_length + 1, size=U)
+    scores = latent @ category_center.T / np.sqrt(d) + rng.gumbel(size=(n_users, n_cats))
+    lengths = rng.integers(1, cfg.history_length + 1, size=n_users)
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, : cfg.history_length]
     keep = np.arange(cfg.history_length)[None, :] < lengths[:, None]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     hist = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ranked[keep].astype(np.int64)))
-    hist_mask = np.zeros((U, C), dtype=bool)
+    hist_mask = np.zeros((n_users, n_cats), dtype=bool)
     np.put_along_axis(hist_mask, np.where(keep, ranked, ranked[:, :1]), True, axis=1)
 
     return World(
@@ -138,8 +137,8 @@ def build_world(cfg: SyntheticSpec) -> World:
         item_latent=item_latent, item_category=item_category, item_brand=item_brand,
         item_price=_standardise(price), item_popularity=_standardise(popularity),
         category_center=category_center,
-        hour_x_category=rng.normal(0.0, 0.6, size=(4, C)),
-        age_x_category_x_device=rng.normal(0.0, 0.7, size=(NUM_AGES, C, NUM_DEVICES)),
+        hour_x_category=rng.normal(0.0, 0.6, size=(4, n_cats)),
+        age_x_category_x_device=rng.normal(0.0, 0.7, size=(NUM_AGES, n_cats, NUM_DEVICES)),
         region_x_brand_group=rng.normal(0.0, 0.6, size=(NUM_REGIONS, NUM_BRAND_GROUPS)),
         num_brands=num_brands,
     )
@@ -299,14 +298,9 @@ def generate(cfg: SyntheticSpec, out: str | Path, *, force: bool = False,
     """
     out = Path(out)
     chash = config_hash(cfg)
-    if (out / "dataset.json").exists():
-        existing = DatasetManifest.load(out)
-        if existing.config_hash == chash:
-            return existing
-        if not force:
-            raise DataError(str(out), f"holds a dataset made from another config "
-                            f"({existing.config_hash}, wanted {chash}); use another path or "
-                            "--force to replace it")
+    existing = claim_output(out, chash, force)
+    if existing is not None:
+        return existing
     world = build_world(cfg)
     writer = DatasetWriter(out, "synthetic", {"generator": "recsys.data.synthetic",
                                               "config": cfg.model_dump(mode="json")},

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
-from recsys.data.schema import MANIFEST, ColumnInfo, ColumnRole, DatasetManifest
+from recsys.data.parquet import DatasetWriter, claim_output
+from recsys.data.schema import SPLITS, ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
 from recsys.spec import PrepareSpec, Side
 
@@ -71,20 +73,9 @@ def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec |
         raise DataError(str(input), f"not found (the raw {fmt} input to prepare)")
     options = options if options is not None else PrepareSpec(input=str(input))
     chash = config_hash(fmt, input, options)
-    if (out / MANIFEST).exists():
-        existing = DatasetManifest.load(out)
-        if existing.config_hash == chash:
-            return existing
-        if not force:
-            raise DataError(str(out), f"holds a dataset made from another config "
-                            f"({existing.config_hash}, wanted {chash}); use another path or "
-                            "--force to replace it")
-    elif out.exists() and not out.is_dir():
-        raise DataError(str(out), "is a file; the dataset needs a directory path")
-    elif out.is_dir() and any(out.iterdir()) and not force:
-        # the writer replaces OUT wholesale: never let that delete a directory that is not ours
-        raise DataError(str(out), "exists, is not empty and is not a dataset directory; use "
-                        "another path or --force to replace it")
+    existing = claim_output(out, chash, force)
+    if existing is not None:
+        return existing
     module = importlib.import_module(f"{__name__}.{fmt}")
     return module.convert(input, out, options, config_hash=chash, progress=progress)
 
@@ -171,6 +162,54 @@ def _casts(values: pa.Array, typ: pa.DataType) -> bool:
     return True
 
 
+def label_threshold(options: PrepareSpec, default: float) -> float:
+    return default if options.label_threshold is None else options.label_threshold
+
+
+class PositionalSplitWriter:
+    """Writes the rows of a file read front to back, in blocks, into train / valid / test by
+    position (the last ``test_fraction`` of lines are test, the ``valid_fraction`` before them
+    valid), with a progress bar. ``done`` is the number of rows written so far, so the next block
+    starts at line ``done + 1`` (for error messages).
+
+    Example:
+        >>> w = PositionalSplitWriter("libfm", path, out, options, columns, schema, chash)
+        >>> for table in blocks: w.write(table)
+        >>> manifest = w.finish()
+    """
+
+    def __init__(self, fmt: str, input: Path, out: Path, options: PrepareSpec,
+                 columns: list[ColumnInfo], schema: pa.Schema, config_hash: str,
+                 progress: bool = True) -> None:
+        self.input = input
+        self.total = count_lines(input)
+        sizes = split_sizes(self.total, options.valid_fraction, options.test_fraction)
+        self.bounds = [0, sizes[0], sizes[0] + sizes[1], self.total]
+        self.writer = DatasetWriter(out, fmt, source_info(fmt, input, options), config_hash,
+                                    columns, schema, rows_per_shard=options.rows_per_shard,
+                                    row_group_size=options.row_group_size)
+        for split in SPLITS:  # every split is listed, even an empty one
+            self.writer.write(VIEW, split, schema.empty_table())
+        self.done = 0
+        self.bar = tqdm(total=self.total, desc=f"{fmt} -> parquet", unit="line",
+                        unit_scale=True, disable=not progress)
+
+    def write(self, table: pa.Table) -> None:
+        for split, lo, hi in zip(SPLITS, self.bounds[:-1], self.bounds[1:], strict=True):
+            a, b = max(lo, self.done), min(hi, self.done + table.num_rows)
+            if a < b:
+                self.writer.write(VIEW, split, table.slice(a - self.done, b - a))
+        self.done += table.num_rows
+        self.bar.update(table.num_rows)
+
+    def finish(self) -> DatasetManifest:
+        self.bar.close()
+        if self.done != self.total:
+            raise DataError(str(self.input), f"read {self.done} rows but counted {self.total} "
+                            "lines; did the file change while it was read?")
+        return self.writer.finish()
+
+
 def column(name: str, role: ColumnRole, side: Side | None = None, cardinality: int | None = None,
            description: str = "") -> ColumnInfo:
     """A :class:`ColumnInfo` in one line (positional, as the adapters' column tables read best)."""
@@ -178,5 +217,5 @@ def column(name: str, role: ColumnRole, side: Side | None = None, cardinality: i
                       description=description)
 
 
-__all__ = ["FORMATS", "VIEW", "column", "config_hash", "count_lines", "first_bad_cast", "prepare",
+__all__ = ["FORMATS", "VIEW", "PositionalSplitWriter", "column", "label_threshold", "config_hash", "count_lines", "first_bad_cast", "prepare",
            "source_info", "split_sizes"]

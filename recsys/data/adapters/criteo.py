@@ -36,10 +36,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as csv
-from tqdm import tqdm
 
-from recsys.data.adapters import VIEW, column, count_lines, source_info, split_sizes
-from recsys.data.parquet import DatasetWriter
+from recsys.data.adapters import PositionalSplitWriter, column, label_threshold
 from recsys.data.schema import ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
 from recsys.spec import PrepareSpec, Side
@@ -142,22 +140,11 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
     """
     if not input.is_file():
         raise DataError(str(input), "expected a Criteo TSV file, found a directory")
-    total = count_lines(input)
-    sizes = split_sizes(total, options.valid_fraction, options.test_fraction)
-    bounds = np.cumsum([0, *sizes])
-    threshold = options.label_threshold
-    threshold = DEFAULT_LABEL_THRESHOLD if threshold is None else threshold
+    threshold = label_threshold(options, DEFAULT_LABEL_THRESHOLD)
     columns = describe_columns(options.hash_size, threshold)
     by_name = {c.name: c for c in columns}
-    writer = DatasetWriter(out, "criteo", source_info("criteo", input, options), config_hash,
-                           columns, ARROW_SCHEMA, rows_per_shard=options.rows_per_shard,
-                           row_group_size=options.row_group_size)
-    for split in ("train", "valid", "test"):  # every split is listed, even an empty one
-        writer.write(VIEW, split, ARROW_SCHEMA.empty_table())
-
-    done = 0  # rows read so far: the next block starts at line done + 1
-    bar = tqdm(total=total, desc="criteo -> parquet", unit="line", unit_scale=True,
-               disable=not progress)
+    out_rows = PositionalSplitWriter("criteo", input, out, options, columns, ARROW_SCHEMA,
+                                     config_hash, progress)
     reader = _open(input, block_size)
     while True:
         try:
@@ -165,23 +152,13 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
         except StopIteration:
             break
         except pa.ArrowInvalid as e:
-            _raise_located(input, done, e)
-        table = transform(batch, options.hash_size, threshold, input, done + 1)
-        for split, lo, hi in zip(("train", "valid", "test"), bounds[:-1], bounds[1:],
-                                 strict=True):
-            a, b = max(lo, done), min(hi, done + table.num_rows)
-            if a < b:
-                writer.write(VIEW, split, table.slice(a - done, b - a))
+            _raise_located(input, out_rows.done, e)
+        table = transform(batch, options.hash_size, threshold, input, out_rows.done + 1)
         for c in BUCKET_COLUMNS:
             top = int(np.max(table.column(c).to_numpy(), initial=0)) + 1
             by_name[c].cardinality = max(by_name[c].cardinality or 1, top)
-        done += table.num_rows
-        bar.update(table.num_rows)
-    bar.close()
-    if done != total:
-        raise DataError(str(input), f"read {done} rows but counted {total} lines; did the file "
-                        "change while it was read?")
-    return writer.finish()
+        out_rows.write(table)
+    return out_rows.finish()
 
 
 def _open(path: Path, block_size: int) -> csv.CSVStreamingReader:

@@ -33,17 +33,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from recsys.data.adapters import (
-    VIEW,
+    PositionalSplitWriter,
     column,
-    count_lines,
     first_bad_cast,
-    source_info,
-    split_sizes,
+    label_threshold,
 )
-from recsys.data.parquet import DatasetWriter
 from recsys.data.schema import ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
 from recsys.spec import PrepareSpec, Side
@@ -102,37 +98,17 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
     """
     if not input.is_file():
         raise DataError(str(input), "expected a libFM text file, found a directory")
-    total = count_lines(input)
-    sizes = split_sizes(total, options.valid_fraction, options.test_fraction)
-    bounds = np.cumsum([0, *sizes])
-    threshold = options.label_threshold
-    threshold = DEFAULT_LABEL_THRESHOLD if threshold is None else threshold
+    threshold = label_threshold(options, DEFAULT_LABEL_THRESHOLD)
     columns = describe_columns(threshold)
     features = next(c for c in columns if c.name == "features")
-    writer = DatasetWriter(out, "libfm", source_info("libfm", input, options), config_hash,
-                           columns, ARROW_SCHEMA, rows_per_shard=options.rows_per_shard,
-                           row_group_size=options.row_group_size)
-    for split in ("train", "valid", "test"):  # every split is listed, even an empty one
-        writer.write(VIEW, split, ARROW_SCHEMA.empty_table())
-    done = 0
-    bar = tqdm(total=total, desc="libfm -> parquet", unit="line", unit_scale=True,
-               disable=not progress)
+    out_rows = PositionalSplitWriter("libfm", input, out, options, columns, ARROW_SCHEMA,
+                                     config_hash, progress)
     for lines in read_lines(input, block_size):
-        _check_utf8(lines, input, done + 1)
-        table, top = parse_block(lines, threshold, input, done + 1)
-        for split, lo, hi in zip(("train", "valid", "test"), bounds[:-1], bounds[1:],
-                                 strict=True):
-            a, b = max(lo, done), min(hi, done + table.num_rows)
-            if a < b:
-                writer.write(VIEW, split, table.slice(a - done, b - a))
+        _check_utf8(lines, input, out_rows.done + 1)
+        table, top = parse_block(lines, threshold, input, out_rows.done + 1)
         features.cardinality = max(features.cardinality or 1, top + 1)
-        done += table.num_rows
-        bar.update(table.num_rows)
-    bar.close()
-    if done != total:
-        raise DataError(str(input), f"read {done} lines but counted {total}; did the file "
-                        "change while it was read?")
-    return writer.finish()
+        out_rows.write(table)
+    return out_rows.finish()
 
 
 def _check_utf8(lines: pa.StringArray, path: Path, first_line: int) -> None:
