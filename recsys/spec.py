@@ -101,6 +101,35 @@ class LRSchedule(StrEnum):
     COSINE = "cosine"
 
 
+class DynamicActivation(StrEnum):
+    NONE = "none"  # static PIN activation
+    A1 = "A1"  # gate the new interaction term per row (default)
+    A2 = "A2"  # gate the layer output
+    A3 = "A3"  # per-bit gate in the A1 position
+
+
+class DynamicParameter(StrEnum):
+    NONE = "none"  # static W
+    B1 = "B1"  # row/column scaling of W (default)
+    B2 = "B2"  # static plus generated low rank
+    B3 = "B3"  # generated low rank only
+    B4 = "B4"  # mixture of basis matrices
+
+
+class Expert(StrEnum):
+    GATED_DENSE = "gated_dense"
+    CROSS = "cross"
+    PIN = "pin"
+    CNN = "cnn"
+    ATTENTION = "attention"
+
+
+class Distillation(StrEnum):
+    KL = "kl"
+    NEURALSORT = "neuralsort"
+    SOFTSORT = "softsort"
+
+
 class ListwiseGroup(StrEnum):
     BATCH = "batch"
     REQUEST = "request"
@@ -351,6 +380,18 @@ class MLPSpec(StrictModel):
     hidden: list[int] = Field(default_factory=lambda: [256, 128, 64])
     dropout: float = 0.0
 
+    @model_validator(mode="after")
+    def _check(self) -> MLPSpec:
+        if any(h <= 0 for h in self.hidden):
+            raise ValueError(f"hidden sizes must be > 0, got {self.hidden}")
+        _probability("dropout", self.dropout)
+        return self
+
+
+def _probability(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
 
 class DCNSpec(StrictModel):
     num_layers: int = 3
@@ -367,23 +408,34 @@ class PINSpec(StrictModel):
     dropout: float = 0.0
     heads: int = 1
 
+    @model_validator(mode="after")
+    def _check(self) -> PINSpec:
+        for name in ("num_layers", "subspaces", "heads"):
+            _positive(name, getattr(self, name))
+        _probability("dropout", self.dropout)
+        return self
+
 
 class DynIntSpec(StrictModel):
     """DynInt (METHODS.md section 2): a dynamic activation and/or a dynamic parameter mode."""
 
-    activation_mode: str | None = "A1"  # A1 | A2 | A3 | None
-    parameter_mode: str | None = "B1"  # B1 | B2 | B3 | B4 | None
+    activation_mode: DynamicActivation = DynamicActivation.A1
+    parameter_mode: DynamicParameter = DynamicParameter.B1
     rank: int = 4
     num_basis: int = 4
     stop_gradient_gate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> DynIntSpec:
+        _positive("rank", self.rank)
+        _positive("num_basis", self.num_basis)
+        return self
 
 
 class MoESpec(StrictModel):
     """AdaEnsemble (METHODS.md section 3)."""
 
-    experts: list[str] = Field(
-        default_factory=lambda: ["gated_dense", "cross", "pin", "cnn", "attention"]
-    )
+    experts: list[Expert] = Field(default_factory=lambda: list(Expert))
     top_k: int = 3
     depths: int = 4
     noise_eps: float = 0.5
@@ -392,6 +444,19 @@ class MoESpec(StrictModel):
     z_loss_weight: float = 1e-3
     expert_prior: list[float] = Field(default_factory=lambda: [0.2, 0.2, 0.4, 0.1, 0.1])
     exit_prior: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.6, 0.1])
+
+    @model_validator(mode="after")
+    def _check(self) -> MoESpec:
+        if not 1 <= self.top_k <= len(self.experts):
+            raise ValueError(f"top_k must be in [1, {len(self.experts)}] (the number of "
+                             f"experts), got {self.top_k}")
+        _positive("depths", self.depths)
+        for name, prior, n in (("expert_prior", self.expert_prior, len(self.experts)),
+                               ("exit_prior", self.exit_prior, self.depths)):
+            if len(prior) != n or min(prior) < 0 or abs(sum(prior) - 1.0) > 1e-6:
+                raise ValueError(f"{name} needs {n} non-negative weights summing to 1, "
+                                 f"got {prior}")
+        return self
 
 
 class RankTowerSpec(StrictModel):
@@ -455,7 +520,7 @@ class CascadeSpec(StrictModel):
     fine_weight: float = 1.0
     coarse_weight: float = 1.0
     distill_temperature: float = 1.0
-    distill: str = "kl"  # kl | neuralsort | softsort
+    distill: Distillation = Distillation.KL
 
 
 class LossSpec(StrictModel):
@@ -738,6 +803,8 @@ def dump_toml(spec: Spec) -> str:
 
 
 def _to_toml(d: Mapping[str, Any], prefix: str = "") -> str:
+    # TOML has no null: a None is left out, which reads back as the field's default. Every field
+    # that may be None therefore has None as its default (test_spec_show_round_trips checks).
     scalars, tables, arrays = [], [], []
     for k, v in d.items():
         if v is None:

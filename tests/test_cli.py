@@ -94,3 +94,23 @@ def test_every_shipped_spec_validates(path: Path) -> None:
         pytest.skip(f"raw data {raw_input} is not on this machine")
     spec = validate_spec(raw, str(path))
     assert spec.name
+
+
+def test_every_optional_spec_field_defaults_to_none() -> None:
+    """TOML has no null, so a resolved spec leaves None out; that round-trips only when None is
+    the field's default."""
+    from pydantic import BaseModel
+
+    from recsys.spec import Spec, _model_in
+
+    def walk(model: type[BaseModel], path: str) -> list[str]:
+        bad = []
+        for name, f in model.model_fields.items():
+            if type(None) in getattr(f.annotation, "__args__", ()) and f.default is not None:
+                bad.append(f"{path}{name}")
+            inner = _model_in(f.annotation)
+            if inner is not None:
+                bad += walk(inner, f"{path}{name}.")
+        return bad
+
+    assert walk(Spec, "") == []
