@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RECSYS := $(VENV)/bin/recsys
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench-data clean
+.PHONY: demo test install lint bench clean
 
 install:
 	bash tools/bootstrap.sh
@@ -19,8 +19,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench-data: install
+# the benchmarks, then the README's results section rewritten from their output
+bench: install
 	$(RECSYS) bench data --out bench-results
+	$(PY) tools/update_readme.py bench-results
 
 clean:
 	rm -rf data/quickstart bench-results .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def test_inspect_prints_the_rows_and_rates(tiny_data: Path,
 
 def test_bench_data_writes_json_with_a_consistent_ratio(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
+    cores_before = os.sched_getaffinity(0)
     args = ["bench", "data", "--spec", QUICKSTART, "--out", str(out), "--repeats", "1",
             *_sets([*TINY, f"data.path={tiny_data}"])]
     assert main(args) == 0
@@ -67,6 +69,7 @@ def test_bench_data_writes_json_with_a_consistent_ratio(tiny_data: Path, tmp_pat
     assert result["ratio_loader_to_bare"] == pytest.approx(
         rates["loader -> Batch (shuffled)"] / rates["bare pyarrow read"])
     assert "vs bare read" in (out / "data.md").read_text()
+    assert os.sched_getaffinity(0) == cores_before  # pinned to one core only while measuring
 
 
 def test_errors_exit_2_and_name_the_file_and_key(capsys: pytest.CaptureFixture[str]) -> None:

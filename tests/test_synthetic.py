@@ -76,17 +76,36 @@ def test_existing_dataset(tmp_path):
     assert digests(out) == before
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
 
+    # another config: synthetic data is a pure function of its config, so it is regenerated
     other = SyntheticSpec(**{**small, "click_bias": -5.0})
-    with pytest.raises(DataError) as info:
-        generate(other, out, progress=False)
-    assert str(out) in str(info.value) and "another config" in str(info.value)
-    assert digests(out) == before  # the refusal touched nothing
-
-    replaced = generate(other, out, progress=False, force=True)
+    replaced = generate(other, out, progress=False)
     assert replaced.config_hash != first.config_hash
     assert DatasetManifest.load(out).config_hash == replaced.config_hash
     assert digests(out) != before
     assert digests(out) == digests(generate(other, tmp_path / "fresh", progress=False).root)
+
+
+def test_what_is_not_synthetic_data_is_never_replaced_without_force(tmp_path):
+    cfg = SyntheticSpec(**{**TINY_SYNTHETIC, "requests": {"train": 200, "valid": 40, "test": 40}})
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a dataset")
+    with pytest.raises(DataError, match="not empty and is not a dataset"):
+        generate(cfg, foreign, progress=False)
+    assert (foreign / "notes.txt").read_text() == "not a dataset"
+
+    prepared = tmp_path / "prepared"  # a dataset some other producer made
+    generate(cfg, prepared, progress=False)
+    manifest = DatasetManifest.load(prepared)
+    manifest.source = {"adapter": "recsys.data.adapters.movielens"}
+    manifest.save(prepared)
+    before = digests(prepared)
+    with pytest.raises(DataError, match="another config"):
+        generate(SyntheticSpec(**{**cfg.model_dump(), "seed": 99}), prepared, progress=False)
+    assert digests(prepared) == before
+    generate(SyntheticSpec(**{**cfg.model_dump(), "seed": 99}), prepared, progress=False,
+             force=True)
+    assert DatasetManifest.load(prepared).source["generator"] == "recsys.data.synthetic"
 
 
 # ---- the manifest --------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ pip_quiet() {
   local log rc=0
   log="$(mktemp)"
   "$VENV/bin/python" -m pip --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
-  grep -vE "^WARNING: Location .* is ignored|BuildBackendWarning|^ +(!!|\*+|corresp|with strategy|Please|By 20|See https)|^ *$|requires fbgemm-gpu, which is not installed|dependency resolver does not currently" "$log" || true
+  grep -vE "^WARNING: Location .* is ignored|BuildBackendWarning|^ +(!!|\*+|corresp|with strategy|Please|By 20|See https|name as your package)|^ *$|requires fbgemm-gpu, which is not installed|dependency resolver does not currently" "$log" || true
   rm -f "$log"
   return "$rc"
 }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,28 @@ class DataBenchConfig:
     one_core: bool = True
 
 
-def pin_to_one_core() -> None:
-    """One core for everything: the process, Arrow's pools and torch's intra-op threads."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+@contextmanager
+def one_core(enabled: bool = True) -> Iterator[None]:
+    """One core for everything inside: the process, Arrow's pools and torch's intra-op threads;
+    the previous settings come back on exit."""
+    if not enabled:
+        yield
+        return
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    saved = (pa.cpu_count(), pa.io_thread_count(), torch.get_num_threads())
+    if affinity:
+        os.sched_setaffinity(0, {min(affinity)})
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+        pa.set_cpu_count(saved[0])
+        pa.set_io_thread_count(saved[1])
+        torch.set_num_threads(saved[2])
 
 
 def bare_read(split: ParquetSplit) -> int:
@@ -65,24 +82,23 @@ def run(spec: Spec, cfg: DataBenchConfig, progress: bool = True) -> tuple[dict[s
     schema = BatchSchema.from_spec(spec, manifest)
     files = manifest.files(cfg.view, cfg.split)
     batch_size = cfg.batch_size or spec.train.batch_size
-    if cfg.one_core:
-        pin_to_one_core()
     cases = {
         "bare pyarrow read": lambda s: bare_read(s),
         "loader -> Batch (file order)": lambda s: loader_read(s, batch_size, False),
         "loader -> Batch (shuffled)": lambda s: loader_read(s, batch_size, True),
     }
-    best: dict[str, float] = {}
-    rows = 0
-    for rep in range(cfg.repeats):
-        for name, fn in cases.items():
-            split = ParquetSplit(files, schema)  # fresh handles: no case inherits another's cache
-            start = time.perf_counter()
-            rows = fn(split)
-            rate = rows / (time.perf_counter() - start)
-            best[name] = max(best.get(name, 0.0), rate)
-            if progress:
-                print(f"  repeat {rep + 1}/{cfg.repeats}  {name:<30} {rate:>12,.0f} rows/s")
+    with one_core(cfg.one_core):
+        best: dict[str, float] = {}
+        rows = 0
+        for rep in range(cfg.repeats):
+            for name, fn in cases.items():
+                split = ParquetSplit(files, schema)  # fresh handles: no case inherits another's cache
+                start = time.perf_counter()
+                rows = fn(split)
+                rate = rows / (time.perf_counter() - start)
+                best[name] = max(best.get(name, 0.0), rate)
+                if progress:
+                    print(f"  repeat {rep + 1}/{cfg.repeats}  {name:<30} {rate:>12,.0f} rows/s")
     bare = best["bare pyarrow read"]
     shuffled = best["loader -> Batch (shuffled)"]
     result = {

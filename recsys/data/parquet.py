@@ -8,6 +8,7 @@ that looks finished.
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,18 +86,25 @@ class ShardWriter:
             self._rows_in_shard = 0
 
 
-def claim_output(out: Path, config_hash: str, force: bool) -> DatasetManifest | None:
+def claim_output(out: Path, config_hash: str, force: bool,
+                 regenerable: str | None = None) -> DatasetManifest | None:
     """Decide what to do with a dataset directory before writing it.
 
     Returns the dataset already there when it was made from the same config (nothing to do);
     returns None when ``out`` may be written. A dataset from another config, a file, or a non-empty
     directory that is not a dataset is an error unless ``force``: the writer replaces ``out``
-    wholesale, and must never silently delete what is not its own.
+    wholesale, and must never silently delete what is not its own. The one exception is a dataset
+    whose manifest names ``regenerable`` as its generator (synthetic data: a pure function of its
+    config, so replacing it loses nothing); that is replaced, with a notice.
     """
     if (out / MANIFEST).exists():
         existing = DatasetManifest.load(out)
         if existing.config_hash == config_hash:
             return existing
+        if regenerable is not None and existing.source.get("generator") == regenerable:
+            print(f"{out}: replacing the {existing.name} dataset made from another config "
+                  f"({existing.config_hash}) with config {config_hash}", file=sys.stderr)
+            return None
         if not force:
             raise DataError(str(out), f"holds a dataset made from another config "
                             f"({existing.config_hash}, wanted {config_hash}); use another path "

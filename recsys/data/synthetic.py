@@ -49,6 +49,7 @@ from recsys.spec import Side, SyntheticSpec
 
 # Bump when the simulation changes, so that data made by older code is not taken as current.
 SIMULATOR_VERSION = 1
+GENERATOR = "recsys.data.synthetic"
 CHUNK_REQUESTS = 2048  # requests per generation chunk (fixed: part of what decides the bytes)
 NUM_AGES = 7
 NUM_REGIONS = 16
@@ -289,8 +290,9 @@ def generate(cfg: SyntheticSpec, out: str | Path, *, force: bool = False,
              progress: bool = True) -> DatasetManifest:
     """Simulate every split into ``out`` (``cascade`` and ``impressions`` views).
 
-    An existing dataset made from the same config is kept as it is; one made from another config
-    is an error unless ``force``.
+    An existing dataset made from the same config is kept as it is; a synthetic dataset made from
+    another config (or by another simulator version) is regenerated; anything else at ``out`` is
+    an error unless ``force``.
 
     Example:
         >>> manifest = generate(SyntheticSpec(seed=1), "data/synth")
@@ -298,11 +300,11 @@ def generate(cfg: SyntheticSpec, out: str | Path, *, force: bool = False,
     """
     out = Path(out)
     chash = config_hash(cfg)
-    existing = claim_output(out, chash, force)
+    existing = claim_output(out, chash, force, regenerable=GENERATOR)
     if existing is not None:
         return existing
     world = build_world(cfg)
-    writer = DatasetWriter(out, "synthetic", {"generator": "recsys.data.synthetic",
+    writer = DatasetWriter(out, "synthetic", {"generator": GENERATOR,
                                               "config": cfg.model_dump(mode="json")},
                            chash, describe_columns(cfg, world), ARROW_SCHEMA,
                            rows_per_shard=cfg.rows_per_shard, row_group_size=cfg.row_group_size)
