@@ -126,20 +126,27 @@ class ParquetLoader:
         lo, _ = self.rank_rows
         used = self.rows_per_epoch()
         a, b = window * rows, min((window + 1) * rows, used)
-        parts = []
-        for p in self._pieces(order, lo + a, lo + b):
-            cols = self._row_group_columns(p.ref)
-            parts.append(cols.slice(p.start, p.stop) if p.start or p.stop < p.ref.num_rows
-                         else cols)
-        window_cols = Columns.concat(parts)
-        if self.shuffle:
-            # one gather per column for the whole window; every batch is then a set of slices
-            perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
-                .permutation(window_cols.n)
-            window_cols = window_cols.take(perm)
+        if not self.shuffle:  # batches straight from the row groups: no window copy
+            return [self.builder.assemble(self._rows(order, lo + i, lo + min(i + self.batch_size,
+                                                                             b)))
+                    for i in range(a, b, self.batch_size)]
+        window_cols = self._rows(order, lo + a, lo + b)
+        # one gather per column for the whole window; every batch is then a set of slices
+        perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
+            .permutation(window_cols.n)
+        window_cols = window_cols.take(perm)
         return [self.builder.assemble(window_cols.slice(i, min(i + self.batch_size,
                                                                window_cols.n)))
                 for i in range(0, window_cols.n, self.batch_size)]
+
+    def _rows(self, order: list[RowGroupRef], lo: int, hi: int) -> Columns:
+        """Stream rows [lo, hi) as columns (views where they lie in one row group)."""
+        parts = []
+        for p in self._pieces(order, lo, hi):
+            cols = self._row_group_columns(p.ref)
+            parts.append(cols.slice(p.start, p.stop) if p.start or p.stop < p.ref.num_rows
+                         else cols)
+        return Columns.concat(parts)
 
     def _row_group_columns(self, ref: RowGroupRef) -> Columns:
         """One row group, read and checked once; the last one is kept, since consecutive windows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from recsys.data.loader import ParquetLoader
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema, DatasetManifest, check_spec_against_manifest
 from recsys.spec import DataSource, Spec
@@ -39,3 +40,23 @@ def open_split(spec: Spec, manifest: DatasetManifest, split: str,
     schema = BatchSchema.from_spec(spec, manifest)
     return ParquetSplit(manifest.files(view or spec.data.view, split), schema)
 
+
+
+def make_loader(spec: Spec, manifest: DatasetManifest, split: str, *, rank: int = 0,
+                world_size: int = 1, training: bool = True) -> ParquetLoader:
+    """The loader a trainer or evaluator uses for one split, configured from the spec.
+
+    Training shuffles (if ``data.shuffle``) and drops the rows past the last batch every rank can
+    make; evaluation reads every row of the rank's share in file order.
+
+    Example:
+        >>> train = make_loader(spec, manifest, "train", rank=0, world_size=2)
+        >>> test = make_loader(spec, manifest, "test", training=False)
+    """
+    batch_size = spec.train.batch_size if training else \
+        (spec.train.eval_batch_size or spec.train.batch_size)
+    return ParquetLoader(open_split(spec, manifest, split), batch_size, rank=rank,
+                         world_size=world_size, seed=spec.train.seed,
+                         shuffle=training and spec.data.shuffle,
+                         window_batches=spec.data.shuffle_window_batches, drop_last=training,
+                         num_workers=spec.data.num_workers)
