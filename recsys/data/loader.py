@@ -122,22 +122,35 @@ class ParquetLoader:
                     ) -> list[Batch]:
         """Every batch of one window, built and checked."""
         order = order if order is not None else self._row_group_order(epoch)
-        rows = self.window_batches * self.batch_size
-        lo, _ = self.rank_rows
-        used = self.rows_per_epoch()
-        a, b = window * rows, min((window + 1) * rows, used)
         if not self.shuffle:  # batches straight from the row groups: no window copy
+            lo, a, b = self._window_rows(window)
             return [self.builder.assemble(self._rows(order, lo + i, lo + min(i + self.batch_size,
                                                                              b)))
                     for i in range(a, b, self.batch_size)]
-        window_cols = self._rows(order, lo + a, lo + b)
-        # one gather per column for the whole window; every batch is then a set of slices
-        perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
-            .permutation(window_cols.n)
-        window_cols = window_cols.take(perm)
-        return [self.builder.assemble(window_cols.slice(i, min(i + self.batch_size,
-                                                               window_cols.n)))
-                for i in range(0, window_cols.n, self.batch_size)]
+        return self.batches_of(self.window_columns(epoch, window, order))
+
+    def window_columns(self, epoch: int, window: int, order: list[RowGroupRef] | None = None,
+                       ) -> Columns:
+        """The rows of one window, checked, in batch order (permuted when shuffling)."""
+        order = order if order is not None else self._row_group_order(epoch)
+        lo, a, b = self._window_rows(window)
+        cols = self._rows(order, lo + a, lo + b)
+        if self.shuffle:
+            # one gather per column for the whole window; every batch is then a set of slices
+            perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
+                .permutation(cols.n)
+            cols = cols.take(perm)
+        return cols
+
+    def batches_of(self, cols: Columns) -> list[Batch]:
+        return [self.builder.assemble(cols.slice(i, min(i + self.batch_size, cols.n)))
+                for i in range(0, cols.n, self.batch_size)]
+
+    def _window_rows(self, window: int) -> tuple[int, int, int]:
+        """(this rank's first stream row, the window's first and end row within the rank)."""
+        rows = self.window_batches * self.batch_size
+        lo, _ = self.rank_rows
+        return lo, window * rows, min((window + 1) * rows, self.rows_per_epoch())
 
     def _rows(self, order: list[RowGroupRef], lo: int, hi: int) -> Columns:
         """Stream rows [lo, hi) as columns (views where they lie in one row group)."""
@@ -170,8 +183,11 @@ class ParquetLoader:
             windows = (self.read_window(epoch, w, order)
                        for w in range(first_window, self.num_windows()))
         else:
-            windows = iter(DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
-                                      num_workers=self.num_workers))
+            # workers read, check and permute whole windows; the cheap assembly into batches
+            # happens here, since sending one window of arrays costs far less than many tensors
+            loader = DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
+                                num_workers=self.num_workers)
+            windows = (self.batches_of(cols) for cols in loader)
         for w, batches in enumerate(windows):
             yield from (batches[skip:] if w == 0 else batches)
 
@@ -183,9 +199,9 @@ class _WindowDataset(IterableDataset):
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
 
-    def __iter__(self) -> Iterator[list[Batch]]:
+    def __iter__(self) -> Iterator[Columns]:
         info = get_worker_info()
         j, n = (info.id, info.num_workers) if info else (0, 1)
         order = self.loader._row_group_order(self.epoch)
         for w in range(self.first + j, self.loader.num_windows(), n):
-            yield self.loader.read_window(self.epoch, w, order)
+            yield self.loader.window_columns(self.epoch, w, order)
