@@ -262,7 +262,7 @@ class TableSpec(StrictModel):
     name: str
     num_embeddings: int
     embedding_dim: int | None = None  # default: features.embedding_dim
-    pooling: Pooling = Pooling.SUM
+    pooling: Pooling | None = None  # default: what its id-list features ask for, else sum
 
     @model_validator(mode="after")
     def _check(self) -> TableSpec:
@@ -285,7 +285,9 @@ class FeatureSpec(StrictModel):
     table: str | None = None
     num_embeddings: int | None = None
     embedding_dim: int | None = None
-    pooling: Pooling = Pooling.SUM
+    # how an id list is pooled; TorchRec pools per table, so the id-list features of a shared
+    # table must agree (for a single id, sum and mean are the same)
+    pooling: Pooling | None = None
     oov: OOVPolicy = OOVPolicy.ERROR
     weights: str | None = None  # a list<float> column of per-id weights (multi_sparse only)
 
@@ -341,17 +343,36 @@ class FeaturesSpec(StrictModel):
                                   f"name exists: set table = '{f.name}' instead")
         if not any(f.kind != FeatureKind.DENSE for f in self.fields):
             raise ValueError("features.fields needs at least one sparse feature")
+        self._table_poolings()
         return self
 
+    def _table_poolings(self) -> dict[str, Pooling]:
+        """Each table's pooling: its own, or the one its id-list features ask for (sum if none)."""
+        chosen: dict[str, tuple[Pooling, str]] = {
+            t.name: (t.pooling, f"tables[{t.name}].pooling") for t in self.tables if t.pooling}
+        for f in self.fields:
+            if f.kind != FeatureKind.MULTI_SPARSE or f.pooling is None:
+                continue
+            key = f"fields[{f.name}].pooling"
+            if f.table_name in chosen and chosen[f.table_name][0] != f.pooling:
+                raise _KeyedError(key, f"is '{f.pooling}' but table '{f.table_name}' pools by "
+                                  f"'{chosen[f.table_name][0]}' ({chosen[f.table_name][1]}); "
+                                  "TorchRec pools per table")
+            chosen[f.table_name] = (f.pooling, key)
+        return {name: pooling for name, (pooling, _) in chosen.items()}
+
     def resolved_tables(self) -> list[TableSpec]:
-        """Every embedding table (shared ones first, then per-field ones), with dims filled in."""
-        out = [t.model_copy(update={"embedding_dim": t.embedding_dim or self.embedding_dim})
-               for t in self.tables]
+        """Every embedding table (shared ones first, then per-field ones), with dims and pooling
+        filled in."""
+        pooling = self._table_poolings()
+        out = [TableSpec(name=t.name, num_embeddings=t.num_embeddings,
+                         embedding_dim=t.embedding_dim or self.embedding_dim,
+                         pooling=pooling.get(t.name, Pooling.SUM)) for t in self.tables]
         for f in self.sparse_fields():
             if f.table is None:
                 out.append(TableSpec(name=f.name, num_embeddings=f.num_embeddings,
                                      embedding_dim=f.embedding_dim or self.embedding_dim,
-                                     pooling=f.pooling))
+                                     pooling=pooling.get(f.name, Pooling.SUM)))
         return out
 
     def table_of(self, feature: FeatureSpec) -> TableSpec:

@@ -1,0 +1,1 @@
+"""Models: the ranker (EBC -> interaction arch -> task heads) and, later, RankTower."""

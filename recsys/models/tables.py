@@ -1,0 +1,41 @@
+"""The spec's embedding tables as TorchRec configs, and the EmbeddingBagCollection built from them."""
+
+from __future__ import annotations
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys.spec import FeaturesSpec, Pooling
+
+_POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
+
+
+def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
+    """One EmbeddingBagConfig per table that some feature looks up, with those features.
+
+    Example:
+        >>> [c.name for c in embedding_bag_configs(spec.features)]
+        ['category', 'user_id', ...]
+    """
+    users: dict[str, list[str]] = {}
+    for f in features.sparse_fields():
+        users.setdefault(f.table_name, []).append(f.name)
+    return [
+        EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
+                           embedding_dim=int(t.embedding_dim or features.embedding_dim),
+                           feature_names=users[t.name], pooling=_POOLING[t.pooling or Pooling.SUM])
+        for t in features.resolved_tables() if t.name in users
+    ]
+
+
+def build_ebc(features: FeaturesSpec, device: str | torch.device = "meta"
+              ) -> EmbeddingBagCollection:
+    """The EmbeddingBagCollection of the spec's tables; on ``meta`` by default, so that nothing
+    is allocated until the sharder (or ``init_on(...)``) places it.
+
+    Example:
+        >>> ebc = build_ebc(spec.features)            # meta: planning and DMP
+        >>> ebc = build_ebc(spec.features, "cpu")     # materialised: plain single-process use
+    """
+    return EmbeddingBagCollection(tables=embedding_bag_configs(features), device=torch.device(device))
