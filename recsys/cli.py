@@ -115,6 +115,36 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan -----------------------------------------------------------------------------------------
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys.train.planning import peak_rss_bytes, plan_report, plan_spec, plan_summary
+
+    spec = _load(args)
+    world_size = spec.distributed.world_size if args.world_size is None else args.world_size
+    try:
+        result = plan_spec(spec, world_size, args.device, batch_size=args.batch_size,
+                           local_world_size=args.local_world_size, hbm_gb=args.hbm_gb,
+                           ddr_gb=args.ddr_gb)
+    except ValueError as e:  # constraints the device cannot run, or no plan fits
+        print(f"error: {args.spec}: {e}", file=sys.stderr)
+        return 2
+    print(plan_report(spec, result.plan, result.topology, result.estimated_storage))
+    rss = peak_rss_bytes()
+    print(f"\nplanned in {result.seconds:.1f} s ({result.num_proposals} proposals) on the meta "
+          f"device; peak RSS {rss / 2**30:.2f} GiB")
+    if args.json:
+        summary = plan_summary(spec, result.plan, result.topology, result.estimated_storage)
+        summary.update(plan_seconds=result.seconds, peak_rss_bytes=rss)
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 # ---- wiring ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--all-cores", action="store_true", help="do not pin to one core")
     p.set_defaults(fn=cmd_bench_data)
+
+    p = sub.add_parser("plan", help="plan how the spec's embedding tables shard over a cluster "
+                       "(on the meta device: nothing is allocated)")
+    _add_spec(p)
+    p.add_argument("--world-size", type=int, help="ranks in all (default: distributed.world_size)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda, or cpu (gloo: no row-wise sharding); default cuda")
+    p.add_argument("--batch-size", type=int, help="rows per rank (default: train.batch_size)")
+    p.add_argument("--local-world-size", type=int,
+                   help="ranks per host (default: cuda 8, cpu all on this machine)")
+    p.add_argument("--hbm-gb", type=float, help="GPU memory per rank in GiB (default 80)")
+    p.add_argument("--ddr-gb", type=float,
+                   help="host memory per rank in GiB (default: cpu this machine's share)")
+    p.add_argument("--json", help="also write the plan summary as JSON to this path")
+    p.set_defaults(fn=cmd_plan)
     return parser
 
 
