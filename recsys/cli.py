@@ -4,6 +4,8 @@
     recsys data synth SPEC [--out DIR] [--force]
     recsys data prepare FORMAT --input PATH --out DIR [...]
     recsys data inspect SPEC [--view V]
+    recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
+    recsys plan SPEC --world-size 64 --device cuda
     recsys bench data [--spec SPEC] [--out DIR]
 """
 
@@ -115,7 +117,40 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from recsys.bench import write_result
+    from recsys.bench.train import TrainBenchConfig, random_batches, run, stress_spec
+
+    cfg = TrainBenchConfig(steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                           one_core=not args.all_cores)
+    if args.tables is not None:
+        try:
+            spec = stress_spec(args.tables, args.rows, args.dim, args.dense,
+                               args.batch_size or 2048, args.overrides)
+        except ValueError as e:
+            print(f"error: --tables/--rows: {e}", file=sys.stderr)
+            return 2
+        batches = random_batches(spec, cfg.warmup + cfg.steps, cfg.seed)
+    else:
+        if args.batch_size:
+            args.overrides.append(f"train.batch_size={args.batch_size}")
+        spec = _load(args)
+        batches = None  # the first batches of the spec's training loader
+    result, table = run(spec, cfg, batches)
+    path = write_result(args.out, "train", result, table)
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
+
+
 # ---- plan -----------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from recsys.train.run import run_training
+
+    run_training(_load(args), args.run_dir, progress=not args.no_progress)
+    return 0
+
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
@@ -195,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--all-cores", action="store_true", help="do not pin to one core")
     p.set_defaults(fn=cmd_bench_data)
+
+    p = bench.add_parser("train", help="samples/s of the sharded ranker (DMP, fused optimizer, "
+                         "pipeline) against the same model in plain PyTorch")
+    p.add_argument("--spec", dest="spec", default="specs/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tables", type=int, help="stress spec instead of --spec: N sparse features "
+                   "on random ids, one table each (e.g. 26)")
+    p.add_argument("--rows", type=int, default=100_000, help="rows per stress table")
+    p.add_argument("--dim", type=int, default=16, help="embedding dim of the stress tables")
+    p.add_argument("--dense", type=int, default=13, help="dense features of the stress spec")
+    p.add_argument("--batch-size", type=int,
+                   help="default: the spec's train.batch_size (stress: 2048)")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per side and repeat")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--all-cores", action="store_true", help="torch's default threads, not 1")
+    p.add_argument("--out", default="bench-results", help="where train.json / train.md go")
+    p.set_defaults(fn=cmd_bench_train)
+
+    p = sub.add_parser("train", help="train and evaluate a spec's model (torchrun for several "
+                       "processes); writes a run directory")
+    _add_spec(p)
+    p.add_argument("--run-dir", help="run directory (default: runs/NAME-HASH)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("plan", help="plan how the spec's embedding tables shard over a cluster "
                        "(on the meta device: nothing is allocated)")

@@ -1,0 +1,1 @@
+"""Feature-interaction modules (each maps the field representation to a hidden vector)."""

@@ -1,0 +1,89 @@
+"""Process-group setup: one process, or any number under torchrun, with the same code path."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank, the world, and its device.
+
+    Example:
+        >>> ctx = init_distributed("auto")
+        >>> ctx.rank, ctx.world_size, ctx.device
+        (0, 1, device(type='cpu'))
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(wanted: str, local_rank: int = 0) -> torch.device:
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device = 'cuda' but no CUDA device is visible")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or make a
+    one-process group, so that DistributedModelParallel runs the same way in both cases."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = choose_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        else:
+            if world_size != 1:
+                raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch "
+                                   "several processes with torchrun")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Model init equal on every rank (seed), data order from the loader's own seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    del rank  # every rank builds the same initial dense weights; DDP keeps them equal
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_max(value: int) -> int:
+    """The largest ``value`` over all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

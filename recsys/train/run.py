@@ -1,0 +1,145 @@
+"""A training run end to end, and its run directory.
+
+A run directory holds: ``spec.toml`` (the resolved spec) and ``run.json`` (its hash, the world,
+versions, steps and timings), ``train.log``, ``history.json``, ``metrics.json``
+(``{"valid": {...}, "test": {...}, "oracle": {...}, "tasks": {...}}``), ``training_curve.png``
+and ``calibration.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys import __version__
+from recsys.evaluate import plots
+from recsys.evaluate.metrics import flatten_for_report
+from recsys.spec import Spec, dump_toml, spec_hash
+from recsys.tables import format_table
+from recsys.train.distributed import init_distributed, shutdown
+from recsys.train.trainer import Trainer
+
+log = logging.getLogger("recsys")
+
+
+def default_run_dir(spec: Spec) -> Path:
+    return Path("runs") / f"{spec.name}-{spec_hash(spec)[:8]}"
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    """INFO to stderr (and to ``train.log``) on rank 0, warnings only elsewhere."""
+    root = logging.getLogger("recsys")
+    root.handlers.clear()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if run_dir is not None and is_main:
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+    root.propagate = False
+
+
+def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool = True,
+                 ) -> dict[str, Any]:
+    """Train and evaluate ``spec`` on this process (and its torchrun peers); rank 0 writes the
+    run directory. Returns the metrics.json content (on every rank).
+
+    Example:
+        >>> metrics = run_training(load_spec("specs/quickstart.toml"), "runs/qs")
+        >>> metrics["test"]["auc"]
+    """
+    ctx = init_distributed(spec.train.device, spec.distributed.backend)
+    out = Path(run_dir) if run_dir else default_run_dir(spec)
+    try:
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "spec.toml").write_text(dump_toml(spec))
+        setup_logging(out, ctx.is_main)
+        log.info("run %s: spec %s (hash %s) on %d rank(s), %s", out, spec.name, spec_hash(spec),
+                 ctx.world_size, ctx.device)
+        started = time.time()
+        trainer = Trainer(spec, ctx, progress)
+        log.info("sharding plan:\n%s", _plan_summary(trainer))
+        trainer.fit()
+        results = {split: trainer.evaluate(split, keep_arrays=ctx.is_main)
+                   for split in ("valid", "test")}
+        metrics = _metrics_json(spec, results)
+        if ctx.is_main:
+            _write_run(out, spec, trainer, metrics, results, started)
+            print(summary_table(metrics), file=sys.stderr)
+            log.info("wrote %s", out)
+        return metrics
+    finally:
+        shutdown()
+
+
+def _metrics_json(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
+    task = spec.model.tasks[0]
+    metrics: dict[str, Any] = {split: flatten_for_report(results[split]["metrics"], task)
+                               for split in ("valid", "test")}
+    if "oracle" in results["test"]["metrics"]:
+        metrics["oracle"] = flatten_for_report(results["test"]["metrics"]["oracle"], task)
+    metrics["tasks"] = {split: results[split]["metrics"] for split in ("valid", "test")}
+    return metrics
+
+
+def _write_run(out: Path, spec: Spec, trainer: Trainer, metrics: dict[str, Any],
+               results: dict[str, Any], started: float) -> None:
+    h = trainer.history
+    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
+    (out / "history.json").write_text(json.dumps(asdict(h), indent=2))
+    (out / "run.json").write_text(json.dumps({
+        "spec": spec.name, "spec_hash": spec_hash(spec), "world_size": trainer.ctx.world_size,
+        "device": str(trainer.ctx.device), "steps": trainer.step,
+        "seconds": round(time.time() - started, 1), "recsys": __version__,
+        "torch": torch.__version__, "python": platform.python_version(),
+    }, indent=2))
+    task = spec.model.tasks[0]
+    plots.training_curve(h.steps, h.loss, h.valid_steps, [v.get("auc", np.nan) for v in h.valid],
+                         out / "training_curve.png", f"{spec.name}: {task}")
+    arrays = results["test"]["arrays"]
+    curves = {"model": arrays["probs"][task]}
+    if task in arrays.get("oracle", {}):
+        curves["oracle"] = arrays["oracle"][task]
+    plots.reliability_diagram(arrays["labels"][task], curves, out / "calibration.png",
+                              title=f"{spec.name}: {task} on test")
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (a metric undefined on this data, e.g. AUC with one class) as null: valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def _plan_summary(trainer: Trainer) -> str:
+    rows = []
+    for module_path, module_plan in trainer.plan.plan.items():
+        for table, p in module_plan.items():  # type: ignore[union-attr]
+            ranks = sorted({r for r in (p.ranks or [])})
+            rows.append([f"{module_path}.{table}", str(p.sharding_type), str(p.compute_kernel),
+                         ",".join(map(str, ranks))])
+    return format_table(["table", "sharding", "kernel", "ranks"], rows)
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """The headline metrics of valid, test and the oracle side by side."""
+    keys = ["auc", "gauc", "logloss", "ne", "calibration", "ece"]
+    cols = [c for c in ("valid", "test", "oracle") if c in metrics]
+    return format_table(["metric", *cols],
+                        [[k, *[float(metrics[c].get(k, float("nan"))) for c in cols]]
+                         for k in keys])

@@ -1,0 +1,239 @@
+"""Sharded training and evaluation of the ranker, in one process or many (torchrun).
+
+The path: spec -> dataset (made on rank 0 if needed) -> loaders (each rank its share) -> ranker on
+the ``meta`` device -> sharding plan (planned on rank 0, broadcast) -> DistributedModelParallel with
+fused sparse optimizers in backward -> TrainPipelineSparseDist -> periodic validation, early
+stopping -> final evaluation on valid and test -> run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from recsys.data.batch import Batch
+from recsys.data.loader import ParquetLoader
+from recsys.data.schema import DatasetManifest
+from recsys.data.source import ensure_dataset, make_loader
+from recsys.evaluate.metrics import EvalAccumulator
+from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper, probabilities
+from recsys.spec import Spec
+from recsys.train import planning
+from recsys.train.distributed import DistContext, all_max, barrier, seed_everything
+from recsys.train.optim import TrainOptimizer, attach_sparse_optimizer, dense_optimizer
+
+log = logging.getLogger("recsys.train")
+
+# Known, harmless notices from the pinned torchrec / fbgemm versions (data-parallel tables do
+# train: their weights change, checked in tests/test_train.py).
+warnings.filterwarnings("ignore", message=".*dense_embedding_codegen_lookup_function.*")
+warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated.*")
+
+
+@dataclass
+class History:
+    """What the training curve plots: loss per logged step and validation metrics."""
+
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    valid_steps: list[int] = field(default_factory=list)
+    valid: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains and evaluates one spec's ranker on this process's share of the data.
+
+    Example:
+        >>> ctx = init_distributed(spec.train.device)
+        >>> trainer = Trainer(spec, ctx)
+        >>> history = trainer.fit()
+        >>> test = trainer.evaluate("test")
+    """
+
+    def __init__(self, spec: Spec, ctx: DistContext, progress: bool = True) -> None:
+        self.spec, self.ctx = spec, ctx
+        self.progress = progress and ctx.is_main
+        seed_everything(spec.train.seed, ctx.rank)
+        self.manifest = self._dataset()
+        self.train_loader = make_loader(spec, self.manifest, "train", rank=ctx.rank,
+                                        world_size=ctx.world_size)
+        steps_per_epoch = len(self.train_loader)
+        if steps_per_epoch == 0:
+            raise ValueError(f"the train split has too few rows for one batch of "
+                             f"{spec.train.batch_size} per rank on {ctx.world_size} rank(s)")
+        self.total_steps = spec.train.epochs * steps_per_epoch
+        if spec.train.max_steps:
+            self.total_steps = min(self.total_steps, spec.train.max_steps)
+        self.model = self._build_model()
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device,
+                                                execute_all_batches=True)
+        self.step = 0
+        self.history = History()
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _dataset(self) -> DatasetManifest:
+        # one rank makes the data (generation or preparation); the others wait, then open it
+        if self.ctx.is_main:
+            manifest = ensure_dataset(self.spec, progress=self.progress)
+        barrier()
+        if not self.ctx.is_main:
+            manifest = ensure_dataset(self.spec, progress=False)
+        return manifest
+
+    def _build_model(self) -> DistributedModelParallel:
+        spec, ctx = self.spec, self.ctx
+        ranker = Ranker(RankerConfig(spec, device="meta"))
+        ranker.dense_arch = ranker.dense_arch.to(ctx.device) if ranker.dense_arch else None
+        wrapper = TrainWrapper(ranker)
+        attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
+        device_type = ctx.device.type
+        # a pure function of the spec on every rank: every rank fails here together, instead of
+        # rank 0 failing inside collective_plan while the others wait for its broadcast
+        planning.validate_constraints(spec, device_type)
+        topology = planning.make_topology(ctx.world_size, device_type)
+        planner = planning.make_planner(spec, topology)
+        sharders = [EmbeddingBagCollectionSharder()]
+        plan = planning.collective_plan_or_fail(planner, wrapper, sharders)
+        self.plan = plan
+        dmp = DistributedModelParallel(module=wrapper, device=ctx.device, plan=plan,
+                                       sharders=sharders)
+        self.optimizer = TrainOptimizer(dmp.fused_optimizer, dense_optimizer(dmp, spec.train),
+                                        spec.train, self.total_steps)
+        return dmp
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def fit(self) -> History:
+        spec = self.spec
+        every = spec.train.eval_every_steps
+        patience = spec.train.early_stopping_patience
+        best, bad_rounds = -float("inf"), 0
+        bar = tqdm(total=self.total_steps, desc="training", unit="step",
+                   disable=not self.progress)
+        start = time.perf_counter()
+        stop = False
+        for epoch in range(spec.train.epochs):
+            self.model.train()
+            batches = self._limited(self.train_loader.epoch(epoch))
+            while not stop:
+                try:
+                    loss, _, _ = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                self.step += 1
+                if self.step % 10 == 0 or self.step == 1:
+                    self.history.steps.append(self.step)
+                    self.history.loss.append(float(loss))
+                    self.history.lr.append(self.optimizer.dense_lr)
+                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.update()
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    valid = self.evaluate("valid")["metrics"]
+                    self._record_valid(valid)
+                    metric = self._headline(valid)
+                    if metric > best:
+                        best, bad_rounds = metric, 0
+                    else:
+                        bad_rounds += 1
+                        if patience and bad_rounds >= patience:
+                            log.info("early stopping at step %d: valid auc %.4f did not beat "
+                                     "%.4f for %d evaluations", self.step, metric, best,
+                                     patience)
+                            stop = True
+                    self.model.train()
+                if self.step >= self.total_steps:
+                    stop = True
+            if stop:
+                break
+        bar.close()
+        elapsed = time.perf_counter() - start
+        rows = self.step * spec.train.batch_size * self.ctx.world_size
+        log.info("trained %d steps in %.1f s (%.0f samples/s over %d rank(s))", self.step,
+                 elapsed, rows / max(elapsed, 1e-9), self.ctx.world_size)
+        return self.history
+
+    def _limited(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Stop feeding the pipeline once max_steps batches have gone in overall."""
+        fed = self.step
+        for batch in batches:
+            if fed >= self.total_steps:
+                return
+            fed += 1
+            yield batch
+
+    def _record_valid(self, valid: dict[str, Any]) -> None:
+        self.history.valid_steps.append(self.step)
+        self.history.valid.append({k: v for k, v in valid[self.spec.model.tasks[0]].items()
+                                   if isinstance(v, float)})
+        log.info("step %d valid: %s", self.step, _short(valid[self.spec.model.tasks[0]]))
+
+    def _headline(self, metrics: dict[str, Any]) -> float:
+        return float(metrics[self.spec.model.tasks[0]]["auc"])
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: str, keep_arrays: bool = False) -> dict[str, Any]:
+        """Metrics of one split over every row of every rank (gathered, not averaged):
+        ``{"metrics": {...}, "arrays": {...} or None}`` (arrays: the gathered predictions)."""
+        loader = make_loader(self.spec, self.manifest, split, rank=self.ctx.rank,
+                             world_size=self.ctx.world_size, training=False)
+        # the pipeline rewrote the sharded modules' forward for pipelined input dists; plain
+        # forwards need the original back (in-flight training batches are kept)
+        self.pipeline.detach()
+        self.model.eval()
+        acc = EvalAccumulator()
+        # sharded lookups are collectives: every rank must run as many forwards as the largest
+        steps = all_max(len(loader))
+        for batch, real in _padded(loader, steps):
+            batch = batch.to(self.ctx.device)
+            _, (_, logits, _) = self.model(batch)
+            if real:
+                acc.add(probabilities(logits, self.spec.model.esmm), batch.labels, batch.groups,
+                        oracle={t: batch.oracle[t] for t in self.spec.model.tasks
+                                if t in batch.oracle} or None)
+        metrics, arrays = acc.compute_with_arrays()
+        self.pipeline.attach(self.model)
+        return {"metrics": metrics, "arrays": arrays if keep_arrays else None}
+
+
+def _padded(loader: ParquetLoader, steps: int) -> Iterator[tuple[Batch, bool]]:
+    """The loader's batches, then its last batch again (marked not real) up to ``steps``."""
+    last = None
+    n = 0
+    for batch in loader.epoch(0):
+        last = batch
+        n += 1
+        yield batch, True
+    if last is None and n < steps:
+        raise RuntimeError("a rank has no evaluation rows while others do; use fewer ranks")
+    for _ in range(steps - n):
+        yield last, False  # type: ignore[misc]
+
+
+def _short(m: dict[str, Any]) -> str:
+    keys = ("auc", "gauc_impressions", "logloss", "calibration")
+    return ", ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+
+
+def train_and_evaluate(spec: Spec, ctx: DistContext, progress: bool = True,
+                       ) -> tuple[Trainer, dict[str, Any]]:
+    """Fit, then evaluate valid and test; returns the trainer and the metrics.json content."""
+    trainer = Trainer(spec, ctx, progress)
+    trainer.fit()
+    results: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        results[split] = trainer.evaluate(split)
+    return trainer, results
