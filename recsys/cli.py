@@ -5,6 +5,7 @@
     recsys data prepare FORMAT --input PATH --out DIR [...]
     recsys data inspect SPEC [--view V]
     recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
+    recsys evaluate RUN_DIR
     recsys plan SPEC --world-size 64 --device cuda
     recsys bench data [--spec SPEC] [--out DIR]
 """
@@ -148,7 +149,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from recsys.train.run import run_training
 
-    run_training(_load(args), args.run_dir, progress=not args.no_progress)
+    run_training(_load(args), args.run_dir, progress=not args.no_progress, resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from recsys.train.run import evaluate_run
+
+    evaluate_run(args.run_dir)
     return 0
 
 
@@ -254,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec(p)
     p.add_argument("--run-dir", help="run directory (default: runs/NAME-HASH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run directory's latest checkpoint")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
+    p.add_argument("run_dir", help="a run directory written by recsys train")
+    p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("plan", help="plan how the spec's embedding tables shard over a cluster "
                        "(on the meta device: nothing is allocated)")

@@ -131,15 +131,19 @@ def test_row_wise_is_allowed_on_cuda() -> None:
     assert sum(m.shard_sizes[0] for m in ps.sharding_spec.shards) == 1000
 
 
-def test_defaults_on_cpu_never_offer_row_wise() -> None:
-    constraints = sharding_constraints(small_spec([{"table": "hour", "types": ["table_wise"]}]),
-                                       "cpu")
+def test_defaults_on_cpu_never_offer_row_wise_nor_data_parallel() -> None:
+    """Unlisted tables are sharded (fused kernel, the spec's sparse optimizer); data_parallel
+    (a dense table under the dense optimizer) only where the spec asks for it."""
+    constraints = sharding_constraints(small_spec([{"table": "hour", "types": ["table_wise"]},
+                                                   {"table": "category",
+                                                    "types": ["data_parallel"]}]), "cpu")
     assert set(constraints) == set(SMALL)
-    for name in ("user_id", "item_id", "category"):
+    for name in ("user_id", "item_id"):
         c = constraints[name]
-        assert set(c.sharding_types) == {"data_parallel", "table_wise", "column_wise",
-                                         "table_column_wise"}
-        assert c.compute_kernels == ["dense", "fused"]
+        assert set(c.sharding_types) == {"table_wise", "column_wise", "table_column_wise"}
+        assert c.compute_kernels == ["fused"]
+    assert constraints["category"].sharding_types == ["data_parallel"]
+    assert constraints["category"].compute_kernels == ["dense"]
     assert constraints["hour"].sharding_types == ["table_wise"]
     assert constraints["hour"].compute_kernels == ["fused"]  # sharded on cpu: fused only
     assert constraints["category"].pooling_factors == [1.0, 1.0]  # two features share it

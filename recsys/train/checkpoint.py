@@ -30,11 +30,14 @@ _NAME = re.compile(r"^step-(\d{7})$")
 
 @dataclass(frozen=True)
 class Position:
-    """Where training stands: steps done overall, and the epoch and step within it."""
+    """Where training stands: steps done overall, the epoch and step within it, and the early
+    stopping state (best validation metric, evaluations without improvement)."""
 
     step: int
     epoch: int
     epoch_step: int
+    best: float = -float("inf")
+    bad_rounds: int = 0
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -85,6 +88,10 @@ def load(path: str | Path, model: nn.Module, optimizer: Optimizer) -> Position:
     if not own.is_file():
         raise FileNotFoundError(f"{path}: no state for rank {rank} (was the checkpoint written "
                                 "by a run with another number of processes?)")
+    # optimizer state is created lazily (Adam's moments at the first step): make it exist, so
+    # that the template DCP loads into has every entry the checkpoint holds
+    if hasattr(optimizer, "init_state"):
+        optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
@@ -94,7 +101,8 @@ def load(path: str | Path, model: nn.Module, optimizer: Optimizer) -> Position:
     np.random.set_state(("MT19937", local["numpy_rng"].numpy().astype(np.uint32),
                          *local["numpy_pos"]))
     random.setstate((local["python_rng"][0], tuple(local["python_rng"][1]), None))
-    return Position(int(local["step"]), int(local["epoch"]), int(local["epoch_step"]))
+    return Position(int(local["step"]), int(local["epoch"]), int(local["epoch_step"]),
+                    float(local["best"]), int(local["bad_rounds"]))
 
 
 def _local_state(position: Position) -> dict[str, Any]:
@@ -103,6 +111,7 @@ def _local_state(position: Position) -> dict[str, Any]:
     py_version, py_state, _ = random.getstate()
     return {
         "step": position.step, "epoch": position.epoch, "epoch_step": position.epoch_step,
+        "best": position.best, "bad_rounds": position.bad_rounds,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
         "numpy_pos": [int(pos), int(has_gauss), float(cached)],

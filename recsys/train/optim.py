@@ -93,6 +93,11 @@ class TrainOptimizer(CombinedOptimizer):
         for group in self._dense.param_groups:
             group["lr"] = self._base_lr * self.lr_factor(self.steps)
 
+    def restart_at(self, step: int) -> None:
+        """After a resume: the schedule continues from ``step``."""
+        self.steps = step
+        self._set_lr()
+
     def step(self, closure: Any = None) -> None:  # noqa: D102
         if self._train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self._clip_params, self._train.grad_clip)

@@ -185,8 +185,10 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
                          ) -> dict[str, ParameterConstraints]:
     """TorchRec ``ParameterConstraints`` for every table of the spec's EmbeddingBagCollection.
 
-    A table listed in ``distributed.sharding`` gets its types; every other table gets all types
-    the device can run (so on cpu the planner never picks a row-wise type). Kernels follow the
+    A table listed in ``distributed.sharding`` gets its types; every other table gets every
+    sharded type the device can run (so on cpu the planner never picks a row-wise type), but not
+    data_parallel: a data-parallel table becomes a dense parameter that the dense optimizer
+    updates, not the spec's sparse optimizer, so it is used only where the spec asks for it. Kernels follow the
     types: ``dense`` for data_parallel, the device's fused kernels for the rest. With
     ``world_size``, a table that asks for a column-wise type is split into real column shards
     (:func:`column_shard_dim`). Each feature of a table counts as one lookup per sample: the
@@ -198,13 +200,14 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
     Example:
         >>> c = sharding_constraints(spec, "cpu")
         >>> c["user_id"].sharding_types, c["user_id"].compute_kernels
-        (['data_parallel', 'table_wise', 'column_wise', 'table_column_wise'], ['dense', 'fused'])
+        (['table_wise', 'column_wise', 'table_column_wise'], ['fused'])
     """
     validate_constraints(spec, device_type)
     listed = {s.table: tuple(s.types) for s in spec.distributed.sharding}
     out: dict[str, ParameterConstraints] = {}
     for cfg in embedding_bag_configs(spec.features):
-        types = listed.get(cfg.name, SHARDING_TYPES[device_type])
+        types = listed.get(cfg.name, tuple(t for t in SHARDING_TYPES[device_type]
+                                           if t != ShardingType.DATA_PARALLEL))
         explicit_columns = cfg.name in listed and any(t in _COLUMN_TYPES for t in types)
         out[cfg.name] = ParameterConstraints(
             sharding_types=[t.value for t in types],

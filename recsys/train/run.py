@@ -13,6 +13,7 @@ import logging
 import platform
 import sys
 import time
+import tomllib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ import numpy as np
 import torch
 
 from recsys import __version__
+from recsys.errors import SpecError
 from recsys.evaluate import plots
 from recsys.evaluate.metrics import flatten_for_report
-from recsys.spec import Spec, dump_toml, spec_hash
+from recsys.spec import Spec, dump_toml, spec_hash, validate_spec
 from recsys.tables import format_table
 from recsys.train.distributed import init_distributed, shutdown
-from recsys.train.trainer import Trainer
+from recsys.train.trainer import History, Trainer
 
 log = logging.getLogger("recsys")
 
@@ -52,16 +54,19 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool = True,
-                 ) -> dict[str, Any]:
+                 resume: bool = False) -> dict[str, Any]:
     """Train and evaluate ``spec`` on this process (and its torchrun peers); rank 0 writes the
-    run directory. Returns the metrics.json content (on every rank).
+    run directory. With ``resume``, training continues from the run's latest checkpoint (the spec
+    must be the one the run was started with). Returns the metrics.json content (on every rank).
 
     Example:
         >>> metrics = run_training(load_spec("specs/quickstart.toml"), "runs/qs")
         >>> metrics["test"]["auc"]
     """
-    ctx = init_distributed(spec.train.device, spec.distributed.backend)
     out = Path(run_dir) if run_dir else default_run_dir(spec)
+    if resume:
+        _check_same_spec(out, spec)
+    ctx = init_distributed(spec.train.device, spec.distributed.backend)
     try:
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -70,19 +75,67 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         log.info("run %s: spec %s (hash %s) on %d rank(s), %s", out, spec.name, spec_hash(spec),
                  ctx.world_size, ctx.device)
         started = time.time()
-        trainer = Trainer(spec, ctx, progress)
+        trainer = Trainer(spec, ctx, progress, run_dir=out)
         log.info("sharding plan:\n%s", _plan_summary(trainer))
+        if resume and trainer.restore() is None:
+            log.info("no checkpoint in %s yet: starting from step 0", out)
         trainer.fit()
-        results = {split: trainer.evaluate(split, keep_arrays=ctx.is_main)
-                   for split in ("valid", "test")}
-        metrics = _metrics_json(spec, results)
-        if ctx.is_main:
-            _write_run(out, spec, trainer, metrics, results, started)
-            print(summary_table(metrics), file=sys.stderr)
-            log.info("wrote %s", out)
-        return metrics
+        return _evaluate_and_write(trainer, out, started)
     finally:
         shutdown()
+
+
+def evaluate_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Re-evaluate a run from its latest checkpoint (same number of processes as it trained
+    with): valid and test metrics, rewritten into the run directory.
+
+    Example:
+        >>> evaluate_run("runs/quickstart-5d5ee98d")["test"]["auc"]
+    """
+    out = Path(run_dir)
+    spec = _run_spec(out)
+    ctx = init_distributed(spec.train.device, spec.distributed.backend)
+    try:
+        setup_logging(out, ctx.is_main)
+        trainer = Trainer(spec, ctx, progress=False, run_dir=out)
+        path = trainer.restore()
+        if path is None:
+            raise SpecError(str(out), ["no checkpoint to evaluate (checkpoints/ is empty)"])
+        history = out / "history.json"
+        if history.is_file():
+            trainer.history = History(**json.loads(history.read_text()))
+        return _evaluate_and_write(trainer, out, time.time())
+    finally:
+        shutdown()
+
+
+def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str, Any]:
+    spec, ctx = trainer.spec, trainer.ctx
+    results = {split: trainer.evaluate(split, keep_arrays=ctx.is_main)
+               for split in ("valid", "test")}
+    metrics = _metrics_json(spec, results)
+    if ctx.is_main:
+        _write_run(out, spec, trainer, metrics, results, started)
+        print(summary_table(metrics), file=sys.stderr)
+        log.info("wrote %s", out)
+    return metrics
+
+
+def _run_spec(run_dir: Path) -> Spec:
+    path = run_dir / "spec.toml"
+    if not path.is_file():
+        raise SpecError(str(run_dir), ["not a run directory (spec.toml is missing)"])
+    return validate_spec(tomllib.loads(path.read_text()), str(path))
+
+
+def _check_same_spec(run_dir: Path, spec: Spec) -> None:
+    if not (run_dir / "spec.toml").is_file():
+        return  # nothing ran there yet
+    before = _run_spec(run_dir)
+    if spec_hash(before) != spec_hash(spec):
+        raise SpecError(str(run_dir / "spec.toml"), [
+            f"--resume: the run was started from spec hash {spec_hash(before)}, this spec is "
+            f"{spec_hash(spec)}; resume with the same spec (see recsys spec show)"])
 
 
 def _metrics_json(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:

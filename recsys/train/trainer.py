@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from recsys.data.source import ensure_dataset, make_loader
 from recsys.evaluate.metrics import EvalAccumulator
 from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper, probabilities
 from recsys.spec import Spec
-from recsys.train import planning
+from recsys.train import checkpoint, planning
+from recsys.train.checkpoint import Position
 from recsys.train.distributed import DistContext, all_max, barrier, seed_everything
 from recsys.train.optim import TrainOptimizer, attach_sparse_optimizer, dense_optimizer
 
@@ -61,8 +63,10 @@ class Trainer:
         >>> test = trainer.evaluate("test")
     """
 
-    def __init__(self, spec: Spec, ctx: DistContext, progress: bool = True) -> None:
+    def __init__(self, spec: Spec, ctx: DistContext, progress: bool = True,
+                 run_dir: Path | None = None) -> None:
         self.spec, self.ctx = spec, ctx
+        self.run_dir = run_dir  # where checkpoints go (None: no checkpoints)
         self.progress = progress and ctx.is_main
         seed_everything(spec.train.seed, ctx.rank)
         self.manifest = self._dataset()
@@ -79,7 +83,31 @@ class Trainer:
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device,
                                                 execute_all_batches=True)
         self.step = 0
+        self.position = Position(0, 0, 0)
         self.history = History()
+
+    def restore(self, path: Path | None = None) -> Path | None:
+        """Continue from ``path`` or the run's latest checkpoint (None if there is none)."""
+        if path is None and self.run_dir is not None:
+            path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return None
+        self.position = checkpoint.load(path, self.model, self.optimizer)
+        self.step = self.position.step
+        self.optimizer.restart_at(self.step)
+        log.info("resumed from %s (step %d, epoch %d, step %d of it)", path, self.step,
+                 self.position.epoch, self.position.epoch_step)
+        return path
+
+    def save_checkpoint(self, epoch: int, epoch_step: int, best: float, bad_rounds: int) -> None:
+        if self.run_dir is None:
+            return
+        if epoch_step == len(self.train_loader):  # an epoch's end is the next one's start
+            epoch, epoch_step = epoch + 1, 0
+        pos = Position(self.step, epoch, epoch_step, best, bad_rounds)
+        path = checkpoint.save(self.run_dir, self.model, self.optimizer, pos,
+                               self.spec.train.keep_checkpoints)
+        log.info("checkpoint %s", path)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -118,21 +146,24 @@ class Trainer:
     def fit(self) -> History:
         spec = self.spec
         every = spec.train.eval_every_steps
+        ckpt_every = spec.train.checkpoint_every_steps
         patience = spec.train.early_stopping_patience
-        best, bad_rounds = -float("inf"), 0
-        bar = tqdm(total=self.total_steps, desc="training", unit="step",
+        best, bad_rounds = self.position.best, self.position.bad_rounds
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.progress)
-        start = time.perf_counter()
-        stop = False
-        for epoch in range(spec.train.epochs):
+        start, first_step = time.perf_counter(), self.step
+        stop = self.step >= self.total_steps
+        epoch, epoch_step = self.position.epoch, self.position.epoch_step
+        while not stop and epoch < spec.train.epochs:
             self.model.train()
-            batches = self._limited(self.train_loader.epoch(epoch))
+            batches = self._limited(self.train_loader.epoch(epoch, start_step=epoch_step))
             while not stop:
                 try:
                     loss, _, _ = self.pipeline.progress(batches)
                 except StopIteration:
                     break
                 self.step += 1
+                epoch_step += 1
                 if self.step % 10 == 0 or self.step == 1:
                     self.history.steps.append(self.step)
                     self.history.loss.append(float(loss))
@@ -155,13 +186,16 @@ class Trainer:
                     self.model.train()
                 if self.step >= self.total_steps:
                     stop = True
-            if stop:
-                break
+                if ckpt_every and self.step % ckpt_every == 0 and not stop:
+                    self.save_checkpoint(epoch, epoch_step, best, bad_rounds)
+            if not stop:
+                epoch, epoch_step = epoch + 1, 0
+        self.save_checkpoint(epoch, epoch_step, best, bad_rounds)  # the final state, for evaluate
         bar.close()
         elapsed = time.perf_counter() - start
-        rows = self.step * spec.train.batch_size * self.ctx.world_size
-        log.info("trained %d steps in %.1f s (%.0f samples/s over %d rank(s))", self.step,
-                 elapsed, rows / max(elapsed, 1e-9), self.ctx.world_size)
+        rows = (self.step - first_step) * spec.train.batch_size * self.ctx.world_size
+        log.info("trained %d steps in %.1f s (%.0f samples/s over %d rank(s))",
+                 self.step - first_step, elapsed, rows / max(elapsed, 1e-9), self.ctx.world_size)
         return self.history
 
     def _limited(self, batches: Iterator[Batch]) -> Iterator[Batch]:
