@@ -9,9 +9,13 @@ PYTEST_ARGS ?=
 install:
 	bash tools/bootstrap.sh
 
+# generate the synthetic cascade, train the quickstart ranker on 2 processes (torchrun, gloo),
+# re-evaluate it from its last checkpoint and print the metrics table
+DEMO_RUN ?= runs/quickstart-demo
 demo: install
 	$(RECSYS) data synth specs/quickstart.toml
-	$(RECSYS) data inspect specs/quickstart.toml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m recsys.cli train specs/quickstart.toml --run-dir $(DEMO_RUN)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m recsys.cli evaluate $(DEMO_RUN)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -22,6 +26,7 @@ lint: install
 # the benchmarks, then the README's results section rewritten from their output
 bench: install
 	$(RECSYS) bench data --out bench-results
+	$(RECSYS) bench train --out bench-results --tables 26 --rows 100000
 	$(PY) tools/update_readme.py bench-results
 
 clean:

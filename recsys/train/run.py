@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
 import tomllib
@@ -27,7 +28,8 @@ from recsys.evaluate import plots
 from recsys.evaluate.metrics import flatten_for_report
 from recsys.spec import Spec, dump_toml, spec_hash, validate_spec
 from recsys.tables import format_table
-from recsys.train.distributed import init_distributed, shutdown
+from recsys.train.checkpoint import checkpoint_dir
+from recsys.train.distributed import barrier, init_distributed, shutdown
 from recsys.train.trainer import History, Trainer
 
 log = logging.getLogger("recsys")
@@ -68,9 +70,14 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         _check_same_spec(out, spec)
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
     try:
+        stale = checkpoint_dir(out)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "spec.toml").write_text(dump_toml(spec))
+            if not resume and stale.exists():
+                # a fresh run must never leave an older run's checkpoints to be resumed from
+                shutil.rmtree(stale)
+        barrier()
         setup_logging(out, ctx.is_main)
         log.info("run %s: spec %s (hash %s) on %d rank(s), %s", out, spec.name, spec_hash(spec),
                  ctx.world_size, ctx.device)

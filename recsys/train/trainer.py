@@ -40,6 +40,7 @@ log = logging.getLogger("recsys.train")
 # train: their weights change, checked in tests/test_train.py).
 warnings.filterwarnings("ignore", message=".*dense_embedding_codegen_lookup_function.*")
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated.*")
+warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 
 @dataclass
