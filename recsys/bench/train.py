@@ -58,12 +58,9 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
-from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper, ranker_loss
+from recsys.models.ranker import OverArch, Ranker, RankerConfig, TrainWrapper, ranker_loss
 from recsys.models.tables import embedding_bag_configs
-from recsys.modules.cross import CrossNet
-from recsys.modules.mlp import MLP
 from recsys.spec import (
-    Arch,
     DenseOptimizer,
     SparseOptimizer,
     Spec,
@@ -244,10 +241,11 @@ def load_batches(path: str | Path) -> list[Batch]:
 
 class PlainRanker(nn.Module):
     """The ranker of :mod:`recsys.models.ranker` in plain PyTorch: one ``nn.EmbeddingBag`` per
-    table (dense gradients), then the same dense arch, cross network, deep tower and heads.
+    table (dense gradients), then the ranker's own :class:`OverArch` (dense arch, interaction
+    arch, heads).
 
-    Submodule names follow the ranker's (``dense_arch``, ``cross``, ``deep``, ``heads``), and the
-    tables live in ``embedding_bags`` as in TorchRec's EmbeddingBagCollection, so that weights map
+    The over-arch sits in ``over`` as in the ranker, and the tables live in ``embedding_bags`` as
+    in TorchRec's EmbeddingBagCollection, so that weights map
     one to one (:func:`plain_state_from_sharded`). Pooled embeddings are concatenated in the
     collection's order (table by table, the features of a table in order).
 
@@ -261,11 +259,8 @@ class PlainRanker(nn.Module):
 
     def __init__(self, spec: Spec) -> None:
         super().__init__()
-        m = spec.model
-        if m.arch not in (Arch.MLP, Arch.DCN):
-            raise ValueError(f"model.arch '{m.arch}' is not available in the ranker yet "
-                             "(mlp, dcn)")
-        self.esmm = m.esmm
+        self.tasks = list(spec.model.tasks)
+        self.esmm = spec.model.esmm
         configs = embedding_bag_configs(spec.features)
         self.embedding_bags = nn.ModuleDict()
         for c in configs:
@@ -275,14 +270,8 @@ class PlainRanker(nn.Module):
             nn.init.uniform_(bag.weight, -bound, bound)
             self.embedding_bags[c.name] = bag
         self._lookups = [(c.name, f) for c in configs for f in c.feature_names]
-        emb_width = sum(c.embedding_dim for c in configs for _ in c.feature_names)
-        n_dense = len(spec.features.dense_fields())
-        self.dense_arch = MLP(n_dense, m.dense_arch) if n_dense else None
-        width = emb_width + (self.dense_arch.out_features if self.dense_arch else 0)
-        self.cross = CrossNet(width, m.dcn.num_layers, m.dcn.low_rank) \
-            if m.arch == Arch.DCN else None
-        self.deep = MLP(width, m.mlp.hidden, m.mlp.dropout)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.deep.out_features, 1) for t in m.tasks})
+        width = sum(c.embedding_dim for c in configs for _ in c.feature_names)
+        self.over = OverArch(spec, width)  # the very module the sharded ranker uses
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         kjt = batch.sparse
@@ -294,13 +283,7 @@ class PlainRanker(nn.Module):
         index = {k: i for i, k in enumerate(keys)}
         parts = [self.embedding_bags[table](ids[index[f]], starts[index[f]])
                  for table, f in self._lookups]
-        if self.dense_arch is not None:
-            parts.append(self.dense_arch(batch.dense))
-        x = torch.cat(parts, dim=1)
-        if self.cross is not None:
-            x = self.cross(x)
-        h = self.deep(x)
-        return {t: head(h).squeeze(-1) for t, head in self.heads.items()}
+        return self.over(torch.cat(parts, dim=1), batch.dense)
 
 
 def plain_optimizers(model: PlainRanker, train: TrainSpec
@@ -358,7 +341,7 @@ class PlainSide:
     def step(self, batch: Batch) -> torch.Tensor:
         self.sparse.zero_grad(set_to_none=True)
         self.dense.zero_grad(set_to_none=True)
-        loss = ranker_loss(self.model(batch), batch.labels, self.model.esmm)
+        loss = ranker_loss(self.model(batch), batch.labels, self.model.tasks, self.model.esmm)
         loss.backward()
         if self.grad_clip:
             params = [p for group in self.dense.param_groups for p in group["params"]]
@@ -402,7 +385,7 @@ class ShardedSide:
     @classmethod
     def build(cls, spec: Spec, device: torch.device, total_steps: int) -> ShardedSide:
         ranker = Ranker(RankerConfig(spec, device="meta"))
-        ranker.dense_arch = ranker.dense_arch.to(device) if ranker.dense_arch else None
+        ranker.over.to(device)
         wrapper = TrainWrapper(ranker)
         attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
         world_size = torch.distributed.get_world_size()

@@ -28,6 +28,43 @@ class RankerConfig:
     device: str = "meta"  # the EBC's device: meta for planning and DMP, cpu for plain use
 
 
+class OverArch(nn.Module):
+    """Everything above the pooled embeddings: dense arch, interaction arch, one head per task.
+
+    Args:
+        spec: the model section (arch, dims, tasks) and the number of dense features.
+        embedding_width: the width of the concatenated pooled embeddings.
+
+    Example:
+        >>> top = OverArch(spec, embedding_width=144)
+        >>> logits = top(pooled, batch.dense)      # {"click": (B,), ...}
+    """
+
+    def __init__(self, spec: Spec, embedding_width: int) -> None:
+        super().__init__()
+        m = spec.model
+        if m.arch not in (Arch.MLP, Arch.DCN):
+            raise ValueError(f"model.arch '{m.arch}' is not available in the ranker yet "
+                             "(mlp, dcn)")
+        n_dense = len(spec.features.dense_fields())
+        self.dense_arch = MLP(n_dense, m.dense_arch) if n_dense else None
+        width = embedding_width + (self.dense_arch.out_features if self.dense_arch else 0)
+        self.cross = CrossNet(width, m.dcn.num_layers, m.dcn.low_rank) \
+            if m.arch == Arch.DCN else None
+        self.deep = MLP(width, m.mlp.hidden, m.mlp.dropout)
+        self.heads = nn.ModuleDict({t: nn.Linear(self.deep.out_features, 1) for t in m.tasks})
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = [pooled]
+        if self.dense_arch is not None:
+            parts.append(self.dense_arch(dense))
+        x = torch.cat(parts, dim=1)
+        if self.cross is not None:
+            x = self.cross(x)
+        h = self.deep(x)
+        return {t: head(h).squeeze(-1) for t, head in self.heads.items()}
+
+
 class Ranker(nn.Module):
     """EBC -> [pooled embeddings ; dense arch(dense)] -> interaction arch -> heads.
 
@@ -39,36 +76,18 @@ class Ranker(nn.Module):
     def __init__(self, config: RankerConfig) -> None:
         super().__init__()
         spec = config.spec
-        m = spec.model
-        if m.arch not in (Arch.MLP, Arch.DCN):
-            raise ValueError(f"model.arch '{m.arch}' is not available in the ranker yet "
-                             "(mlp, dcn)")
-        self.tasks = list(m.tasks)
-        self.esmm = m.esmm
+        self.tasks = list(spec.model.tasks)
+        self.esmm = spec.model.esmm
         if self.esmm and self.tasks != ["click", "conversion"]:
             raise ValueError("model.esmm needs tasks = ['click', 'conversion']")
         self.ebc = build_ebc(spec.features, config.device)
-        emb_width = sum(c.embedding_dim for c in self.ebc.embedding_bag_configs()
-                        for _ in c.feature_names)
-        n_dense = len(spec.features.dense_fields())
-        # the dense arch lives on CPU/GPU from the start; only the EBC waits on meta for sharding
-        self.dense_arch = MLP(n_dense, m.dense_arch) if n_dense else None
-        width = emb_width + (self.dense_arch.out_features if self.dense_arch else 0)
-        self.cross = CrossNet(width, m.dcn.num_layers, m.dcn.low_rank) \
-            if m.arch == Arch.DCN else None
-        self.deep = MLP(width, m.mlp.hidden, m.mlp.dropout)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.deep.out_features, 1) for t in self.tasks})
+        width = sum(c.embedding_dim for c in self.ebc.embedding_bag_configs()
+                    for _ in c.feature_names)
+        # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
+        self.over = OverArch(spec, width)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        pooled = self.ebc(batch.sparse).values()
-        parts = [pooled]
-        if self.dense_arch is not None:
-            parts.append(self.dense_arch(batch.dense))
-        x = torch.cat(parts, dim=1)
-        if self.cross is not None:
-            x = self.cross(x)
-        h = self.deep(x)
-        return {t: head(h).squeeze(-1) for t, head in self.heads.items()}
+        return self.over(self.ebc(batch.sparse).values(), batch.dense)
 
 
 def probabilities(logits: dict[str, torch.Tensor], esmm: bool) -> dict[str, torch.Tensor]:
@@ -80,15 +99,18 @@ def probabilities(logits: dict[str, torch.Tensor], esmm: bool) -> dict[str, torc
 
 
 def ranker_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                esmm: bool) -> torch.Tensor:
-    """Sum over tasks of the mean BCE (ESMM: the conversion term is on pCTCVR)."""
-    total = logits[next(iter(logits))].new_zeros(())
-    for task, logit in logits.items():
+                tasks: list[str], esmm: bool) -> torch.Tensor:
+    """Sum over ``tasks`` of the mean BCE (ESMM: the conversion term is on pCTCVR).
+
+    ``logits`` is only indexed by the task names, never iterated: under the training pipeline's
+    fx trace the over-arch is a leaf module and its output an opaque proxy."""
+    losses = []
+    for task in tasks:
         if esmm and task == "conversion":
-            total = total + esmm_bce(logits["click"], logit, labels["conversion"])
+            losses.append(esmm_bce(logits["click"], logits[task], labels["conversion"]))
         else:
-            total = total + bce(logit, labels[task])
-    return total
+            losses.append(bce(logits[task], labels[task]))
+    return torch.stack(losses).sum()
 
 
 class TrainWrapper(nn.Module):
@@ -101,5 +123,6 @@ class TrainWrapper(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                 dict[str, torch.Tensor]]]:
         logits = self.model(batch)
-        loss = ranker_loss(logits, batch.labels, self.model.esmm)
-        return loss, (loss.detach(), {k: v.detach() for k, v in logits.items()}, batch.labels)
+        tasks = self.model.tasks
+        loss = ranker_loss(logits, batch.labels, tasks, self.model.esmm)
+        return loss, (loss.detach(), {t: logits[t].detach() for t in tasks}, batch.labels)

@@ -124,7 +124,7 @@ class Trainer:
     def _build_model(self) -> DistributedModelParallel:
         spec, ctx = self.spec, self.ctx
         ranker = Ranker(RankerConfig(spec, device="meta"))
-        ranker.dense_arch = ranker.dense_arch.to(ctx.device) if ranker.dense_arch else None
+        ranker.over.to(ctx.device)
         wrapper = TrainWrapper(ranker)
         attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
         device_type = ctx.device.type
