@@ -173,6 +173,10 @@ class SyntheticSpec(StrictModel):
     ranked_per_request: int = 10
     exposed_per_request: int = 5
     history_length: int = 8
+    # per-user and per-item latent noise around their cluster / category centers: what only the
+    # id embeddings can learn (smaller = more of the signal reachable through shared features)
+    user_noise: float = 0.3
+    item_noise: float = 0.6
     prerank_noise: float = 1.5
     ranker_noise: float = 0.4
     click_bias: float = -6.0

@@ -105,7 +105,7 @@ def build_world(cfg: SyntheticSpec) -> World:
         nodes = int(np.prod(cfg.cluster_branching[: lvl + 1]))
         centers = rng.normal(0.0, 0.75**lvl, size=(nodes, d))
         latent += centers[path[:, lvl]]
-    latent += rng.normal(0.0, 0.3, size=(n_users, d))
+    latent += rng.normal(0.0, cfg.user_noise, size=(n_users, d))
 
     top, second = path[:, 0], path[:, 1]
     age = (top * 2 + rng.integers(0, 3, size=n_users)) % NUM_AGES
@@ -116,7 +116,8 @@ def build_world(cfg: SyntheticSpec) -> World:
 
     category_center = rng.normal(0.0, 1.0, size=(n_cats, d))
     item_category = rng.integers(n_cats, size=n_items)
-    item_latent = 0.8 * category_center[item_category] + rng.normal(0.0, 0.6, size=(n_items, d))
+    item_latent = (0.8 * category_center[item_category]
+                   + rng.normal(0.0, cfg.item_noise, size=(n_items, d)))
     num_brands = max(8, n_items // 20)
     item_brand = (item_category * 7 + rng.integers(0, 5, size=n_items)) % num_brands
     price = rng.normal(0.0, 1.0, size=n_cats)[item_category] + rng.normal(0.0, 0.5, size=n_items)
