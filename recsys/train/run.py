@@ -25,7 +25,7 @@ import torch
 from recsys import __version__
 from recsys.errors import SpecError
 from recsys.evaluate import plots
-from recsys.evaluate.metrics import flatten_for_report
+from recsys.evaluate.accumulator import flatten_for_report
 from recsys.spec import Spec, dump_toml, spec_hash, validate_spec
 from recsys.tables import format_table
 from recsys.train.checkpoint import checkpoint_dir

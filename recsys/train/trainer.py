@@ -26,7 +26,7 @@ from recsys.data.batch import Batch
 from recsys.data.loader import ParquetLoader
 from recsys.data.schema import DatasetManifest
 from recsys.data.source import ensure_dataset, make_loader
-from recsys.evaluate.metrics import EvalAccumulator
+from recsys.evaluate.accumulator import EvalAccumulator
 from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper, probabilities
 from recsys.spec import Spec
 from recsys.train import checkpoint, planning
