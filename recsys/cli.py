@@ -190,6 +190,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # ---- wiring ---------------------------------------------------------------------------------------
 
+def _add_bench_options(p: argparse.ArgumentParser, name: str, all_cores_help: str) -> None:
+    """What every benchmark takes: the spec and overrides, where results go, repeats, cores."""
+    p.add_argument("--spec", dest="spec", default="specs/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="bench-results", help=f"where {name}.json / {name}.md go")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many, side by side")
+    p.add_argument("--all-cores", action="store_true", help=all_cores_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,19 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON + table)").add_subparsers(
         dest="action", required=True)
     p = bench.add_parser("data", help="Parquet -> Batch rows/s against a bare pyarrow read")
-    p.add_argument("--spec", dest="spec", default="specs/quickstart.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default="bench-results", help="where data.json / data.md go")
+    _add_bench_options(p, "data", "do not pin to one core")
     p.add_argument("--view", default="cascade")
     p.add_argument("--batch-size", type=int, help="default: the spec's train.batch_size")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--all-cores", action="store_true", help="do not pin to one core")
     p.set_defaults(fn=cmd_bench_data)
 
     p = bench.add_parser("train", help="samples/s of the sharded ranker (DMP, fused optimizer, "
                          "pipeline) against the same model in plain PyTorch")
-    p.add_argument("--spec", dest="spec", default="specs/quickstart.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_bench_options(p, "train", "torch's default threads, not 1")
     p.add_argument("--tables", type=int, help="stress spec instead of --spec: N sparse features "
                    "on random ids, one table each (e.g. 26)")
     p.add_argument("--rows", type=int, default=100_000, help="rows per stress table")
@@ -252,9 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the spec's train.batch_size (stress: 2048)")
     p.add_argument("--steps", type=int, default=50, help="timed steps per side and repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--all-cores", action="store_true", help="torch's default threads, not 1")
-    p.add_argument("--out", default="bench-results", help="where train.json / train.md go")
     p.set_defaults(fn=cmd_bench_train)
 
     p = sub.add_parser("train", help="train and evaluate a spec's model (torchrun for several "

@@ -94,28 +94,27 @@ def _floats(name: str, x: Any) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float64, copy=False)
-    bad = ~np.isfinite(a)
+    _refuse_first(name, a, ~np.isfinite(a), "is not finite")
+    return a
+
+
+def _refuse_first(name: str, a: np.ndarray, bad: np.ndarray, what: str) -> None:
+    """ValueError naming the first index where ``bad`` holds, with its value."""
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}] = {a[i]} is not finite")
-    return a
+        sep = "" if what.startswith(":") else " "
+        raise ValueError(f"{name}[{i}] = {a[i]}{sep}{what}")
 
 
 def _binary_labels(name: str, x: Any) -> np.ndarray:
     a = _floats(name, x)
-    bad = (a != 0.0) & (a != 1.0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}] = {a[i]}: labels must be 0 or 1")
+    _refuse_first(name, a, (a != 0.0) & (a != 1.0), ": labels must be 0 or 1")
     return a
 
 
 def _unit_interval(name: str, x: Any) -> np.ndarray:
     a = _floats(name, x)
-    bad = (a < 0.0) | (a > 1.0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}] = {a[i]} is outside [0, 1]")
+    _refuse_first(name, a, (a < 0.0) | (a > 1.0), "is outside [0, 1]")
     return a
 
 
