@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from recsys.data.loader import ParquetLoader
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema, DatasetManifest, Stage
+from recsys.progress import progress_bar
 from recsys.tables import format_table
 
 
@@ -39,7 +39,7 @@ def summarise_split(split: ParquetSplit, name: str, batch_size: int = 8192,
     value_total = dict.fromkeys(id_counts, 0)
     stage_counts = np.zeros(len(Stage), dtype=np.int64)
     groups: dict[str, set[int]] = {k: set() for k in schema.groups}
-    for batch in tqdm(loader.epoch(0), total=len(loader), desc=f"reading {name}", unit="batch",
+    for batch in progress_bar(loader.epoch(0), total=len(loader), desc=f"reading {name}", unit="batch",
                       disable=not progress, leave=False):
         out.rows += batch.batch_size
         out.batches += 1

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from recsys.data.parquet import DatasetWriter, claim_output
 from recsys.data.schema import (
@@ -45,6 +44,7 @@ from recsys.data.schema import (
     DatasetManifest,
     Stage,
 )
+from recsys.progress import progress_bar
 from recsys.spec import Side, SyntheticSpec
 
 # Bump when the simulation changes, so that data made by older code is not taken as current.
@@ -310,7 +310,7 @@ def generate(cfg: SyntheticSpec, out: str | Path, *, force: bool = False,
                            chash, describe_columns(cfg, world), ARROW_SCHEMA,
                            rows_per_shard=cfg.rows_per_shard, row_group_size=cfg.row_group_size)
     total = sum(-(-cfg.requests[s] // CHUNK_REQUESTS) for s in SPLITS)
-    bar = tqdm(total=total, desc="simulating requests", unit="chunk", disable=not progress)
+    bar = progress_bar(total=total, desc="simulating requests", unit="chunk", disable=not progress)
     next_request = 0
     for split_index, split in enumerate(SPLITS):
         n = cfg.requests[split]

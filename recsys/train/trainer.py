@@ -20,7 +20,6 @@ import torch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from tqdm import tqdm
 
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetLoader
@@ -28,6 +27,7 @@ from recsys.data.schema import DatasetManifest
 from recsys.data.source import ensure_dataset, make_loader
 from recsys.evaluate.accumulator import EvalAccumulator
 from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper, probabilities
+from recsys.progress import progress_bar
 from recsys.spec import Spec
 from recsys.train import checkpoint, planning
 from recsys.train.checkpoint import Position
@@ -150,7 +150,7 @@ class Trainer:
         ckpt_every = spec.train.checkpoint_every_steps
         patience = spec.train.early_stopping_patience
         best, bad_rounds = self.position.best, self.position.bad_rounds
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.progress)
         start, first_step = time.perf_counter(), self.step
         stop = self.step >= self.total_steps

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from recsys.data.parquet import DatasetWriter, claim_output
 from recsys.data.schema import SPLITS, ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
+from recsys.progress import progress_bar
 from recsys.spec import PrepareSpec, Side
 
 FORMATS = ("movielens", "criteo", "libfm")
@@ -191,7 +191,7 @@ class PositionalSplitWriter:
         for split in SPLITS:  # every split is listed, even an empty one
             self.writer.write(VIEW, split, schema.empty_table())
         self.done = 0
-        self.bar = tqdm(total=self.total, desc=f"{fmt} -> parquet", unit="line",
+        self.bar = progress_bar(total=self.total, desc=f"{fmt} -> parquet", unit="line",
                         unit_scale=True, disable=not progress)
 
     def write(self, table: pa.Table) -> None:

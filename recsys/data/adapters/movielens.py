@@ -48,12 +48,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
-from tqdm import tqdm
 
 from recsys.data.adapters import VIEW, column, first_bad_cast, source_info, split_sizes
 from recsys.data.parquet import DatasetWriter
 from recsys.data.schema import REQUEST_ID, USER_ID, ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
+from recsys.progress import progress_bar
 from recsys.spec import PrepareSpec, Side
 
 CLASSIC_FILES = ("u.data", "u.user", "u.item")
@@ -152,7 +152,7 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
                            row_group_size=options.row_group_size)
     sizes = split_sizes(table.num_rows, options.valid_fraction, options.test_fraction)
     start = 0
-    for split, size in tqdm(list(zip(("train", "valid", "test"), sizes, strict=True)),
+    for split, size in progress_bar(list(zip(("train", "valid", "test"), sizes, strict=True)),
                             desc="movielens -> parquet", unit="split", disable=not progress):
         writer.write(VIEW, split, table.slice(start, size))
         start += size
