@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RECSYS := $(VENV)/bin/recsys
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench report clean
 
 install:
 	bash tools/bootstrap.sh
@@ -27,7 +27,13 @@ lint: install
 bench: install
 	$(RECSYS) bench data --out bench-results
 	$(RECSYS) bench train --out bench-results --tables 26 --rows 100000
-	$(PY) tools/update_readme.py bench-results
+	$(RECSYS) bench moe --out bench-results
+	$(PY) tools/update_readme.py bench-results report
+
+# the quality experiments over seeds (about 30 minutes on 2 cores), then the README's results
+report: install
+	$(RECSYS) report --out report
+	$(PY) tools/update_readme.py bench-results report
 
 clean:
 	rm -rf data/quickstart bench-results .pytest_cache

@@ -7,7 +7,8 @@
     recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
     recsys evaluate RUN_DIR
     recsys plan SPEC --world-size 64 --device cuda
-    recsys bench data [--spec SPEC] [--out DIR]
+    recsys bench data|train|moe [--out DIR] [...]
+    recsys report [--only NAME ...] [--seeds N] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -144,6 +145,43 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from recsys.bench.moe import config_from_args, run_and_write
+
+    run_and_write(config_from_args(args, _load(args).model.moe), args.out)
+    return 0
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+REPORTS = ("interactions", "sparsity")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import logging
+
+    from recsys.bench import write_result
+    from recsys.experiments.interactions import (
+        InteractionsConfig,
+        run_interactions,
+        run_sparsity,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = InteractionsConfig(seeds=args.seeds or 3)
+    if args.quick:  # a smoke run of every code path (CI): tiny data, few steps, one seed
+        cfg = InteractionsConfig(seeds=args.seeds or 1, synthetic_requests=3000, max_steps=20,
+                                 l1_values=(0.0, 0.1))
+    out = Path(args.out)
+    runners = {"interactions": run_interactions, "sparsity": run_sparsity}
+    for name in args.only or REPORTS:
+        result, table = runners[name](cfg, out)
+        path = write_result(out, name, {"command": f"recsys report --only {name}", **result},
+                            table)
+        print(f"\n{table}\n\nwrote {path}")
+    return 0
+
+
 # ---- plan -----------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -257,6 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="timed steps per side and repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     p.set_defaults(fn=cmd_bench_train)
+
+    p = bench.add_parser("moe", help="AdaEnsemble inference time per example when every row "
+                         "exits at depth 1 versus deeper (early exit's saving)")
+    _add_bench_options(p, "moe", "torch's default threads, not 1")
+    p.add_argument("--fields", type=int, default=26, help="fields m (default 26)")
+    p.add_argument("--dim", type=int, default=16, help="embedding dim D (default 16)")
+    p.add_argument("--batch-size", type=int, default=2048, help="rows per forward (default 2048)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per case first")
+    p.set_defaults(fn=cmd_bench_moe, spec="specs/adaensemble.toml", repeats=10)
+
+    p = sub.add_parser("report", help="quality experiments over seeds (mean ± std tables)")
+    p.add_argument("--only", nargs="+", choices=REPORTS, help=f"default: all of {REPORTS}")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3; --quick 1)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the code paths")
+    p.add_argument("--out", default="report", help="where NAME.json / NAME.md and runs/ go")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("train", help="train and evaluate a spec's model (torchrun for several "
                        "processes); writes a run directory")

@@ -136,6 +136,11 @@ class ListwiseGroup(StrEnum):
     USER = "user"
 
 
+class CodeSource(StrEnum):
+    ONLINE = "online"  # RVQ inside the model on stop-gradient user embeddings, updated by EMA
+    DATA = "data"  # precomputed codes in the data's rvq_code column (recsys rvq encode)
+
+
 # --------------------------------------------------------------------------------------------------
 # base
 
@@ -236,6 +241,9 @@ class DataSpec(StrictModel):
     # batches per shuffle window: rows are shuffled within windows of this many batches
     shuffle_window_batches: int = 16
     shuffle: bool = True
+    # shuffle whole requests instead of rows and cut batches at request boundaries, so that a
+    # request's rows share a batch (listwise losses over requests or user codes see whole lists)
+    request_batches: bool = False
     num_workers: int = 0
     synthetic: SyntheticSpec | None = None
     prepare: PrepareSpec | None = None
@@ -462,7 +470,11 @@ class MoESpec(StrictModel):
 
     experts: list[Expert] = Field(default_factory=lambda: list(Expert))
     top_k: int = 3
+    # top-k annealing: k starts at the number of experts and falls linearly to top_k over this
+    # many training steps (0 = top_k from the first step)
+    anneal_steps: int = 0
     depths: int = 4
+    init_temperature: float = 1.0  # the routers' learnable cosine temperature T
     noise_eps: float = 0.5
     weight_by_gates: bool = False
     load_balance_weight: float = 1.0
@@ -476,6 +488,9 @@ class MoESpec(StrictModel):
             raise ValueError(f"top_k must be in [1, {len(self.experts)}] (the number of "
                              f"experts), got {self.top_k}")
         _positive("depths", self.depths)
+        _positive("init_temperature", self.init_temperature)
+        if self.anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
         for name, prior, n in (("expert_prior", self.expert_prior, len(self.experts)),
                                ("exit_prior", self.exit_prior, self.depths)):
             if len(prior) != n or min(prior) < 0 or abs(sum(prior) - 1.0) > 1e-6:
@@ -520,6 +535,14 @@ class RVQSpec(StrictModel):
     kmeans_init_batches: int = 4
     normalize: bool = True
 
+    @model_validator(mode="after")
+    def _check(self) -> RVQSpec:
+        for name in ("levels", "codes", "kmeans_init_batches"):
+            _positive(name, getattr(self, name))
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        return self
+
 
 class ListwiseSpec(StrictModel):
     weight: float = 0.0  # 0 = off
@@ -535,7 +558,25 @@ class HierarchicalSpec(StrictModel):
     include_level0: bool = False
     temperature: float = 1.0
     all_gather: bool = False
+    codes: CodeSource = CodeSource.ONLINE
+    # also feed the codes (trie-node ids of every level) to an embedding table of the ranker
+    # (codes = "data" only: online codes are known only after the embedding lookup)
+    code_embedding: bool = False
     rvq: RVQSpec = Field(default_factory=RVQSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> HierarchicalSpec:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        _positive("temperature", self.temperature)
+        if self.level_weights is not None and (
+                len(self.level_weights) != self.rvq.levels or min(self.level_weights) < 0):
+            raise ValueError(f"level_weights needs {self.rvq.levels} non-negative weights (one "
+                             f"per rvq level), got {self.level_weights}")
+        if self.code_embedding and self.codes != CodeSource.DATA:
+            raise ValueError("code_embedding needs codes = 'data' (online codes come from the "
+                             "embeddings themselves)")
+        return self
 
 
 class CascadeSpec(StrictModel):
@@ -559,17 +600,48 @@ class LossSpec(StrictModel):
 # training and distribution
 
 
+class FTRLOptions(StrictModel):
+    """The FTRL family's extra settings (used only by ``gftrl`` / ``ftrl``; lr is α)."""
+
+    beta: float = 1.0
+    l1: float = 0.0  # gftrl: λ1 per row (scaled by sqrt(dim)); ftrl: per coordinate
+    l2: float = 0.0
+    initial_accumulator: float = 0.1
+    # the reference sums the loss over the batch and its l1 values assume that; our loss is the
+    # batch mean, so the FTRL gradient is multiplied by the global batch size when this is true
+    summed_loss: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> FTRLOptions:
+        for name in ("beta", "l1", "l2", "initial_accumulator"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        return self
+
+
 class SparseOptimizerSpec(StrictModel):
     name: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD
     lr: float = 0.05
     eps: float = 1e-8
     weight_decay: float = 0.0
+    ftrl: FTRLOptions = Field(default_factory=FTRLOptions)
+
+    @model_validator(mode="after")
+    def _check(self) -> SparseOptimizerSpec:
+        _positive("lr", self.lr)
+        return self
 
 
 class DenseOptimizerSpec(StrictModel):
     name: DenseOptimizer = DenseOptimizer.ADAM
     lr: float = 1e-3
     weight_decay: float = 0.0
+    ftrl: FTRLOptions = Field(default_factory=FTRLOptions)
+
+    @model_validator(mode="after")
+    def _check(self) -> DenseOptimizerSpec:
+        _positive("lr", self.lr)
+        return self
 
 
 class TrainSpec(StrictModel):
@@ -580,6 +652,9 @@ class TrainSpec(StrictModel):
     max_steps: int | None = None
     sparse_optimizer: SparseOptimizerSpec = Field(default_factory=SparseOptimizerSpec)
     dense_optimizer: DenseOptimizerSpec = Field(default_factory=DenseOptimizerSpec)
+    # an optimizer of its own for the interaction weights W_l of PIN / xDeepInt / DynInt (xDeepInt's
+    # interaction selection: ftrl with l1); None = the dense optimizer updates them
+    interaction_optimizer: DenseOptimizerSpec | None = None
     warmup_steps: int = 0
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     grad_clip: float | None = None
@@ -649,10 +724,17 @@ class Spec(StrictModel):
                                   f"tables have different embedding dims {sorted(dims)}; "
                                   f"arch '{self.model.arch}' needs one: set interaction_dim")
             dim = dim or next(iter(dims))
-            h = self.model.pin.subspaces
-            if h <= 0 or dim % h:
+            h, heads = self.model.pin.subspaces, self.model.pin.heads
+            if dim % heads:
+                raise _KeyedError("model.pin.heads",
+                                  f"must divide the interaction embedding dim {dim}, got {heads}")
+            if (dim // heads) % h:
                 raise _KeyedError("model.pin.subspaces",
-                                  f"must divide the interaction embedding dim {dim}, got {h}")
+                                  f"must divide the interaction embedding dim per head "
+                                  f"{dim // heads}, got {h}")
+            if self.model.arch == Arch.DYNINT and (heads != 1 or not self.model.pin.residual):
+                raise _KeyedError("model.pin", "dynint runs the residual single-head PIN "
+                                  "recursion: set residual = true and heads = 1")
         unknown = [t for t in self.model.tasks if t not in self.data.labels]
         if unknown:
             raise _KeyedError("model.tasks",

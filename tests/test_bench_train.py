@@ -26,6 +26,7 @@ from recsys.bench.train import (
 )
 from recsys.cli import main
 from recsys.data.batch import Batch
+from recsys.models.over_arch import AUX_LOSS
 from recsys.spec import Spec, validate_spec
 from recsys.train.distributed import init_distributed, seed_everything, shutdown
 
@@ -95,7 +96,8 @@ def test_one_sgd_step_is_the_same_on_both_sides(arch: str) -> None:
         shutdown()
     plain_loss = float(plain.step(batch))
     assert sharded_loss == pytest.approx(plain_loss, abs=1e-5)
-    assert set(logits_before) == {"click", "conversion"}
+    assert set(logits_before) == {"click", "conversion", AUX_LOSS}
+    assert float(logits_before[AUX_LOSS]) == 0.0  # only AdaEnsemble has router losses
     plain_after = plain.model.state_dict()
     assert set(after) == set(plain_after)
     moved = 0

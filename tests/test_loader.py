@@ -419,3 +419,41 @@ def test_weights_and_hashed_lists_follow_their_rows(tmp_path):
         assert per_key["tags"].weights().tolist() == [w for r in keys for w in weights_of(r)]
         seen += keys
     assert sorted(seen) == list(range(26))
+
+
+def test_request_batches_keep_each_request_whole(tiny_spec, tiny_dataset) -> None:
+    """Shuffling whole requests: every request lies in one batch except those cut by a window's
+    or a row group's edges, the batch count is unchanged, every row is read once, and the order
+    still follows the seed."""
+    from recsys.data.source import open_split
+
+    split = open_split(tiny_spec, tiny_dataset, "train")
+    plain = ParquetLoader(split, batch_size=50, seed=3, window_batches=4)
+    grouped = ParquetLoader(split, batch_size=50, seed=3, window_batches=4,
+                            group_column="request_id")
+    batches = list(grouped.epoch(0))
+    assert len(batches) == len(plain) == grouped.steps_per_epoch()
+    requests = [b.groups["request"].numpy() for b in batches]
+    all_rows = np.concatenate(requests)
+    assert len(all_rows) == plain.rows_per_epoch()
+    assert {len(r) for r in requests} != {50}  # cut at request boundaries, sizes vary
+    assert max(abs(len(r) - 50) for r in requests) <= 3  # tiny requests: 3 exposed rows
+    # a request is cut only where the row stream cuts it: at a window's edges or where a row
+    # group ends inside it (row groups hold a fixed number of rows)
+    owners: dict[int, set[int]] = {}
+    for i, r in enumerate(requests):
+        for rid in set(r.tolist()):
+            owners.setdefault(rid, set()).add(i)
+    cut = sum(len(b) > 1 for b in owners.values())
+    assert cut <= 2 * grouped.num_windows() + len(split.row_groups)
+    assert cut < 0.1 * len(owners)
+    again = [b.groups["request"].numpy() for b in grouped.epoch(0)]
+    assert all(np.array_equal(a, b) for a, b in zip(requests, again, strict=True))
+
+
+def test_group_column_must_be_a_group(tiny_spec, tiny_dataset) -> None:
+    from recsys.data.source import open_split
+
+    with pytest.raises(ValueError, match="group_column 'click'"):
+        ParquetLoader(open_split(tiny_spec, tiny_dataset, "train"), batch_size=8,
+                      group_column="click")

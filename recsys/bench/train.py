@@ -52,13 +52,13 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
-from recsys.models.ranker import OverArch, Ranker, RankerConfig, TrainWrapper, ranker_loss
+from recsys.models.over_arch import AUX_LOSS, build_over_arch
+from recsys.models.ranker import ranker_loss
 from recsys.models.tables import embedding_bag_configs
 from recsys.spec import (
     DenseOptimizer,
@@ -70,8 +70,8 @@ from recsys.spec import (
     validate_spec,
 )
 from recsys.tables import format_table
-from recsys.train import planning
-from recsys.train.optim import TrainOptimizer, attach_sparse_optimizer, dense_optimizer
+from recsys.train.optim import TrainOptimizer
+from recsys.train.sharded import build_sharded_model
 
 GOAL_RATIO = 5.0  # sharded / plain samples/s on a Criteo-like width (DESIGN.md measured ~12x)
 SIDES = ("sharded", "plain")
@@ -241,7 +241,7 @@ def load_batches(path: str | Path) -> list[Batch]:
 
 class PlainRanker(nn.Module):
     """The ranker of :mod:`recsys.models.ranker` in plain PyTorch: one ``nn.EmbeddingBag`` per
-    table (dense gradients), then the ranker's own :class:`OverArch` (dense arch, interaction
+    table (dense gradients), then the ranker's own over-arch (dense arch, interaction
     arch, heads).
 
     The over-arch sits in ``over`` as in the ranker, and the tables live in ``embedding_bags`` as
@@ -270,8 +270,8 @@ class PlainRanker(nn.Module):
             nn.init.uniform_(bag.weight, -bound, bound)
             self.embedding_bags[c.name] = bag
         self._lookups = [(c.name, f) for c in configs for f in c.feature_names]
-        width = sum(c.embedding_dim for c in configs for _ in c.feature_names)
-        self.over = OverArch(spec, width)  # the very module the sharded ranker uses
+        field_dims = [c.embedding_dim for c in configs for _ in c.feature_names]
+        self.over = build_over_arch(spec, field_dims)  # the very module the sharded ranker uses
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         kjt = batch.sparse
@@ -341,7 +341,8 @@ class PlainSide:
     def step(self, batch: Batch) -> torch.Tensor:
         self.sparse.zero_grad(set_to_none=True)
         self.dense.zero_grad(set_to_none=True)
-        loss = ranker_loss(self.model(batch), batch.labels, self.model.tasks, self.model.esmm)
+        logits = self.model(batch)
+        loss = ranker_loss(logits, batch.labels, self.model.tasks, self.model.esmm) + logits[AUX_LOSS]
         loss.backward()
         if self.grad_clip:
             params = [p for group in self.dense.param_groups for p in group["params"]]
@@ -384,19 +385,9 @@ class ShardedSide:
 
     @classmethod
     def build(cls, spec: Spec, device: torch.device, total_steps: int) -> ShardedSide:
-        ranker = Ranker(RankerConfig(spec, device="meta"))
-        ranker.over.to(device)
-        wrapper = TrainWrapper(ranker)
-        attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
-        world_size = torch.distributed.get_world_size()
-        planning.validate_constraints(spec, device.type)
-        planner = planning.make_planner(spec, planning.make_topology(world_size, device.type))
-        sharders = [EmbeddingBagCollectionSharder()]
-        plan = planning.collective_plan_or_fail(planner, wrapper, sharders)  # type: ignore[arg-type]
-        dmp = DistributedModelParallel(module=wrapper, device=device, plan=plan,
-                                       sharders=sharders)  # type: ignore[arg-type]
-        optimizer = TrainOptimizer(dmp.fused_optimizer, dense_optimizer(dmp, spec.train),
-                                   spec.train, total_steps)
+        built = build_sharded_model(spec, device, torch.distributed.get_world_size(),
+                                    total_steps)
+        dmp, optimizer, plan = built.dmp, built.optimizer, built.plan
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
         kinds = Counter(str(p.sharding_type) for m in plan.plan.values()
                         for p in m.values())  # type: ignore[attr-defined]

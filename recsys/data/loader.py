@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -47,6 +48,12 @@ class ParquetLoader:
         drop_last: drop the rows past the last full batch that every rank can make (training);
             False yields every row of this rank, the last batch shorter (evaluation).
         num_workers: worker processes that read and build windows (0 = in this process).
+        group_column: with shuffling, permute whole groups of rows (runs of equal values in this
+            column, e.g. ``request_id``) instead of rows, and cut each batch at a group boundary
+            near its nominal end, so a group's rows share a batch; batch sizes then vary around
+            ``batch_size`` and the number of batches is unchanged. Groups that the row stream
+            itself cuts (at a window's edges, or where a row group ends inside one) are the
+            exception.
 
     Example:
         >>> loader = ParquetLoader(split, batch_size=2048, rank=0, world_size=2, seed=7)
@@ -55,7 +62,8 @@ class ParquetLoader:
 
     def __init__(self, split: ParquetSplit, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 window_batches: int = 16, drop_last: bool = True, num_workers: int = 0) -> None:
+                 window_batches: int = 16, drop_last: bool = True, num_workers: int = 0,
+                 group_column: str | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size <= 0 or window_batches <= 0:
@@ -68,6 +76,10 @@ class ParquetLoader:
         self.window_batches = window_batches
         self.drop_last = drop_last
         self.num_workers = num_workers
+        self.group_column = group_column
+        if group_column is not None and group_column not in split.schema.groups.values():
+            raise ValueError(f"group_column '{group_column}' is not a group column of the split "
+                             f"(known: {sorted(split.schema.groups.values())})")
         self._cached_ref: RowGroupRef | None = None
         self._cached_cols: Columns | None = None
 
@@ -137,14 +149,21 @@ class ParquetLoader:
         cols = self._rows(order, lo + a, lo + b)
         if self.shuffle:
             # one gather per column for the whole window; every batch is then a set of slices
-            perm = np.random.default_rng([self.seed, epoch, self.rank, window]) \
-                .permutation(cols.n)
+            rng = np.random.default_rng([self.seed, epoch, self.rank, window])
+            if self.group_column is None:
+                perm = rng.permutation(cols.n)
+            else:
+                starts, lengths = _runs(cols.values[self.group_column])
+                order = rng.permutation(len(starts))
+                perm = _ranges(starts[order], lengths[order])
             cols = cols.take(perm)
         return cols
 
     def batches_of(self, cols: Columns) -> list[Batch]:
-        return [self.builder.assemble(cols.slice(i, min(i + self.batch_size, cols.n)))
-                for i in range(0, cols.n, self.batch_size)]
+        cuts = list(range(0, cols.n, self.batch_size)) + [cols.n]
+        if self.group_column is not None and self.shuffle:
+            cuts = _group_cuts(cols.values[self.group_column], len(cuts) - 1)
+        return [self.builder.assemble(cols.slice(a, b)) for a, b in pairwise(cuts)]
 
     def _window_rows(self, window: int) -> tuple[int, int, int]:
         """(this rank's first stream row, the window's first and end row within the rank)."""
@@ -190,6 +209,35 @@ class ParquetLoader:
             windows = (self.batches_of(cols) for cols in loader)
         for w, batches in enumerate(windows):
             yield from (batches[skip:] if w == 0 else batches)
+
+
+def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of each run of equal consecutive values."""
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
+    return starts, np.diff(np.r_[starts, len(ids)])
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of ``range(s, s + n)`` for each (s, n), vectorised."""
+    total = int(lengths.sum())
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total) - offsets)
+
+
+def _group_cuts(ids: np.ndarray, num_batches: int) -> list[int]:
+    """``num_batches + 1`` cut points at run boundaries, each as near as it can be to its even
+    share of the rows, strictly increasing (every batch keeps at least one row)."""
+    n = len(ids)
+    bounds, _ = _runs(ids)
+    bounds = np.r_[bounds, n]
+    cuts = [0]
+    for k in range(1, num_batches):
+        target = round(k * n / num_batches)
+        i = int(np.clip(np.searchsorted(bounds, target), 1, len(bounds) - 1))
+        best = min((bounds[i - 1], bounds[i]), key=lambda b: abs(int(b) - target))
+        # keep room for the batches still to come and move past the previous cut
+        cuts.append(int(min(max(best, cuts[-1] + 1), n - (num_batches - k))))
+    return [*cuts, n]
 
 
 class _WindowDataset(IterableDataset):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from recsys.data.loader import ParquetLoader
 from recsys.data.parquet import ParquetSplit
-from recsys.data.schema import BatchSchema, DatasetManifest, check_spec_against_manifest
+from recsys.data.schema import (
+    REQUEST_ID,
+    BatchSchema,
+    DatasetManifest,
+    check_spec_against_manifest,
+)
 from recsys.spec import DataSource, Spec
 
 
@@ -59,4 +64,6 @@ def make_loader(spec: Spec, manifest: DatasetManifest, split: str, *, rank: int 
                          world_size=world_size, seed=spec.train.seed,
                          shuffle=training and spec.data.shuffle,
                          window_batches=spec.data.shuffle_window_batches, drop_last=training,
-                         num_workers=spec.data.num_workers)
+                         num_workers=spec.data.num_workers,
+                         group_column=REQUEST_ID if training and spec.data.request_batches
+                         else None)

@@ -14,10 +14,9 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.losses.pointwise import bce, esmm_bce
+from recsys.models.over_arch import AUX_LOSS, build_over_arch
 from recsys.models.tables import build_ebc
-from recsys.modules.cross import CrossNet
-from recsys.modules.mlp import MLP
-from recsys.spec import Arch, Spec
+from recsys.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -28,49 +27,15 @@ class RankerConfig:
     device: str = "meta"  # the EBC's device: meta for planning and DMP, cpu for plain use
 
 
-class OverArch(nn.Module):
-    """Everything above the pooled embeddings: dense arch, interaction arch, one head per task.
-
-    Args:
-        spec: the model section (arch, dims, tasks) and the number of dense features.
-        embedding_width: the width of the concatenated pooled embeddings.
-
-    Example:
-        >>> top = OverArch(spec, embedding_width=144)
-        >>> logits = top(pooled, batch.dense)      # {"click": (B,), ...}
-    """
-
-    def __init__(self, spec: Spec, embedding_width: int) -> None:
-        super().__init__()
-        m = spec.model
-        if m.arch not in (Arch.MLP, Arch.DCN):
-            raise ValueError(f"model.arch '{m.arch}' is not available in the ranker yet "
-                             "(mlp, dcn)")
-        n_dense = len(spec.features.dense_fields())
-        self.dense_arch = MLP(n_dense, m.dense_arch) if n_dense else None
-        width = embedding_width + (self.dense_arch.out_features if self.dense_arch else 0)
-        self.cross = CrossNet(width, m.dcn.num_layers, m.dcn.low_rank) \
-            if m.arch == Arch.DCN else None
-        self.deep = MLP(width, m.mlp.hidden, m.mlp.dropout)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.deep.out_features, 1) for t in m.tasks})
-
-    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = [pooled]
-        if self.dense_arch is not None:
-            parts.append(self.dense_arch(dense))
-        x = torch.cat(parts, dim=1)
-        if self.cross is not None:
-            x = self.cross(x)
-        h = self.deep(x)
-        return {t: head(h).squeeze(-1) for t, head in self.heads.items()}
-
-
 class Ranker(nn.Module):
-    """EBC -> [pooled embeddings ; dense arch(dense)] -> interaction arch -> heads.
+    """EBC -> over-arch (dense arch, interaction arch, heads; see recsys.models.over_arch).
+
+    ``forward`` returns one logit per task and, under :data:`AUX_LOSS`, the over-arch's auxiliary
+    loss (a scalar; zero except for AdaEnsemble).
 
     Example:
         >>> model = Ranker(RankerConfig(spec, device="cpu"))
-        >>> logits = model(batch)               # {"click": (B,), ...}
+        >>> logits = model(batch)               # {"click": (B,), ..., AUX_LOSS: ()}
     """
 
     def __init__(self, config: RankerConfig) -> None:
@@ -81,10 +46,10 @@ class Ranker(nn.Module):
         if self.esmm and self.tasks != ["click", "conversion"]:
             raise ValueError("model.esmm needs tasks = ['click', 'conversion']")
         self.ebc = build_ebc(spec.features, config.device)
-        width = sum(c.embedding_dim for c in self.ebc.embedding_bag_configs()
-                    for _ in c.feature_names)
+        field_dims = [c.embedding_dim for c in self.ebc.embedding_bag_configs()
+                      for _ in c.feature_names]
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
-        self.over = OverArch(spec, width)
+        self.over = build_over_arch(spec, field_dims)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.over(self.ebc(batch.sparse).values(), batch.dense)
@@ -92,7 +57,7 @@ class Ranker(nn.Module):
 
 def probabilities(logits: dict[str, torch.Tensor], esmm: bool) -> dict[str, torch.Tensor]:
     """Per task probabilities; with ESMM, conversion is pCTR * pCVR."""
-    probs = {t: torch.sigmoid(v) for t, v in logits.items()}
+    probs = {t: torch.sigmoid(v) for t, v in logits.items() if t != AUX_LOSS}
     if esmm:
         probs["conversion"] = probs["click"] * probs["conversion"]
     return probs
@@ -124,5 +89,5 @@ class TrainWrapper(nn.Module):
                                                                 dict[str, torch.Tensor]]]:
         logits = self.model(batch)
         tasks = self.model.tasks
-        loss = ranker_loss(logits, batch.labels, tasks, self.model.esmm)
+        loss = ranker_loss(logits, batch.labels, tasks, self.model.esmm) + logits[AUX_LOSS]
         return loss, (loss.detach(), {t: logits[t].detach() for t in tasks}, batch.labels)

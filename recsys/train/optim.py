@@ -4,17 +4,30 @@ learning-rate schedule and gradient clipping."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recsys.spec import DenseOptimizer, LRSchedule, SparseOptimizer, TrainSpec
+from recsys.optim.ftrl import FTRL, GroupFTRL
+from recsys.spec import (
+    DenseOptimizer,
+    DenseOptimizerSpec,
+    FTRLOptions,
+    LRSchedule,
+    SparseOptimizer,
+    TrainSpec,
+)
+from recsys.train.planning import UNFUSED_SPARSE_OPTIMIZERS
+
+# the parameters of the EmbeddingBagCollection's tables, as DistributedModelParallel names them
+EMBEDDING_KEY = ".ebc.embedding_bags."
 
 _SPARSE: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
     SparseOptimizer.SGD: torch.optim.SGD,
@@ -26,8 +39,12 @@ _SPARSE: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
 
 def attach_sparse_optimizer(embedding_params: Iterable[nn.Parameter], train: TrainSpec) -> None:
     """Mark the embedding tables for an optimizer applied in backward; the sharder turns it into
-    FBGEMM's fused kernel (no embedding gradient is ever materialised)."""
+    FBGEMM's fused kernel (no embedding gradient is ever materialised). Optimizers without a fused
+    kernel (gftrl) leave the tables unmarked: they are data-parallel and :func:`build_optimizer`
+    gives them a keyed optimizer."""
     opt = train.sparse_optimizer
+    if opt.name in UNFUSED_SPARSE_OPTIMIZERS:
+        return
     if opt.name not in _SPARSE:
         raise ValueError(f"train.sparse_optimizer.name = '{opt.name}' has no fused kernel; "
                          f"choose one of {[o.value for o in _SPARSE]}")
@@ -39,35 +56,88 @@ def attach_sparse_optimizer(embedding_params: Iterable[nn.Parameter], train: Tra
     apply_optimizer_in_backward(_SPARSE[opt.name], embedding_params, kwargs)
 
 
-def dense_optimizer(model: nn.Module, train: TrainSpec) -> KeyedOptimizer:
-    opt = train.dense_optimizer
-    params = dict(in_backward_optimizer_filter(model.named_parameters()))
-    factories = {
-        DenseOptimizer.SGD: lambda p: torch.optim.SGD(p, lr=opt.lr, weight_decay=opt.weight_decay),
-        DenseOptimizer.ADAGRAD: lambda p: torch.optim.Adagrad(p, lr=opt.lr,
-                                                               weight_decay=opt.weight_decay),
-        DenseOptimizer.ADAM: lambda p: torch.optim.Adam(p, lr=opt.lr,
-                                                         weight_decay=opt.weight_decay),
-        DenseOptimizer.ADAMW: lambda p: torch.optim.AdamW(p, lr=opt.lr,
-                                                           weight_decay=opt.weight_decay),
+def _ftrl_kwargs(lr: float, options: FTRLOptions, global_batch: int) -> dict[str, Any]:
+    return {"lr": lr, "beta": options.beta, "l1": options.l1, "l2": options.l2,
+            "initial_accumulator": options.initial_accumulator,
+            "grad_scale": float(global_batch) if options.summed_loss else 1.0}
+
+
+def _dense_factory(opt: DenseOptimizerSpec, key: str, global_batch: int
+                   ) -> Callable[[list[Any]], torch.optim.Optimizer]:
+    wd = opt.weight_decay
+    factories: dict[DenseOptimizer, Callable[[list[Any]], torch.optim.Optimizer]] = {
+        DenseOptimizer.SGD: lambda p: torch.optim.SGD(p, lr=opt.lr, weight_decay=wd),
+        DenseOptimizer.ADAGRAD: lambda p: torch.optim.Adagrad(p, lr=opt.lr, weight_decay=wd),
+        DenseOptimizer.ADAM: lambda p: torch.optim.Adam(p, lr=opt.lr, weight_decay=wd),
+        DenseOptimizer.ADAMW: lambda p: torch.optim.AdamW(p, lr=opt.lr, weight_decay=wd),
+        DenseOptimizer.FTRL: lambda p: FTRL(p, **_ftrl_kwargs(opt.lr, opt.ftrl, global_batch)),
     }
     if opt.name not in factories:
-        raise ValueError(f"train.dense_optimizer.name = '{opt.name}' is not available yet")
-    return KeyedOptimizerWrapper(params, factories[opt.name])
+        raise ValueError(f"{key}.name = '{opt.name}' is not available")
+    return factories[opt.name]
+
+
+def dense_optimizer(model: nn.Module, train: TrainSpec, global_batch: int = 1) -> KeyedOptimizer:
+    """The dense optimizer over every parameter that no other optimizer owns."""
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    return KeyedOptimizerWrapper(
+        params, _dense_factory(train.dense_optimizer, "train.dense_optimizer", global_batch))
+
+
+def build_optimizer(dmp: DistributedModelParallel, train: TrainSpec, total_steps: int,
+                    interaction_weights: Sequence[nn.Parameter] = (),
+                    global_batch: int = 1) -> TrainOptimizer:
+    """All optimizers of a DistributedModelParallel model as one :class:`TrainOptimizer`.
+
+    - ``sparse``: FBGEMM's fused optimizer of the sharded tables (if any);
+    - ``embedding``: group-lasso FTRL over the data-parallel tables when the sparse optimizer is
+      ``gftrl`` (the tables' parameters are TorchRec's per-table slices of the batched weights);
+    - ``interaction``: ``train.interaction_optimizer`` over ``interaction_weights`` (if set);
+    - ``dense``: ``train.dense_optimizer`` over everything else (the learning-rate schedule and
+      gradient clipping apply to this one).
+    """
+    owned: set[int] = set()
+    parts: list[tuple[str, KeyedOptimizer]] = []
+    if list(dmp.fused_optimizer.params):
+        parts.append(("sparse", dmp.fused_optimizer))
+    named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    if train.sparse_optimizer.name == SparseOptimizer.GFTRL:
+        tables = {k: p for k, p in named.items() if EMBEDDING_KEY in k}
+        opt = train.sparse_optimizer
+        kwargs = _ftrl_kwargs(opt.lr, opt.ftrl, global_batch)
+        parts.append(("embedding", KeyedOptimizerWrapper(
+            tables, lambda p: GroupFTRL(p, **kwargs))))
+        owned |= {id(p) for p in tables.values()}
+    if train.interaction_optimizer is not None and interaction_weights:
+        ids = {id(p) for p in interaction_weights}
+        chosen = {k: p for k, p in named.items() if id(p) in ids}
+        if len(chosen) != len(ids):
+            raise RuntimeError(f"found {len(chosen)} of the {len(ids)} interaction weights "
+                               "among the model's parameters")
+        parts.append(("interaction", KeyedOptimizerWrapper(chosen, _dense_factory(
+            train.interaction_optimizer, "train.interaction_optimizer", global_batch))))
+        owned |= ids
+    rest = {k: p for k, p in named.items() if id(p) not in owned}
+    dense = KeyedOptimizerWrapper(
+        rest, _dense_factory(train.dense_optimizer, "train.dense_optimizer", global_batch))
+    parts.append(("dense", dense))
+    return TrainOptimizer(parts, train, total_steps)
 
 
 class TrainOptimizer(CombinedOptimizer):
-    """The fused sparse optimizer and the dense one as one, with the dense learning-rate schedule
-    and gradient-norm clipping applied inside ``step`` (TrainPipelineSparseDist calls backward
+    """The model's optimizers as one (see :func:`build_optimizer`), with the dense learning-rate
+    schedule and gradient-norm clipping applied inside ``step`` (TrainPipelineSparseDist calls backward
     and step itself, so there is no other place to put them).
 
     Example:
-        >>> opt = TrainOptimizer(dmp.fused_optimizer, dense, spec.train, total_steps=1000)
+        >>> opt = TrainOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)], spec.train,
+        ...                      total_steps=1000)
     """
 
-    def __init__(self, fused: KeyedOptimizer, dense: KeyedOptimizer, train: TrainSpec,
+    def __init__(self, parts: list[tuple[str, KeyedOptimizer]], train: TrainSpec,
                  total_steps: int) -> None:
-        super().__init__([("sparse", fused), ("dense", dense)])
+        super().__init__(parts)
+        dense = dict(parts)["dense"]
         self._dense = dense
         self._base_lr = train.dense_optimizer.lr
         self._train = train

@@ -106,6 +106,12 @@ OPTIMIZER_STATE: dict[SparseOptimizer, tuple[int, int]] = {
 # constraints
 
 
+# sparse optimizers without an FBGEMM kernel: their tables are data-parallel (replicated, dense
+# gradients all-reduced) and a keyed optimizer updates the touched rows (recsys.optim.ftrl).
+# The trade-off: every rank holds every such table, so they suit tables up to millions of rows.
+UNFUSED_SPARSE_OPTIMIZERS = frozenset({SparseOptimizer.GFTRL})
+
+
 def _check_device(device_type: str) -> None:
     if device_type not in DEVICE_TYPES:
         raise ValueError(f"device_type must be one of {', '.join(DEVICE_TYPES)}, "
@@ -134,6 +140,7 @@ def validate_constraints(spec: Spec, device_type: str) -> None:
     """
     _check_device(device_type)
     allowed = SHARDING_TYPES[device_type]
+    unfused = spec.train.sparse_optimizer.name in UNFUSED_SPARSE_OPTIMIZERS
     problems: list[str] = []
     seen: set[str] = set()
     for s in spec.distributed.sharding:
@@ -145,6 +152,11 @@ def validate_constraints(spec: Spec, device_type: str) -> None:
         if not s.types:
             problems.append(f"{key}: table '{s.table}' lists no sharding type; give at least "
                             f"one of: {_names(allowed)}")
+        if unfused and any(t != ShardingType.DATA_PARALLEL for t in s.types):
+            problems.append(f"{key}: table '{s.table}' asks for {_names(s.types)}, but "
+                            f"train.sparse_optimizer.name = '{spec.train.sparse_optimizer.name}' "
+                            "has no fused kernel and runs on data_parallel tables only; use "
+                            "types = ['data_parallel'] or a fused optimizer")
         bad = [t for t in s.types if t not in allowed]
         if bad:
             why = f" ({_WHY_NOT[device_type]})" if _WHY_NOT[device_type] else ""
@@ -188,7 +200,8 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
     A table listed in ``distributed.sharding`` gets its types; every other table gets every
     sharded type the device can run (so on cpu the planner never picks a row-wise type), but not
     data_parallel: a data-parallel table becomes a dense parameter that the dense optimizer
-    updates, not the spec's sparse optimizer, so it is used only where the spec asks for it. Kernels follow the
+    updates, not the spec's sparse optimizer, so it is used only where the spec asks for it. With a
+    sparse optimizer that has no fused kernel (gftrl) every table is data_parallel. Kernels follow the
     types: ``dense`` for data_parallel, the device's fused kernels for the rest. With
     ``world_size``, a table that asks for a column-wise type is split into real column shards
     (:func:`column_shard_dim`). Each feature of a table counts as one lookup per sample: the
@@ -205,9 +218,11 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
     validate_constraints(spec, device_type)
     listed = {s.table: tuple(s.types) for s in spec.distributed.sharding}
     out: dict[str, ParameterConstraints] = {}
+    default = tuple(t for t in SHARDING_TYPES[device_type] if t != ShardingType.DATA_PARALLEL)
+    if spec.train.sparse_optimizer.name in UNFUSED_SPARSE_OPTIMIZERS:
+        default = (ShardingType.DATA_PARALLEL,)
     for cfg in embedding_bag_configs(spec.features):
-        types = listed.get(cfg.name, tuple(t for t in SHARDING_TYPES[device_type]
-                                           if t != ShardingType.DATA_PARALLEL))
+        types = listed.get(cfg.name, default)
         explicit_columns = cfg.name in listed and any(t in _COLUMN_TYPES for t in types)
         out[cfg.name] = ParameterConstraints(
             sharding_types=[t.value for t in types],

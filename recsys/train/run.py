@@ -2,7 +2,7 @@
 
 A run directory holds: ``spec.toml`` (the resolved spec) and ``run.json`` (its hash, the world,
 versions, steps and timings), ``train.log``, ``history.json``, ``metrics.json``
-(``{"valid": {...}, "test": {...}, "oracle": {...}, "tasks": {...}}``), ``training_curve.png``
+(``{"valid": {...}, "test": {...}, "oracle": {...}, "tasks": {...}, "sparsity": {...}}``), ``training_curve.png``
 and ``calibration.png``.
 """
 
@@ -30,6 +30,7 @@ from recsys.spec import Spec, dump_toml, spec_hash, validate_spec
 from recsys.tables import format_table
 from recsys.train.checkpoint import checkpoint_dir
 from recsys.train.distributed import barrier, init_distributed, shutdown
+from recsys.train.sharded import sparsity
 from recsys.train.trainer import History, Trainer
 
 log = logging.getLogger("recsys")
@@ -121,11 +122,22 @@ def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str
     results = {split: trainer.evaluate(split, keep_arrays=ctx.is_main)
                for split in ("valid", "test")}
     metrics = _metrics_json(spec, results)
+    metrics["sparsity"] = sparsity(trainer.built)  # a collective: every rank
     if ctx.is_main:
         _write_run(out, spec, trainer, metrics, results, started)
         print(summary_table(metrics), file=sys.stderr)
+        _log_sparsity(metrics["sparsity"])
         log.info("wrote %s", out)
     return metrics
+
+
+def _log_sparsity(s: dict[str, Any]) -> None:
+    if s["embedding_rows_zero"] is not None:
+        log.info("embedding rows exactly zero: %.4f of all rows%s", s["embedding_rows_zero"],
+                 f" (column-split tables not counted: {', '.join(s['not_counted'])})"
+                 if s["not_counted"] else "")
+    if s["interaction_weights_zero"] is not None:
+        log.info("interaction weights exactly zero: %.4f", s["interaction_weights_zero"])
 
 
 def _run_spec(run_dir: Path) -> Spec:

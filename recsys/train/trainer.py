@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from recsys.data.batch import Batch
@@ -26,13 +25,13 @@ from recsys.data.loader import ParquetLoader
 from recsys.data.schema import DatasetManifest
 from recsys.data.source import ensure_dataset, make_loader
 from recsys.evaluate.accumulator import EvalAccumulator
-from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper, probabilities
+from recsys.models.ranker import probabilities
 from recsys.progress import progress_bar
 from recsys.spec import Spec
-from recsys.train import checkpoint, planning
+from recsys.train import checkpoint
 from recsys.train.checkpoint import Position
 from recsys.train.distributed import DistContext, all_max, barrier, seed_everything
-from recsys.train.optim import TrainOptimizer, attach_sparse_optimizer, dense_optimizer
+from recsys.train.sharded import build_sharded_model
 
 log = logging.getLogger("recsys.train")
 
@@ -122,25 +121,11 @@ class Trainer:
         return manifest
 
     def _build_model(self) -> DistributedModelParallel:
-        spec, ctx = self.spec, self.ctx
-        ranker = Ranker(RankerConfig(spec, device="meta"))
-        ranker.over.to(ctx.device)
-        wrapper = TrainWrapper(ranker)
-        attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
-        device_type = ctx.device.type
-        # a pure function of the spec on every rank: every rank fails here together, instead of
-        # rank 0 failing inside collective_plan while the others wait for its broadcast
-        planning.validate_constraints(spec, device_type)
-        topology = planning.make_topology(ctx.world_size, device_type)
-        planner = planning.make_planner(spec, topology)
-        sharders = [EmbeddingBagCollectionSharder()]
-        plan = planning.collective_plan_or_fail(planner, wrapper, sharders)
-        self.plan = plan
-        dmp = DistributedModelParallel(module=wrapper, device=ctx.device, plan=plan,
-                                       sharders=sharders)
-        self.optimizer = TrainOptimizer(dmp.fused_optimizer, dense_optimizer(dmp, spec.train),
-                                        spec.train, self.total_steps)
-        return dmp
+        built = build_sharded_model(self.spec, self.ctx.device, self.ctx.world_size,
+                                    self.total_steps)
+        self.built = built
+        self.plan, self.optimizer = built.plan, built.optimizer
+        return built.dmp
 
     # ---- training -----------------------------------------------------------------------------
 

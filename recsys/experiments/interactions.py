@@ -1,0 +1,159 @@
+"""Interaction archs side by side (`recsys report --only interactions`), and xDeepInt's λ1 sweep
+(`--only sparsity`).
+
+Datasets: the quickstart world (synthetic, with the oracle AUC of the true click probabilities as
+the ceiling) at a smaller number of requests, and ml-latest-small (when ``../shared/data`` holds
+it). Models: MLP, DCN-v2, PIN (in the ranker, with the MLP tower), xDeepInt (with GFTRL and FTRL
+selection), DynInt (A1 + B1) and AdaEnsemble; each takes its model section and optimizers from its
+spec file, so the table measures what ``specs/*.toml`` train.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recsys.experiments.runner import (
+    ROOT,
+    Variant,
+    deep_merge,
+    markdown,
+    mean_std,
+    read_spec_file,
+    run_variants,
+    summary_rows,
+)
+from recsys.tables import format_table
+
+log = logging.getLogger("recsys.experiments")
+
+MODELS = ("mlp", "dcn", "pin", "xdeepint", "dynint", "adaensemble")
+KEYS = ("auc", "logloss", "calibration", "ece")
+LABELS = ("AUC", "log-loss", "calibration", "ECE")
+_OPTIMIZERS = ("sparse_optimizer", "dense_optimizer", "interaction_optimizer")
+
+
+@dataclass
+class InteractionsConfig:
+    """Sizes of the experiment (the defaults take about 25 minutes on 2 cores)."""
+
+    seeds: int = 3
+    models: tuple[str, ...] = MODELS
+    datasets: tuple[str, ...] = ("synthetic", "movielens")
+    synthetic_requests: int = 100_000  # training requests of the quickstart world (5 rows each)
+    synthetic_epochs: int = 1
+    movielens_epochs: int = 2
+    max_steps: int | None = None  # cap per run (the --quick mode)
+    l1_values: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1)
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into every run (tests)
+
+
+def model_patch(model: str) -> dict[str, Any]:
+    """The partial spec that makes ``model``: the method's spec file's model section (and, for
+    xDeepInt, its GFTRL / FTRL optimizers), or a plain arch."""
+    files = {"xdeepint": "specs/xdeepint.toml", "dynint": "specs/dynint.toml",
+             "adaensemble": "specs/adaensemble.toml"}
+    if model in files:
+        full = read_spec_file(files[model])
+        patch: dict[str, Any] = {"model": {k: v for k, v in full["model"].items()
+                                           if k != "tasks"}}
+        if model == "xdeepint":  # its optimizers are part of the method (feature selection)
+            patch["train"] = {k: v for k, v in full["train"].items() if k in _OPTIMIZERS}
+        return patch
+    if model == "pin":
+        return {"model": {"arch": "pin", "pin": {"num_layers": 3, "subspaces": 4}}}
+    if model in ("mlp", "dcn"):
+        return {"model": {"arch": model}}
+    raise ValueError(f"unknown model '{model}'; expected one of {', '.join(MODELS)}")
+
+
+def dataset_base(name: str, cfg: InteractionsConfig, data_dir: Path) -> dict[str, Any] | None:
+    """The base spec of a dataset (one process, no checkpoints), or None if its raw files are
+    missing."""
+    train: dict[str, Any] = {"checkpoint_every_steps": None, "max_steps": cfg.max_steps}
+    if name == "synthetic":
+        raw = read_spec_file("specs/quickstart.toml")
+        raw["data"]["path"] = str(data_dir / f"synthetic-{cfg.synthetic_requests}")
+        raw["data"]["synthetic"]["requests"]["train"] = cfg.synthetic_requests
+        train["epochs"] = cfg.synthetic_epochs
+    elif name == "movielens":
+        raw = read_spec_file("specs/movielens.toml")
+        source = (ROOT / raw["data"]["prepare"]["input"]).resolve()
+        if not source.exists():
+            log.warning("skipping movielens: %s is missing", source)
+            return None
+        raw["data"]["prepare"]["input"] = str(source)
+        raw["data"]["path"] = str(data_dir / "movielens")
+        train["epochs"] = cfg.movielens_epochs
+    else:
+        raise ValueError(f"unknown dataset '{name}'; expected synthetic or movielens")
+    raw["train"] = {**raw["train"], **train}
+    raw["train"] = {k: v for k, v in raw["train"].items() if v is not None}
+    raw["model"] = {"tasks": raw["model"]["tasks"]}
+    raw["distributed"] = {"world_size": 1}
+    return deep_merge(raw, cfg.extra)
+
+
+def run_interactions(cfg: InteractionsConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """Every model on every dataset over ``cfg.seeds`` seeds: JSON-ready result and tables."""
+    result: dict[str, Any] = {"config": _config_json(cfg), "datasets": {}}
+    tables = []
+    for dataset in cfg.datasets:
+        base = dataset_base(dataset, cfg, out / "data")
+        if base is None:
+            tables.append(f"**{dataset}**: skipped (raw data missing)")
+            continue
+        variants = [Variant(m, model_patch(m)) for m in cfg.models]
+        runs = run_variants(base, variants, range(cfg.seeds), out / "runs" / dataset)
+        rows = summary_rows(runs, KEYS)
+        entry: dict[str, Any] = {"rows": rows}
+        table = markdown(rows, KEYS, LABELS)
+        oracle = [m["oracle"]["auc"] for per in runs.metrics.values() for m in per
+                  if "oracle" in m]
+        if oracle:
+            entry["oracle_auc"] = mean_std(oracle)[0]
+            table += f"\n\nOracle AUC (true click probabilities): {entry['oracle_auc']:.4f}."
+        result["datasets"][dataset] = entry
+        first = next(iter(runs.metrics.values()))[0]
+        rows_note = f"{first['test'].get('rows', '?'):,} test rows" \
+            if isinstance(first["test"].get("rows"), int) else ""
+        tables.append(f"**{dataset}** ({rows_note}, {cfg.seeds} seed(s), test split)\n\n{table}")
+    return result, "\n\n".join(tables)
+
+
+def run_sparsity(cfg: InteractionsConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """xDeepInt on the synthetic data with λ1 swept (the same λ1 for GFTRL on the embedding rows
+    and FTRL on the PIN weights): test AUC against the fraction of exact zeros."""
+    base = dataset_base("synthetic", cfg, out / "data")
+    assert base is not None
+    patch = model_patch("xdeepint")
+    variants = []
+    for l1 in cfg.l1_values:
+        v = deep_merge(patch, {"train": {"sparse_optimizer": {"ftrl": {"l1": l1}},
+                                         "interaction_optimizer": {"ftrl": {"l1": l1}}}})
+        variants.append(Variant(f"l1={l1:g}", v))
+    runs = run_variants(base, variants, range(cfg.seeds), out / "runs" / "sparsity")
+    rows = summary_rows(runs, ("auc", "logloss"))
+    body = []
+    for row in rows:
+        per_seed = runs.metrics[row["variant"]]
+        for key in ("embedding_rows_zero", "interaction_weights_zero"):
+            row[key] = mean_std([m["sparsity"][key] for m in per_seed])[0]
+        body.append([row["variant"], f"{row['auc']['mean']:.4f} ± {row['auc']['std']:.4f}",
+                     f"{row['logloss']['mean']:.4f}", row["embedding_rows_zero"],
+                     row["interaction_weights_zero"]])
+    table = format_table(["λ1", "test AUC", "log-loss", "embedding rows = 0", "PIN weights = 0"],
+                         body)
+    table += ("\n\nxDeepInt (specs/xdeepint.toml) on the synthetic world, "
+              f"{cfg.seeds} seed(s); λ1 is GFTRL's group strength per embedding row (times "
+              "sqrt(dim)) and FTRL's L1 on the PIN weights, with the loss-sum convention.")
+    return {"config": _config_json(cfg), "rows": rows}, table
+
+
+def _config_json(cfg: InteractionsConfig) -> dict[str, Any]:
+    return {"seeds": cfg.seeds, "models": list(cfg.models), "datasets": list(cfg.datasets),
+            "synthetic_requests": cfg.synthetic_requests, "synthetic_epochs": cfg.synthetic_epochs,
+            "movielens_epochs": cfg.movielens_epochs, "max_steps": cfg.max_steps,
+            "l1_values": list(cfg.l1_values)}

@@ -1,0 +1,138 @@
+"""Run model variants over seeds on one base spec and tabulate their test metrics.
+
+A variant is a partial spec (a TOML-shaped dict) deep-merged into the base spec; every run is a
+normal training run (``recsys.train.run.run_training``) with its own run directory, so each number
+in a table can be traced to a resolved spec and its hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recsys.spec import spec_hash, validate_spec
+from recsys.tables import format_table
+
+log = logging.getLogger("recsys.experiments")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` merged in (dicts recursively, everything else replaced).
+
+    Example:
+        >>> deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}})
+        {'a': {'b': 1, 'c': 3}}
+    """
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A spec file as a raw dict (relative names resolve against the repository root)."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = ROOT / p
+    return tomllib.loads(p.read_text())
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a table: a name and the partial spec that makes it."""
+
+    name: str
+    patch: dict[str, Any]
+
+
+@dataclass
+class Runs:
+    """Per variant, the metrics dict of each seed's run (see ``run_training``)."""
+
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Sequence[int],
+                 out_dir: Path, train: Callable[..., dict[str, Any]] | None = None) -> Runs:
+    """Train every variant with every seed (one process each) and collect the metrics.
+
+    Args:
+        base: the raw base spec (data, features, train settings shared by all variants).
+        variants: the rows.
+        seeds: ``train.seed`` values; the data is the same for every seed.
+        out_dir: run directories go to ``out_dir/<variant>-seed<k>``.
+        train: the training function (default: ``recsys.train.run.run_training``).
+    """
+    if train is None:
+        from recsys.train.run import run_training as train
+    runs = Runs()
+    total, done = len(variants) * len(seeds), 0
+    for variant in variants:
+        for seed in seeds:
+            raw = deep_merge(deep_merge(base, variant.patch), {"train": {"seed": seed}})
+            spec = validate_spec(raw, f"{base.get('name', 'base')} + variant '{variant.name}'")
+            started = time.perf_counter()
+            log.info("[%d/%d] %s, seed %d", done + 1, total, variant.name, seed)
+            metrics = train(spec, out_dir / f"{variant.name}-seed{seed}", progress=False)
+            runs.metrics.setdefault(variant.name, []).append(metrics)
+            runs.seconds.setdefault(variant.name, []).append(time.perf_counter() - started)
+            runs.hashes[variant.name] = spec_hash(spec)
+            done += 1
+    return runs
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaN where a value is missing."""
+    xs = [float("nan") if v is None else float(v) for v in values]
+    if not xs:
+        return float("nan"), float("nan")
+    mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def pm(values: Sequence[float | None], digits: int = 4) -> str:
+    """``mean ± std`` as text."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def metric(runs: list[dict[str, Any]], split: str, key: str) -> list[float | None]:
+    return [m.get(split, {}).get(key) for m in runs]
+
+
+def summary_rows(runs: Runs, keys: Sequence[str], split: str = "test") -> list[dict[str, Any]]:
+    """One JSON-ready dict per variant: mean and std of each metric, seconds, spec hash."""
+    rows = []
+    for name, per_seed in runs.metrics.items():
+        row: dict[str, Any] = {"variant": name, "seeds": len(per_seed),
+                               "spec_hash": runs.hashes[name]}
+        for key in keys:
+            mean, std = mean_std(metric(per_seed, split, key))
+            row[key] = {"mean": mean, "std": std, "values": metric(per_seed, split, key)}
+        row["seconds"] = mean_std(runs.seconds[name])[0]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], keys: Sequence[str], labels: Sequence[str],
+             first: str = "model") -> str:
+    """The summary rows as a table of ``mean ± std`` cells."""
+    body = [[r["variant"], *[f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in keys],
+             round(r["seconds"], 1)] for r in rows]
+    return format_table([first, *labels, "s / run"], body)

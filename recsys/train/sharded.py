@@ -1,0 +1,116 @@
+"""The ranker as TorchRec trains it: built on ``meta``, planned, wrapped in
+DistributedModelParallel, with every optimizer in place. Shared by the trainer and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+from torchrec.distributed.types import ShardingPlan
+
+from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper
+from recsys.optim.ftrl import zero_fraction
+from recsys.spec import Arch, Spec
+from recsys.train import planning
+from recsys.train.optim import (
+    EMBEDDING_KEY,
+    TrainOptimizer,
+    attach_sparse_optimizer,
+    build_optimizer,
+)
+
+
+@dataclass
+class ShardedModel:
+    """A DistributedModelParallel-wrapped :class:`TrainWrapper` and what goes with it."""
+
+    dmp: DistributedModelParallel
+    optimizer: TrainOptimizer
+    plan: ShardingPlan
+    interaction_weights: list[torch.nn.Parameter]  # PIN's W_l (replicated on every rank)
+
+
+def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
+                        total_steps: int) -> ShardedModel:
+    """Plan the spec's tables on rank 0 (broadcast to all), shard them, attach the optimizers.
+
+    Must be called on every rank of the process group, with the same spec.
+
+    Example:
+        >>> built = build_sharded_model(spec, torch.device("cpu"), world_size=2, total_steps=100)
+        >>> pipeline = TrainPipelineSparseDist(built.dmp, built.optimizer, device)
+    """
+    ranker = Ranker(RankerConfig(spec, device="meta"))
+    ranker.over.to(device)
+    interaction_weights = ranker.over.interaction_weights()
+    wrapper = TrainWrapper(ranker)
+    attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
+    # a pure function of the spec on every rank: every rank fails here together, instead of rank 0
+    # failing inside collective_plan while the others wait for its broadcast
+    planning.validate_constraints(spec, device.type)
+    planner = planning.make_planner(spec, planning.make_topology(world_size, device.type))
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planning.collective_plan_or_fail(planner, wrapper, sharders)  # type: ignore[arg-type]
+    # AdaEnsemble's experts and deeper layers see only the rows routed to them, so some of their
+    # parameters get no gradient in a step: DDP must look for unused parameters (and the graph is
+    # not static); every other arch keeps TorchRec's faster static-graph default
+    dynamic = spec.model.arch == Arch.MOE
+    wrapper_ddp = DefaultDataParallelWrapper(static_graph=not dynamic,
+                                             find_unused_parameters=dynamic)
+    dmp = DistributedModelParallel(module=wrapper, device=device, plan=plan, sharders=sharders,
+                                   data_parallel_wrapper=wrapper_ddp)  # type: ignore[arg-type]
+    optimizer = build_optimizer(dmp, spec.train, total_steps, interaction_weights,
+                                global_batch=spec.train.batch_size * world_size)
+    return ShardedModel(dmp, optimizer, plan, list(interaction_weights))
+
+
+def sparsity(built: ShardedModel) -> dict[str, Any]:
+    """The measurable outcome of FTRL feature and interaction selection: the fraction of embedding
+    rows that are exactly zero (per table and over all tables) and of interaction weights that are
+    zero. Tables whose local shards hold whole rows (data-parallel, table-wise) are counted, summed
+    over ranks; column-split tables are listed under ``not_counted``. Call on every rank.
+
+    Example:
+        >>> sparsity(built)["embedding_rows_zero"]
+        0.41
+    """
+    counts: dict[str, list[int]] = {}
+    not_counted: list[str] = []
+    replicated: set[str] = set()
+    for key, value in built.dmp.state_dict().items():
+        if EMBEDDING_KEY not in key or not key.endswith(".weight"):
+            continue
+        table = key.split(EMBEDDING_KEY)[1].removesuffix(".weight")
+        if isinstance(value, ShardedTensor):
+            width = value.size(1)
+            shards = [s.tensor for s in value.local_shards()]
+            if any(t.shape[1] != width for t in shards):
+                not_counted.append(table)
+                continue
+        else:
+            shards = [value]
+            replicated.add(table)
+        zeros = sum(int((t == 0).all(dim=1).sum()) for t in shards)
+        counts[table] = [zeros, sum(t.shape[0] for t in shards)]
+    names = sorted(counts)
+    totals = torch.tensor([counts[n] for n in names], dtype=torch.int64).reshape(-1, 2)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # replicated tables count once: only rank 0 contributes them
+        mask = torch.tensor([n not in replicated or dist.get_rank() == 0 for n in names])
+        totals = totals * mask[:, None]
+        dist.all_reduce(totals)
+    per_table = {n: int(z) / max(int(t), 1) for n, (z, t) in zip(names, totals.tolist(), strict=True)}
+    all_zero, all_rows = (int(v) for v in totals.sum(dim=0).tolist()) if names else (0, 0)
+    return {
+        "embedding_rows_zero": all_zero / all_rows if all_rows else None,
+        "embedding_rows_zero_per_table": per_table,
+        "not_counted": sorted(not_counted),
+        "interaction_weights_zero": (zero_fraction(w.detach() for w in built.interaction_weights)
+                                     if built.interaction_weights else None),
+    }

@@ -1,0 +1,255 @@
+"""DynInt (DynamicPIN) against numpy oracles of the equations in METHODS.md section 2.
+
+The oracles materialise the per-instance matrix W_l(x) of shape (B, M, M); the module must not
+(test_never_materialises_b_m_m checks every intermediate tensor)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from recsys.modules.dynint import DynamicPIN
+from recsys.modules.pin import PolynomialInteractionNetwork
+from recsys.spec import DynamicActivation, DynamicParameter, DynIntSpec, PINSpec
+
+B, M_FIELDS, DIM, H, LAYERS, RANK, BASIS = 5, 3, 8, 2, 3, 2, 3
+A_MODES = list(DynamicActivation)
+B_MODES = list(DynamicParameter)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _x0(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, M_FIELDS, DIM, dtype=torch.float64, generator=g)
+
+
+def _make(a: DynamicActivation, p: DynamicParameter, stop_gradient: bool = False,
+          activation: str = "linear", dropout: float = 0.0, randomize: bool = True) -> DynamicPIN:
+    spec = DynIntSpec(activation_mode=a, parameter_mode=p, rank=RANK, num_basis=BASIS,
+                      stop_gradient_gate=stop_gradient)
+    pin = PINSpec(num_layers=LAYERS, subspaces=H, activation=activation, dropout=dropout)
+    torch.manual_seed(0)
+    dyn = DynamicPIN(spec, pin, M_FIELDS, DIM).double().eval()
+    if randomize:  # move B1's zero-initialised generators away from r = c = 1
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for prm in dyn.parameters():
+                prm.copy_(0.5 * torch.randn(prm.shape, dtype=prm.dtype, generator=g))
+    return dyn
+
+
+# ---- numpy oracle ------------------------------------------------------------------------------
+
+
+def np_split(x: np.ndarray, h: int) -> np.ndarray:
+    b, m, dim = x.shape
+    d = dim // h
+    out = np.empty((b, m * h, d))
+    for i in range(m):
+        for s in range(h):
+            out[:, i * h + s, :] = x[:, i, s * d:(s + 1) * d]
+    return out
+
+
+def np_merge(x: np.ndarray, h: int) -> np.ndarray:
+    b, fields, d = x.shape
+    out = np.empty((b, fields // h, h * d))
+    for i in range(fields // h):
+        for s in range(h):
+            out[:, i, s * d:(s + 1) * d] = x[:, i * h + s, :]
+    return out
+
+
+def np_sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def np_mlp(flat: np.ndarray, seq: torch.nn.Sequential) -> np.ndarray:
+    """Linear -> ReLU -> Linear with the module's weights."""
+    w1, b1, w2, b2 = _np(seq[0].weight), _np(seq[0].bias), _np(seq[2].weight), _np(seq[2].bias)
+    return np.maximum(flat @ w1.T + b1, 0.0) @ w2.T + b2
+
+
+def np_w_of_x(layer: torch.nn.Module, p: DynamicParameter, flat: np.ndarray, m: int) -> np.ndarray:
+    """The per-instance matrix W_l(x), (B, M, M), acting as (W X0)[u] = Σ_i W[u, i] X0[i]."""
+    mix = layer.mix
+    n = flat.shape[0]
+    if p in (DynamicParameter.NONE, DynamicParameter.B1, DynamicParameter.B2):
+        w_static = _np(mix.dense.weight).T  # VectorDense stores (in, out)
+    if p == DynamicParameter.NONE:
+        return np.broadcast_to(w_static, (n, m, m))
+    if p == DynamicParameter.B1:
+        rc = 2.0 * np_sigmoid(np_mlp(flat, mix.gen))
+        r, c = rc[:, :m], rc[:, m:]
+        # diag(r) W diag(c)
+        return np.stack([np.diag(r[b]) @ w_static @ np.diag(c[b]) for b in range(n)])
+    if p in (DynamicParameter.B2, DynamicParameter.B3):
+        uv = np_mlp(flat, mix.gen)
+        u = uv[:, : m * RANK].reshape(n, m, RANK)
+        v = uv[:, m * RANK:].reshape(n, m, RANK)
+        low = u @ v.transpose(0, 2, 1)  # U Vᵀ
+        return w_static[None] + low if p == DynamicParameter.B2 else low
+    pi = np.exp(np_mlp(flat, mix.gen))
+    pi = pi / pi.sum(axis=1, keepdims=True)
+    bases = _np(mix.basis).transpose(0, 2, 1)  # (J, out, in)
+    return np.einsum("bj,juv->buv", pi, bases)
+
+
+def np_dynint(dyn: DynamicPIN, x0: np.ndarray, a: DynamicActivation,
+              p: DynamicParameter, act=lambda z: z) -> np.ndarray:
+    n = x0.shape[0]
+    flat = x0.reshape(n, -1)
+    x0s = np_split(x0, H)
+    m, d = x0s.shape[1], x0s.shape[2]
+    x = x0s
+    for layer in dyn.layers:
+        w = np_w_of_x(layer, p, flat, m)
+        assert w.shape == (n, m, m)
+        term = act(np.einsum("buv,bvd->bud", w, x0s))  # φ(W_l(x) X0)
+        if a == DynamicActivation.NONE:
+            x = x * (1.0 + term)
+            continue
+        g = 2.0 * np_sigmoid(np_mlp(flat, layer.gate))
+        if a == DynamicActivation.A1:
+            x = x * (1.0 + g[:, :, None] * term)
+        elif a == DynamicActivation.A2:
+            x = g[:, :, None] * x * (1.0 + term)
+        else:
+            x = x * (1.0 + g.reshape(n, m, d) * term)
+    return np_merge(x, H)
+
+
+# ---- known answers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("a", "p"), list(itertools.product(A_MODES, B_MODES)))
+def test_matches_numpy_oracle(a: DynamicActivation, p: DynamicParameter) -> None:
+    dyn = _make(a, p)
+    x0 = _x0()
+    out = dyn(x0)
+    assert out.shape == (B, M_FIELDS, DIM) and (dyn.out_fields, dyn.out_dim) == (M_FIELDS, DIM)
+    np.testing.assert_allclose(_np(out), np_dynint(dyn, _np(x0), a, p), rtol=1e-10, atol=1e-10)
+
+
+def test_activation_phi_and_eval_dropout() -> None:
+    dyn = _make(DynamicActivation.A1, DynamicParameter.B1, activation="tanh", dropout=0.3)
+    x0 = _x0(2)
+    expected = np_dynint(dyn, _np(x0), DynamicActivation.A1, DynamicParameter.B1, act=np.tanh)
+    np.testing.assert_allclose(_np(dyn(x0)), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_b1_at_init_is_static_pin() -> None:
+    # r = c = 2·sigmoid(0) = 1 exactly (zero-initialised last layer): B1 == static PIN
+    dyn = _make(DynamicActivation.NONE, DynamicParameter.B1, randomize=False)
+    pin = PolynomialInteractionNetwork(PINSpec(num_layers=LAYERS, subspaces=H), M_FIELDS, DIM)
+    pin = pin.double()
+    with torch.no_grad():
+        for w_pin, w_dyn in zip(pin.interaction_weights(), dyn.interaction_weights(), strict=True):
+            w_pin.copy_(w_dyn)
+    x0 = _x0(3)
+    flat = x0.reshape(B, -1)
+    for layer in dyn.layers:
+        assert torch.equal(layer.mix.gen(flat), torch.zeros(B, 2 * M_FIELDS * H, dtype=x0.dtype))
+    torch.testing.assert_close(dyn(x0), pin(x0), rtol=0, atol=1e-12)
+
+
+def test_interaction_weights_per_mode() -> None:
+    m = M_FIELDS * H
+    for p in B_MODES:
+        ws = _make(DynamicActivation.A1, p).interaction_weights()
+        shapes = {tuple(w.shape) for w in ws}
+        if p == DynamicParameter.B3:
+            assert ws == []
+        elif p == DynamicParameter.B4:
+            assert len(ws) == LAYERS and shapes == {(BASIS, m, m)}
+        else:
+            assert len(ws) == LAYERS and shapes == {(m, m)}
+
+
+def test_rejects_plain_or_multi_head_pin() -> None:
+    with pytest.raises(ValueError, match="residual=False"):
+        DynamicPIN(DynIntSpec(), PINSpec(residual=False), 3, 8)
+    with pytest.raises(ValueError, match="heads=2"):
+        DynamicPIN(DynIntSpec(), PINSpec(heads=2), 3, 8)
+    with pytest.raises(ValueError, match=r"h=3 must divide the embedding dim D=8"):
+        DynamicPIN(DynIntSpec(), PINSpec(subspaces=3), 3, 8)
+
+
+# ---- gradients ---------------------------------------------------------------------------------
+
+
+def test_stop_gradient_gate_blocks_gradient_into_x0() -> None:
+    # A2 with W = 0: X_L = (Π_l G_l) ⊙ X0, so d Σ X_L / d X0 = Π_l G_l exactly when the gate input
+    # is detached, and differs when it is not
+    grads = {}
+    for stop in (True, False):
+        dyn = _make(DynamicActivation.A2, DynamicParameter.NONE, stop_gradient=stop)
+        with torch.no_grad():
+            for w in dyn.interaction_weights():
+                w.zero_()
+        x0 = _x0(4).requires_grad_(True)
+        dyn(x0).sum().backward()
+        grads[stop] = x0.grad
+        gate_grads = [prm.grad for prm in dyn.layers[0].gate.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in gate_grads)  # the gate still learns
+    flat = _np(_x0(4)).reshape(B, -1)
+    prod = np.ones((B, M_FIELDS * H))
+    for layer in dyn.layers:
+        prod = prod * 2.0 * np_sigmoid(np_mlp(flat, layer.gate))
+    expected = np_merge(np.broadcast_to(prod[:, :, None], (B, M_FIELDS * H, DIM // H)), H)
+    np.testing.assert_allclose(_np(grads[True]), expected, rtol=1e-10, atol=1e-12)
+    assert np.abs(_np(grads[False]) - expected).max() > 1e-6
+
+
+@pytest.mark.parametrize("p", B_MODES)
+def test_gradients_flow(p: DynamicParameter) -> None:
+    dyn = _make(DynamicActivation.A3, p, dropout=0.1).train()
+    x0 = _x0(5).requires_grad_(True)
+    dyn(x0).pow(2).sum().backward()
+    assert x0.grad is not None and torch.isfinite(x0.grad).all()
+    for name, prm in dyn.named_parameters():
+        assert prm.grad is not None and torch.isfinite(prm.grad).all(), name
+
+
+# ---- no (B, M, M) tensor, TorchScript -----------------------------------------------------------
+
+
+class _Shapes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.numels: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numels.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("p", B_MODES)
+def test_never_materialises_b_m_m(p: DynamicParameter) -> None:
+    # h = D: M = 8·4 = 32 fields of dim 1, so B·M·M = 5120 dwarfs every legitimate intermediate
+    # (B·J·M·d = 480, the J×M×M basis = 3072)
+    spec = DynIntSpec(activation_mode=DynamicActivation.A3, parameter_mode=p, rank=RANK,
+                      num_basis=BASIS)
+    dyn = DynamicPIN(spec, PINSpec(num_layers=2, subspaces=8), 4, 8)
+    x0 = torch.randn(B, 4, 8)
+    with _Shapes() as rec:
+        dyn(x0)
+    biggest = max(rec.numels, key=lambda r: r[1])
+    assert biggest[1] < B * 32 * 32, biggest
+
+
+@pytest.mark.parametrize(("a", "p"), list(itertools.product(A_MODES, B_MODES)))
+def test_script_parity(a: DynamicActivation, p: DynamicParameter) -> None:
+    dyn = _make(a, p, stop_gradient=True, activation="gelu", dropout=0.2).float().eval()
+    x0 = _x0(6).float()
+    torch.testing.assert_close(torch.jit.script(dyn)(x0), dyn(x0), rtol=0, atol=1e-6)
