@@ -7,7 +7,10 @@
     recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
     recsys evaluate RUN_DIR
     recsys plan SPEC --world-size 64 --device cuda
-    recsys bench data|train|moe [--out DIR] [...]
+    recsys bench data|train|moe|serve [--out DIR] [...]
+    recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]
+    recsys predict EXPORT_DIR --data PARQUET --out PARQUET
+    recsys rvq encode RUN_DIR --out DIR
     recsys report [--only NAME ...] [--seeds N] [--quick] [--out DIR]
 """
 
@@ -17,6 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from recsys.errors import RecsysError
 
@@ -152,9 +156,60 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export and predict ---------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from recsys.export.torchscript import export_run
+    from recsys.tables import format_table
+
+    info = export_run(args.run_dir, args.out, args.quantize, check=not args.no_check)
+    print(f"exported {args.run_dir} ({info['arch']}, embeddings {info['quantize']}) to "
+          f"{args.out}: model.pt {info['model_bytes']:,} bytes, manifest.json")
+    if "parity" in info:
+        p = info["parity"]
+        print(f"\nparity on {p['rows']:,} {p['split']} rows (eager PyTorch vs exported):")
+        print(format_table(["task", "max |diff|", "AUC eager", "AUC exported", "AUC change"],
+                           [[t, v["max_abs_diff"], v["auc_eager"], v["auc_exported"],
+                             v["auc_change"]] for t, v in p["tasks"].items()]))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from recsys.export.predictor import predict_parquet
+
+    s = predict_parquet(args.export_dir, args.data, args.out, batch_size=args.batch_size,
+                        progress=not args.no_progress)
+    means = ", ".join(f"{t} {v:.4f}" for t, v in s["mean_prob"].items() if v is not None)
+    print(f"scored {s['rows']:,} rows from {s['files']} file(s) in {s['seconds']:.1f} s "
+          f"({s['rows_per_s']:,.0f} rows/s); mean probability: {means or '-'}; wrote {s['out']}")
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from recsys.bench.serve import config_from_args, run_and_write
+
+    run_and_write(config_from_args(args), args.out)
+    return 0
+
+
+# ---- rvq ------------------------------------------------------------------------------------------
+
+def cmd_rvq_encode(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys.quantization.offline import encode_run
+
+    summary = encode_run(args.run_dir, args.out, field=args.field, iters=args.iters,
+                         batch_size=args.batch_size, seed=args.seed, force=args.force)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}: train on it with data.source = 'parquet', data.path = '{args.out}',"
+          " loss.hierarchical.codes = 'data'")
+    return 0
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
-REPORTS = ("interactions", "sparsity")
+REPORTS = ("interactions", "sparsity", "ranking-losses")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -166,16 +221,22 @@ def cmd_report(args: argparse.Namespace) -> int:
         run_interactions,
         run_sparsity,
     )
+    from recsys.experiments.ranking_losses import RankingLossesConfig, run_ranking_losses
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    cfg = InteractionsConfig(seeds=args.seeds or 3)
-    if args.quick:  # a smoke run of every code path (CI): tiny data, few steps, one seed
-        cfg = InteractionsConfig(seeds=args.seeds or 1, synthetic_requests=3000, max_steps=20,
-                                 l1_values=(0.0, 0.1))
+    # --quick: a smoke run of every code path (CI): tiny data, few steps, one seed
+    sizes: dict[str, Any] = {"seeds": args.seeds or 3}
+    if args.quick:
+        sizes = {"seeds": args.seeds or 1, "synthetic_requests": 3000, "max_steps": 20}
+    interactions = InteractionsConfig(**sizes, **({"l1_values": (0.0, 0.1)} if args.quick
+                                                  else {}))
+    runners = {"interactions": lambda out: run_interactions(interactions, out),
+               "sparsity": lambda out: run_sparsity(interactions, out),
+               "ranking-losses": lambda out: run_ranking_losses(RankingLossesConfig(**sizes),
+                                                                out)}
     out = Path(args.out)
-    runners = {"interactions": run_interactions, "sparsity": run_sparsity}
     for name in args.only or REPORTS:
-        result, table = runners[name](cfg, out)
+        result, table = runners[name](out)
         path = write_result(out, name, {"command": f"recsys report --only {name}", **result},
                             table)
         print(f"\n{table}\n\nwrote {path}")
@@ -304,6 +365,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2048, help="rows per forward (default 2048)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per case first")
     p.set_defaults(fn=cmd_bench_moe, spec="specs/adaensemble.toml", repeats=10)
+
+    p = sub.add_parser("export", help="TorchScript export of a run's latest checkpoint "
+                       "(quantized embeddings, flat inputs, manifest)")
+    p.add_argument("run_dir", help="a run directory with checkpoints")
+    p.add_argument("--out", required=True, help="directory for model.pt and manifest.json")
+    p.add_argument("--quantize", choices=["none", "fp16", "int8"], default="none",
+                   help="embedding rows as stored in the artifact (default none: fp32)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the parity check against eager PyTorch on the test split")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("predict", help="score a Parquet file (or directory) with an export")
+    p.add_argument("export_dir", help="a directory written by recsys export")
+    p.add_argument("--data", required=True, help="Parquet file or directory of part files")
+    p.add_argument("--out", required=True, help="output Parquet: ids and <task>_prob columns")
+    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_predict)
+
+    rvq = sub.add_parser("rvq", help="residual vector quantization of user embeddings"
+                         ).add_subparsers(dest="action", required=True)
+    p = rvq.add_parser("encode", help="codes of a trained run's user table, written into a copy "
+                       "of its dataset (column rvq_code)")
+    p.add_argument("run_dir", help="a run directory with checkpoints")
+    p.add_argument("--out", required=True, help="the new dataset directory")
+    p.add_argument("--field", default="user_id", help="the user-id feature (default user_id)")
+    p.add_argument("--iters", type=int, default=10, help="EMA epochs after k-means")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per EMA step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(fn=cmd_rvq_encode)
+
+    p = bench.add_parser("serve", help="p50/p99 latency, throughput and artifact size of eager, "
+                         "scripted fp32 / fp16 / int8 at batch 1, 64, 1024")
+    p.add_argument("--out", default="bench-results", help="where serve.json / serve.md go")
+    p.add_argument("--run-dir", help="a trained run instead of the random stress model")
+    p.add_argument("--tables", type=int, default=26, help="stress model: tables (default 26)")
+    p.add_argument("--rows", type=int, default=100_000, help="rows per table (default 100k)")
+    p.add_argument("--dim", type=int, default=64,
+                   help="embedding dim (default 64: int8 rows are padded to 16 bytes)")
+    p.add_argument("--dense", type=int, default=13, help="dense features (default 13)")
+    p.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+",
+                   default=[1, 64, 1024])
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of timed calls")
+    p.add_argument("--all-cores", action="store_true", help="torch's default threads, not 1")
+    p.set_defaults(fn=cmd_bench_serve)
 
     p = sub.add_parser("report", help="quality experiments over seeds (mean ± std tables)")
     p.add_argument("--only", nargs="+", choices=REPORTS, help=f"default: all of {REPORTS}")

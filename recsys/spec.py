@@ -387,6 +387,13 @@ class FeaturesSpec(StrictModel):
                                      pooling=pooling.get(f.name, Pooling.SUM)))
         return out
 
+    def field(self, name: str) -> FeatureSpec:
+        """The field called ``name`` (KeyError naming the known fields otherwise)."""
+        found = next((f for f in self.fields if f.name == name), None)
+        if found is None:
+            raise KeyError(f"no field '{name}' (fields: {', '.join(f.name for f in self.fields)})")
+        return found
+
     def table_of(self, feature: FeatureSpec) -> TableSpec:
         return next(t for t in self.resolved_tables() if t.name == feature.table_name)
 
@@ -558,10 +565,9 @@ class HierarchicalSpec(StrictModel):
     include_level0: bool = False
     temperature: float = 1.0
     all_gather: bool = False
+    # online: RVQ in the model; data: the data's rvq_code column (recsys rvq encode), which a
+    # features.fields entry named rvq_code (multi_sparse) can also feed to an embedding table
     codes: CodeSource = CodeSource.ONLINE
-    # also feed the codes (trie-node ids of every level) to an embedding table of the ranker
-    # (codes = "data" only: online codes are known only after the embedding lookup)
-    code_embedding: bool = False
     rvq: RVQSpec = Field(default_factory=RVQSpec)
 
     @model_validator(mode="after")
@@ -569,13 +575,12 @@ class HierarchicalSpec(StrictModel):
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         _positive("temperature", self.temperature)
+        levels = self.rvq.levels + int(self.include_level0)
         if self.level_weights is not None and (
-                len(self.level_weights) != self.rvq.levels or min(self.level_weights) < 0):
-            raise ValueError(f"level_weights needs {self.rvq.levels} non-negative weights (one "
-                             f"per rvq level), got {self.level_weights}")
-        if self.code_embedding and self.codes != CodeSource.DATA:
-            raise ValueError("code_embedding needs codes = 'data' (online codes come from the "
-                             "embeddings themselves)")
+                len(self.level_weights) != levels or min(self.level_weights) < 0):
+            raise ValueError(f"level_weights needs {levels} non-negative weights (one per rvq "
+                             "level, level 0 first when include_level0), got "
+                             f"{self.level_weights}")
         return self
 
 

@@ -101,3 +101,10 @@ def test_ftrl_selection_in_two_process_training(tiny_dataset, tmp_path: Path) ->
     assert abs(s1["embedding_rows_zero"] - s2["embedding_rows_zero"]) < 0.01
     assert abs(s1["interaction_weights_zero"] - s2["interaction_weights_zero"]) < 0.01
     assert abs(m1["test"]["auc"] - m2["test"]["auc"]) < 0.005
+    # a checkpoint written by 2 processes (data-parallel tables) exports in one, with parity
+    from recsys.export.torchscript import export_run
+
+    info = export_run(tmp_path / "run2", tmp_path / "export", "none")
+    assert info["parity"]["tasks"]["click"]["max_abs_diff"] <= 1e-5
+    assert info["parity"]["tasks"]["click"]["auc_eager"] == pytest.approx(m2["test"]["auc"],
+                                                                          abs=1e-6)

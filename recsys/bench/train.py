@@ -57,8 +57,8 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
+from recsys.models.objective import ranker_loss
 from recsys.models.over_arch import AUX_LOSS, build_over_arch
-from recsys.models.ranker import ranker_loss
 from recsys.models.tables import embedding_bag_configs
 from recsys.spec import (
     DenseOptimizer,

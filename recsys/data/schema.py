@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from recsys.errors import DataError
-from recsys.spec import FeatureKind, FeatureSpec, OOVPolicy, Side, Spec
+from recsys.spec import CodeSource, FeatureKind, FeatureSpec, OOVPolicy, Side, Spec
 
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1
@@ -28,6 +28,20 @@ USER_ID = "user_id"
 STAGE = "stage"
 TEACHER = "teacher"
 RVQ_CODE = "rvq_code"  # the auxiliary sparse feature: L trie-node ids per row
+
+
+def num_nodes(levels: int, codes: int) -> int:
+    """The number of nodes ``K + K² + … + K^L`` of the user-code trie: the range of the ids in
+    ``rvq_code`` (see recsys.quantization.rvq.prefix_ids).
+
+    Example:
+        >>> num_nodes(3, 32)
+        33824
+    """
+    total = sum(codes**level for level in range(1, levels + 1))
+    if total >= 2**63:
+        raise ValueError(f"K={codes}, L={levels}: {total} trie nodes do not fit in int64")
+    return total
 
 
 class Stage(IntEnum):
@@ -184,6 +198,11 @@ class BatchSchema:
         if manifest is not None:
             oracle = {lab: col for lab, col in oracle.items()
                       if manifest.column(col).role == ColumnRole.ORACLE}  # type: ignore[union-attr]
+        h = spec.loss.hierarchical
+        if h.weight > 0 and h.codes == CodeSource.DATA and RVQ_CODE not in {c.key for c in sparse}:
+            # the codes ride along in the KJT for the loss (the embedding collection ignores them)
+            sparse.append(SparseColumn(RVQ_CODE, RVQ_CODE, num_nodes(h.rvq.levels, h.rvq.codes),
+                                       OOVPolicy.ERROR, multi=True))
         return cls(
             dense=[f.source_column for f in feats.dense_fields()],
             sparse=sparse,

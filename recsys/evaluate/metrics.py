@@ -543,7 +543,8 @@ def recall_at_k(labels: Any, scores: Any, groups: Any, k: int) -> float:
 def metrics_of(labels: np.ndarray, probs: np.ndarray, groups: Mapping[str, np.ndarray],
                gauc_group: str, ranking_group: str, ks: Sequence[int]) -> dict[str, float]:
     """Every metric of one task: the pointwise ones, GAUC over ``groups[gauc_group]`` and NDCG@K /
-    Recall@K within ``groups[ranking_group]`` (each only when that group kind is given)."""
+    Recall@K within ``groups[ranking_group]`` (each only when that group kind is given), and within
+    users as ``user_ndcg@K`` / ``user_recall@K`` when user groups are given."""
     out: dict[str, float] = {
         "rows": int(labels.size),
         "positive_rate": float(labels.mean()),
@@ -557,4 +558,7 @@ def metrics_of(labels: np.ndarray, probs: np.ndarray, groups: Mapping[str, np.nd
         out.update(gauc_metrics(labels, probs, groups[gauc_group]))
     if ranking_group in groups and ks:
         out.update(ranking_metrics(labels, probs, groups[ranking_group], ks))
+    if ranking_group != "user" and "user" in groups and ks:  # also ranked within each user
+        out.update({f"user_{k}": v
+                    for k, v in ranking_metrics(labels, probs, groups["user"], ks).items()})
     return out

@@ -10,14 +10,14 @@ spec file, so the table measures what ``specs/*.toml`` train.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from recsys.experiments.runner import (
-    ROOT,
+    DataConfig,
     Variant,
+    dataset_base,
     deep_merge,
     markdown,
     mean_std,
@@ -27,8 +27,6 @@ from recsys.experiments.runner import (
 )
 from recsys.tables import format_table
 
-log = logging.getLogger("recsys.experiments")
-
 MODELS = ("mlp", "dcn", "pin", "xdeepint", "dynint", "adaensemble")
 KEYS = ("auc", "logloss", "calibration", "ece")
 LABELS = ("AUC", "log-loss", "calibration", "ECE")
@@ -36,18 +34,11 @@ _OPTIMIZERS = ("sparse_optimizer", "dense_optimizer", "interaction_optimizer")
 
 
 @dataclass
-class InteractionsConfig:
-    """Sizes of the experiment (the defaults take about 25 minutes on 2 cores)."""
+class InteractionsConfig(DataConfig):
+    """Sizes of the experiment (the defaults take about 15 minutes on 2 cores)."""
 
-    seeds: int = 3
     models: tuple[str, ...] = MODELS
-    datasets: tuple[str, ...] = ("synthetic", "movielens")
-    synthetic_requests: int = 100_000  # training requests of the quickstart world (5 rows each)
-    synthetic_epochs: int = 1
-    movielens_epochs: int = 2
-    max_steps: int | None = None  # cap per run (the --quick mode)
     l1_values: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1)
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into every run (tests)
 
 
 def model_patch(model: str) -> dict[str, Any]:
@@ -67,33 +58,6 @@ def model_patch(model: str) -> dict[str, Any]:
     if model in ("mlp", "dcn"):
         return {"model": {"arch": model}}
     raise ValueError(f"unknown model '{model}'; expected one of {', '.join(MODELS)}")
-
-
-def dataset_base(name: str, cfg: InteractionsConfig, data_dir: Path) -> dict[str, Any] | None:
-    """The base spec of a dataset (one process, no checkpoints), or None if its raw files are
-    missing."""
-    train: dict[str, Any] = {"checkpoint_every_steps": None, "max_steps": cfg.max_steps}
-    if name == "synthetic":
-        raw = read_spec_file("specs/quickstart.toml")
-        raw["data"]["path"] = str(data_dir / f"synthetic-{cfg.synthetic_requests}")
-        raw["data"]["synthetic"]["requests"]["train"] = cfg.synthetic_requests
-        train["epochs"] = cfg.synthetic_epochs
-    elif name == "movielens":
-        raw = read_spec_file("specs/movielens.toml")
-        source = (ROOT / raw["data"]["prepare"]["input"]).resolve()
-        if not source.exists():
-            log.warning("skipping movielens: %s is missing", source)
-            return None
-        raw["data"]["prepare"]["input"] = str(source)
-        raw["data"]["path"] = str(data_dir / "movielens")
-        train["epochs"] = cfg.movielens_epochs
-    else:
-        raise ValueError(f"unknown dataset '{name}'; expected synthetic or movielens")
-    raw["train"] = {**raw["train"], **train}
-    raw["train"] = {k: v for k, v in raw["train"].items() if v is not None}
-    raw["model"] = {"tasks": raw["model"]["tasks"]}
-    raw["distributed"] = {"world_size": 1}
-    return deep_merge(raw, cfg.extra)
 
 
 def run_interactions(cfg: InteractionsConfig, out: Path) -> tuple[dict[str, Any], str]:

@@ -49,6 +49,46 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return tomllib.loads(p.read_text())
 
 
+@dataclass
+class DataConfig:
+    """The datasets of an experiment and how long each run trains."""
+
+    seeds: int = 3
+    datasets: tuple[str, ...] = ("synthetic", "movielens")
+    synthetic_requests: int = 100_000  # training requests of the quickstart world (5 rows each)
+    synthetic_epochs: int = 1
+    movielens_epochs: int = 2
+    max_steps: int | None = None  # cap per run (the --quick mode)
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into every run's spec
+
+
+def dataset_base(name: str, cfg: DataConfig, data_dir: Path) -> dict[str, Any] | None:
+    """The base spec of a dataset (one process, no checkpoints), or None if its raw files are
+    missing."""
+    train: dict[str, Any] = {"checkpoint_every_steps": None, "max_steps": cfg.max_steps}
+    if name == "synthetic":
+        raw = read_spec_file("specs/quickstart.toml")
+        raw["data"]["path"] = str(data_dir / f"synthetic-{cfg.synthetic_requests}")
+        raw["data"]["synthetic"]["requests"]["train"] = cfg.synthetic_requests
+        train["epochs"] = cfg.synthetic_epochs
+    elif name == "movielens":
+        raw = read_spec_file("specs/movielens.toml")
+        source = (ROOT / raw["data"]["prepare"]["input"]).resolve()
+        if not source.exists():
+            log.warning("skipping movielens: %s is missing", source)
+            return None
+        raw["data"]["prepare"]["input"] = str(source)
+        raw["data"]["path"] = str(data_dir / "movielens")
+        train["epochs"] = cfg.movielens_epochs
+    else:
+        raise ValueError(f"unknown dataset '{name}'; expected synthetic or movielens")
+    raw["train"] = {**raw["train"], **train}
+    raw["train"] = {k: v for k, v in raw["train"].items() if v is not None}
+    raw["model"] = {"tasks": raw["model"]["tasks"]}
+    raw["distributed"] = {"world_size": 1}
+    return deep_merge(raw, cfg.extra)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of a table: a name and the partial spec that makes it."""

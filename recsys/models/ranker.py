@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from recsys.data.batch import Batch
-from recsys.losses.pointwise import bce, esmm_bce
-from recsys.models.over_arch import AUX_LOSS, build_over_arch
+from recsys.models.objective import OnlineUserCodes, RankingObjective
+from recsys.models.over_arch import build_over_arch
 from recsys.models.tables import build_ebc
-from recsys.spec import Spec
+from recsys.spec import CodeSource, Side, Spec
 
 
 @dataclass(frozen=True)
@@ -50,44 +50,65 @@ class Ranker(nn.Module):
                       for _ in c.feature_names]
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
         self.over = build_over_arch(spec, field_dims)
+        h = spec.loss.hierarchical
+        self.user_codes: OnlineUserCodes | None = None
+        if h.weight > 0 and h.codes == CodeSource.ONLINE:
+            self.user_codes = OnlineUserCodes(h.rvq, _user_columns(spec, self.ebc))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.over(self.ebc(batch.sparse).values(), batch.dense)
+        pooled = self.ebc(batch.sparse).values()
+        outputs = self.over(pooled, batch.dense)
+        if self.user_codes is not None:
+            outputs = _merged(outputs, self.user_codes(pooled))
+        return outputs
+
+
+def _user_columns(spec: Spec, ebc: nn.Module) -> list[int]:
+    """The columns of the pooled embeddings that hold user-side features."""
+    user = {f.name for f in spec.features.sparse_fields() if f.side == Side.USER}
+    columns, start = [], 0
+    for cfg in ebc.embedding_bag_configs():
+        for feature in cfg.feature_names:
+            if feature in user:
+                columns.extend(range(start, start + cfg.embedding_dim))
+            start += cfg.embedding_dim
+    if not columns:
+        raise ValueError("loss.hierarchical with online codes needs user-side sparse features "
+                         "(features.fields with side = 'user')")
+    return columns
+
+
+def _merged(outputs: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+    """Both dicts as one (an fx-wrapped call: the pipeline's trace does not look inside)."""
+    return {**outputs, **extra}
+
+
+torch.fx.wrap("_merged")
 
 
 def probabilities(logits: dict[str, torch.Tensor], esmm: bool) -> dict[str, torch.Tensor]:
-    """Per task probabilities; with ESMM, conversion is pCTR * pCVR."""
-    probs = {t: torch.sigmoid(v) for t, v in logits.items() if t != AUX_LOSS}
+    """Per task probabilities; with ESMM, conversion is pCTR * pCVR. Keys starting with ``_``
+    (auxiliary outputs) are not tasks."""
+    probs = {t: torch.sigmoid(v) for t, v in logits.items() if not t.startswith("_")}
     if esmm:
         probs["conversion"] = probs["click"] * probs["conversion"]
     return probs
 
 
-def ranker_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                tasks: list[str], esmm: bool) -> torch.Tensor:
-    """Sum over ``tasks`` of the mean BCE (ESMM: the conversion term is on pCTCVR).
-
-    ``logits`` is only indexed by the task names, never iterated: under the training pipeline's
-    fx trace the over-arch is a leaf module and its output an opaque proxy."""
-    losses = []
-    for task in tasks:
-        if esmm and task == "conversion":
-            losses.append(esmm_bce(logits["click"], logits[task], labels["conversion"]))
-        else:
-            losses.append(bce(logits[task], labels[task]))
-    return torch.stack(losses).sum()
-
-
 class TrainWrapper(nn.Module):
-    """What TrainPipelineSparseDist drives: ``batch -> (loss, (loss, logits, labels))``."""
+    """What TrainPipelineSparseDist drives: ``batch -> (loss, (loss, logits, labels, stats))``
+    (``stats``: detached scalars of the objective's terms and diagnostics, for the log)."""
 
-    def __init__(self, model: Ranker) -> None:
+    def __init__(self, model: Ranker, spec: Spec) -> None:
         super().__init__()
         self.model = model
+        self.objective = RankingObjective(spec)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                dict[str, torch.Tensor]]]:
-        logits = self.model(batch)
-        tasks = self.model.tasks
-        loss = ranker_loss(logits, batch.labels, tasks, self.model.esmm) + logits[AUX_LOSS]
-        return loss, (loss.detach(), {t: logits[t].detach() for t in tasks}, batch.labels)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[
+            torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor],
+            dict[str, torch.Tensor]]]:
+        outputs = self.model(batch)
+        loss, stats = self.objective(outputs, batch)
+        logits = {t: outputs[t].detach() for t in self.model.tasks}
+        return loss, (loss.detach(), logits, batch.labels, stats)

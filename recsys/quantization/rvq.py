@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.data.schema import num_nodes
 from recsys.spec import RVQSpec
 
 LAPLACE_EPS = 1e-5
@@ -61,19 +62,6 @@ class RVQOutput(NamedTuple):
     codes: torch.Tensor
     residuals: torch.Tensor
     reconstruction: torch.Tensor
-
-
-def num_nodes(levels: int, codes: int) -> int:
-    """The number of trie nodes ``K + K² + … + K^L`` (the range of :func:`prefix_ids`).
-
-    Example:
-        >>> num_nodes(3, 32)
-        33824
-    """
-    total = sum(codes**level for level in range(1, levels + 1))
-    if total >= 2**63:
-        raise ValueError(f"K={codes}, L={levels}: {total} trie nodes do not fit in int64")
-    return total
 
 
 def prefix_ids(codes: torch.Tensor, num_codes: int) -> torch.Tensor:

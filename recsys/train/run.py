@@ -123,6 +123,8 @@ def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str
                for split in ("valid", "test")}
     metrics = _metrics_json(spec, results)
     metrics["sparsity"] = sparsity(trainer.built)  # a collective: every rank
+    metrics["train_last_step"] = trainer.history.last_stats()
+    metrics["timing"] = trainer.timing
     if ctx.is_main:
         _write_run(out, spec, trainer, metrics, results, started)
         print(summary_table(metrics), file=sys.stderr)

@@ -49,7 +49,7 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
     ranker = Ranker(RankerConfig(spec, device="meta"))
     ranker.over.to(device)
     interaction_weights = ranker.over.interaction_weights()
-    wrapper = TrainWrapper(ranker)
+    wrapper = TrainWrapper(ranker, spec)
     attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
     # a pure function of the spec on every rank: every rank fails here together, instead of rank 0
     # failing inside collective_plan while the others wait for its broadcast

@@ -51,6 +51,11 @@ class History:
     lr: list[float] = field(default_factory=list)
     valid_steps: list[int] = field(default_factory=list)
     valid: list[dict[str, float]] = field(default_factory=list)
+    # the objective's terms and diagnostics (group counts, code perplexity, ...) at the loss steps
+    stats: dict[str, list[float]] = field(default_factory=dict)
+
+    def last_stats(self) -> dict[str, float]:
+        return {k: v[-1] for k, v in self.stats.items() if v}
 
 
 class Trainer:
@@ -85,6 +90,7 @@ class Trainer:
         self.step = 0
         self.position = Position(0, 0, 0)
         self.history = History()
+        self.timing: dict[str, float] = {}
 
     def restore(self, path: Path | None = None) -> Path | None:
         """Continue from ``path`` or the run's latest checkpoint (None if there is none)."""
@@ -145,7 +151,7 @@ class Trainer:
             batches = self._limited(self.train_loader.epoch(epoch, start_step=epoch_step))
             while not stop:
                 try:
-                    loss, _, _ = self.pipeline.progress(batches)
+                    loss, _, _, stats = self.pipeline.progress(batches)
                 except StopIteration:
                     break
                 self.step += 1
@@ -154,6 +160,8 @@ class Trainer:
                     self.history.steps.append(self.step)
                     self.history.loss.append(float(loss))
                     self.history.lr.append(self.optimizer.dense_lr)
+                    for key, value in stats.items():
+                        self.history.stats.setdefault(key, []).append(float(value))
                     bar.set_postfix(loss=f"{float(loss):.4f}")
                 bar.update()
                 if every and self.step % every == 0 and self.step < self.total_steps:
@@ -179,9 +187,15 @@ class Trainer:
         self.save_checkpoint(epoch, epoch_step, best, bad_rounds)  # the final state, for evaluate
         bar.close()
         elapsed = time.perf_counter() - start
+        self.timing = {"train_seconds": elapsed, "steps": self.step - first_step,
+                       "seconds_per_step": elapsed / max(self.step - first_step, 1)}
         rows = (self.step - first_step) * spec.train.batch_size * self.ctx.world_size
         log.info("trained %d steps in %.1f s (%.0f samples/s over %d rank(s))",
                  self.step - first_step, elapsed, rows / max(elapsed, 1e-9), self.ctx.world_size)
+        last = self.history.last_stats()
+        if last:
+            log.info("last logged step's objective: %s",
+                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())))
         return self.history
 
     def _limited(self, batches: Iterator[Batch]) -> Iterator[Batch]:
@@ -219,7 +233,7 @@ class Trainer:
         steps = all_max(len(loader))
         for batch, real in _padded(loader, steps):
             batch = batch.to(self.ctx.device)
-            _, (_, logits, _) = self.model(batch)
+            _, (_, logits, _, _) = self.model(batch)
             if real:
                 acc.add(probabilities(logits, self.spec.model.esmm), batch.labels, batch.groups,
                         oracle={t: batch.oracle[t] for t in self.spec.model.tasks

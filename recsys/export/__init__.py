@@ -1,0 +1,1 @@
+"""Export trained models to TorchScript and score with them."""

@@ -1,0 +1,216 @@
+"""Export a trained ranker to TorchScript: quantized embeddings, flat tensor inputs, a manifest.
+
+``recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]`` writes:
+
+- ``model.pt``: a TorchScript module ``forward(dense, values, lengths) -> Dict[str, Tensor]`` of
+  probabilities per task. ``dense`` is ``(B, n_dense)`` float32 in the manifest's ``dense`` order;
+  ``values`` holds every sparse feature's ids, feature after feature in the manifest's
+  ``features`` order; ``lengths`` ``(n_features * B,)`` int32 holds the number of ids of each row,
+  feature-major (TorchRec's KeyedJaggedTensor layout). Loading needs torch and fbgemm_gpu only.
+- ``manifest.json``: feature order, dense columns, tables (rows, dim, quantization), tasks,
+  versions and the spec hash.
+
+The path: the run's spec builds a plain (unsharded) ranker on CPU; its weights come from the run's
+latest checkpoint (``torch.distributed.checkpoint`` reshards a checkpoint written by any number of
+processes); TorchRec's ``quantize_embeddings`` swaps the EmbeddingBagCollection for a quantized one
+(int8 or fp16 rows, FBGEMM kernels); TorchRec's fx tracer traces the module with the over-arch as a
+leaf (its data-dependent steps, e.g. AdaEnsemble's early exit, stay real control flow), and
+``torch.jit.script`` compiles the graph.
+"""
+
+# no "from __future__ import annotations": fx and TorchScript read forward()'s real type hints
+
+import json
+import platform
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torchrec
+import torchrec.fx
+from torch import nn
+from torchrec.inference.modules import quantize_embeddings
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys import __version__
+from recsys.errors import SpecError
+from recsys.models.ranker import Ranker, RankerConfig
+from recsys.spec import Spec, spec_hash, validate_spec
+from recsys.train import checkpoint
+
+QUANTIZE = {"none": None, "fp16": torch.float16, "int8": torch.qint8}
+MODEL_FILE, MANIFEST_FILE = "model.pt", "manifest.json"
+
+
+class ServingRanker(nn.Module):
+    """The ranker as served: flat tensors in, probabilities per task out.
+
+    Args:
+        ranker: a trained (plain, unsharded) ranker.
+        tasks: the task names, in the model's order.
+        esmm: conversion is pCTR · pCVR.
+
+    Example:
+        >>> serving = ServingRanker(ranker, ["click"], esmm=False)
+        >>> serving(dense, values, lengths)["click"].shape
+        torch.Size([B])
+    """
+
+    def __init__(self, ranker: Ranker, tasks: list[str], esmm: bool) -> None:
+        super().__init__()
+        self.ebc = ranker.ebc
+        self.over = ranker.over
+        self.keys = [f for c in ranker.ebc.embedding_bag_configs() for f in c.feature_names]
+        self.tasks = list(tasks)
+        self.esmm = esmm
+
+    def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
+        logits = self.over(self.ebc(kjt).values(), dense)
+        probs = {t: torch.sigmoid(logits[t]) for t in self.tasks}
+        if self.esmm:
+            probs["conversion"] = probs["click"] * probs["conversion"]
+        return probs
+
+
+def run_spec(run_dir: Path) -> Spec:
+    path = run_dir / "spec.toml"
+    if not path.is_file():
+        raise SpecError(str(run_dir), ["not a run directory (spec.toml is missing)"])
+    return validate_spec(tomllib.loads(path.read_text()), str(path))
+
+
+def load_trained_ranker(run_dir: str | Path) -> tuple[Spec, Ranker]:
+    """The run's ranker, unsharded on CPU, with the weights of its latest checkpoint.
+
+    Example:
+        >>> spec, ranker = load_trained_ranker("runs/quickstart-demo")
+    """
+    run_dir = Path(run_dir)
+    spec = run_spec(run_dir)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise SpecError(str(run_dir), ["no checkpoint to export (checkpoints/ is empty)"])
+    ranker = Ranker(RankerConfig(spec, device="cpu"))
+    # the checkpoint holds DistributedModelParallel's state: the ranker sits under "model."
+    state = {"model": {f"model.{k}": v for k, v in ranker.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(path))
+    ranker.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
+    return spec, ranker.eval()
+
+
+@dataclass
+class Exported:
+    """An exported model in memory: the scripted module and its manifest."""
+
+    module: torch.jit.ScriptModule
+    manifest: dict[str, Any]
+
+
+def script_ranker(spec: Spec, ranker: Ranker, quantize: str = "none") -> Exported:
+    """Quantize, trace and script a trained ranker (``ranker`` is left untouched)."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got '{quantize}'")
+    import copy
+
+    serving = ServingRanker(copy.deepcopy(ranker), list(spec.model.tasks), spec.model.esmm).eval()
+    dtype = QUANTIZE[quantize]
+    if dtype is not None:
+        quantize_embeddings(serving, dtype=dtype, inplace=True)
+    graph = torchrec.fx.symbolic_trace(serving, leaf_modules=[type(serving.over).__name__])
+    module = torch.jit.script(graph)
+    return Exported(module, manifest(spec, ranker, serving.keys, quantize))
+
+
+def manifest(spec: Spec, ranker: Ranker, keys: list[str], quantize: str) -> dict[str, Any]:
+    import fbgemm_gpu
+
+    return {
+        "format": "recsys-torchscript-1",
+        "spec": spec.name, "spec_hash": spec_hash(spec),
+        "inputs": {
+            "dense": [f.source_column for f in spec.features.dense_fields()],
+            "features": keys,
+            "feature_columns": {f.name: f.source_column for f in spec.features.sparse_fields()},
+            "layout": "forward(dense (B, n_dense) float32, values (sum of lengths,) int64, "
+                      "lengths (n_features * B,) int32 feature-major)",
+        },
+        "tables": [{"name": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim,
+                    "features": list(c.feature_names)}
+                   for c in ranker.ebc.embedding_bag_configs()],
+        "tasks": list(spec.model.tasks), "esmm": spec.model.esmm,
+        "arch": str(spec.model.arch), "quantize": quantize,
+        "versions": {"recsys": __version__, "torch": torch.__version__,
+                     "torchrec": getattr(torchrec, "__version__", "?"),
+                     "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
+                     "python": platform.python_version()},
+    }
+
+
+def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
+               check: bool = True) -> dict[str, Any]:
+    """Export a run's latest checkpoint to ``out/model.pt`` + ``out/manifest.json``; with
+    ``check``, the manifest also records :func:`parity` on the test split (max |eager − exported|
+    and the AUC of both).
+
+    Example:
+        >>> export_run("runs/quickstart-demo", "exports/qs-int8", quantize="int8")["quantize"]
+        'int8'
+    """
+    spec, ranker = load_trained_ranker(run_dir)
+    exported = script_ranker(spec, ranker, quantize)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    exported.module.save(str(out / MODEL_FILE))
+    info = {**exported.manifest, "run": str(run_dir),
+            "model_bytes": (out / MODEL_FILE).stat().st_size}
+    if check:
+        info["parity"] = parity(spec, ranker, exported.module)
+    (out / MANIFEST_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def flat_inputs(batch: Any, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Batch as the exported module's inputs: ``(dense, values, lengths)`` in ``keys`` order."""
+    jagged = [batch.sparse[k] for k in keys]
+    values = torch.cat([j.values() for j in jagged]).to(torch.int64)
+    lengths = torch.cat([j.lengths() for j in jagged]).to(torch.int32)
+    return batch.dense, values, lengths
+
+
+@torch.no_grad()
+def parity(spec: Spec, ranker: Ranker, module: torch.jit.ScriptModule, split: str = "test",
+           max_rows: int | None = None) -> dict[str, Any]:
+    """Eager (the trained ranker in PyTorch) against the exported module on a split of the run's
+    data: the largest absolute difference of the probabilities and the AUC of both, per task."""
+    from recsys.data.source import ensure_dataset, make_loader
+    from recsys.evaluate.metrics import auc
+
+    eager = ServingRanker(ranker, list(spec.model.tasks), spec.model.esmm).eval()
+    loader = make_loader(spec, ensure_dataset(spec, progress=False), split, training=False)
+    probs: dict[str, list[list[torch.Tensor]]] = {t: [[], []] for t in spec.model.tasks}
+    labels: dict[str, list[torch.Tensor]] = {t: [] for t in spec.model.tasks}
+    rows = 0
+    for batch in loader.epoch(0):
+        inputs = flat_inputs(batch, eager.keys)
+        a, b = eager(*inputs), module(*inputs)
+        for t in spec.model.tasks:
+            probs[t][0].append(a[t])
+            probs[t][1].append(b[t])
+            labels[t].append(batch.labels[t])
+        rows += batch.batch_size
+        if max_rows and rows >= max_rows:
+            break
+    out: dict[str, Any] = {"split": split, "rows": rows, "tasks": {}}
+    for t in spec.model.tasks:
+        p_eager, p_export = torch.cat(probs[t][0]), torch.cat(probs[t][1])
+        y = torch.cat(labels[t]).numpy()
+        auc_eager, auc_export = auc(y, p_eager.numpy()), auc(y, p_export.numpy())
+        out["tasks"][t] = {"max_abs_diff": float((p_eager - p_export).abs().max()),
+                           "auc_eager": auc_eager, "auc_exported": auc_export,
+                           "auc_change": auc_export - auc_eager}
+    return out

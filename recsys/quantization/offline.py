@@ -1,0 +1,162 @@
+"""Offline user codes: RVQ of a trained run's frozen user embedding table, written into the data.
+
+``recsys rvq encode RUN_DIR --out DIR`` reads the run's last checkpoint (in one process, whatever
+number of processes trained it: the checkpoint is resharded on load), fits an RVQ to the rows of
+the user-id table (:func:`recsys.quantization.rvq.fit_offline`), and writes a copy of the run's
+dataset with one more column, ``rvq_code``: per row, the L trie-node ids of its user's code
+prefixes. A spec then trains on it with ``data.source = "parquet"``, ``data.path = DIR`` and
+``loss.hierarchical.codes = "data"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+from recsys.data.schema import RVQ_CODE, ColumnInfo, ColumnRole, DatasetManifest, num_nodes
+from recsys.errors import SpecError
+from recsys.progress import progress_bar
+from recsys.quantization.rvq import ResidualVQ, code_perplexity, fit_offline
+from recsys.spec import RVQSpec, Side, Spec, validate_spec
+
+log = logging.getLogger("recsys.rvq")
+
+
+def full_table(value: torch.Tensor) -> torch.Tensor:
+    """A table's whole weight from a (process-local) state-dict entry: a tensor, or a
+    ShardedTensor whose shards all live in this process."""
+    if not isinstance(value, ShardedTensor):
+        return value.detach()
+    rows, cols = value.size()
+    out = torch.empty(rows, cols, dtype=value.dtype)
+    covered = 0
+    for shard in value.local_shards():
+        r, c = shard.metadata.shard_offsets
+        t = shard.tensor.detach()
+        out[r:r + t.shape[0], c:c + t.shape[1]] = t
+        covered += t.numel()
+    if covered != rows * cols:
+        raise ValueError("the table's shards are not all in this process; encode in one process")
+    return out
+
+
+def user_table(spec: Spec, run_dir: Path, field: str) -> torch.Tensor:
+    """The trained weight of ``field``'s table, from the run's latest checkpoint."""
+    from recsys.train.distributed import init_distributed, shutdown
+    from recsys.train.trainer import Trainer
+
+    ctx = init_distributed("cpu")
+    try:
+        trainer = Trainer(spec, ctx, progress=False, run_dir=run_dir)
+        if trainer.restore() is None:
+            raise SpecError(str(run_dir), ["no checkpoint to read the user embeddings from"])
+        table = spec.features.table_of(spec.features.field(field)).name
+        key = next((k for k in trainer.model.state_dict()
+                    if k.endswith(f".ebc.embedding_bags.{table}.weight")), None)
+        if key is None:
+            raise SpecError(str(run_dir), [f"the model has no table '{table}'"])
+        return full_table(trainer.model.state_dict()[key]).float()
+    finally:
+        shutdown()
+
+
+def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = None,
+               field: str = "user_id", iters: int = 10, batch_size: int = 1024, seed: int = 0,
+               force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fit an RVQ to the run's ``field`` table and write the dataset with ``rvq_code`` to ``out``.
+
+    Args:
+        run_dir: a run directory with checkpoints (``recsys train``).
+        out: the new dataset directory.
+        rvq: levels, codes and EMA settings (default: the run spec's ``loss.hierarchical.rvq``).
+        field: the user-id feature whose table is quantised.
+        iters, batch_size, seed: :func:`fit_offline`'s EMA epochs, batch and seed.
+        force: replace an existing ``out``.
+
+    Returns:
+        A summary: rows per split, per-level code perplexity over the table, reconstruction error.
+
+    Example:
+        >>> encode_run("runs/quickstart-demo", "data/quickstart-codes")["perplexity"]
+        [24.1, 19.7, 15.2]
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    spec_path = run_dir / "spec.toml"
+    if not spec_path.is_file():
+        raise SpecError(str(run_dir), ["not a run directory (spec.toml is missing)"])
+    spec = validate_spec(tomllib.loads(spec_path.read_text()), str(spec_path))
+    f = spec.features.field(field)
+    if f.side != Side.USER:
+        raise SpecError(str(spec_path), [f"features.fields[{field}] is not a user feature"])
+    rvq = rvq or spec.loss.hierarchical.rvq
+    source = DatasetManifest.load(spec.data.path)
+    if out.exists():
+        if not force:
+            raise SpecError(str(out), ["exists; pass --force to replace it"])
+        shutil.rmtree(out)
+
+    table = user_table(spec, run_dir, field)
+    model = fit_offline(table, rvq, iters=iters, batch_size=batch_size, seed=seed)
+    codes = model.encode(table)
+    ids = model.prefix_ids(codes).numpy()
+    summary = {"run": str(run_dir), "field": field, "users": int(table.shape[0]),
+               "levels": rvq.levels, "codes": rvq.codes,
+               "perplexity": [round(float(p), 2) for p in code_perplexity(codes, rvq.codes)],
+               "recon_error": _recon_error(model, table), "rows": {}}
+    _write_dataset(source, out, f.source_column, ids, summary, progress)
+    torch.save(model.state_dict(), out / "rvq.pt")
+    (out / "rvq.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _recon_error(model: ResidualVQ, table: torch.Tensor) -> float:
+    q = model.quantize(table)
+    x = q.residuals[:, 0]
+    return float((x - q.reconstruction).pow(2).sum(1).mean() / x.pow(2).sum(1).mean())
+
+
+def _write_dataset(source: DatasetManifest, out: Path, user_column: str, ids: np.ndarray,
+                   summary: dict[str, Any], progress: bool) -> None:
+    assert source.root is not None
+    levels = ids.shape[1]
+    files = [(view, split, rel) for view, splits in source.views.items()
+             for split, rels in splits.items() for rel in rels]
+    out.mkdir(parents=True)
+    for view, split, rel in progress_bar(files, desc="writing rvq_code", unit="file",
+                                         disable=not progress):
+        src = source.root / rel
+        meta = pq.ParquetFile(src).metadata
+        table = pq.read_table(src)
+        users = table.column(user_column).to_numpy()
+        if users.min(initial=0) < 0 or users.max(initial=0) >= len(ids):
+            raise SpecError(str(src), [f"column '{user_column}' holds ids outside the table's "
+                                       f"{len(ids)} rows"])
+        flat = ids[users].reshape(-1)
+        offsets = np.arange(0, len(flat) + 1, levels, dtype=np.int32)
+        codes = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        row_group = meta.row_group(0).num_rows if meta.num_row_groups else None
+        pq.write_table(table.append_column(RVQ_CODE, codes), dest, row_group_size=row_group)
+        summary["rows"][f"{view}/{split}"] = summary["rows"].get(f"{view}/{split}", 0) \
+            + table.num_rows
+    info = ColumnInfo(name=RVQ_CODE, role=ColumnRole.MULTI_SPARSE, side=Side.USER,
+                      cardinality=num_nodes(levels, summary["codes"]),
+                      description=f"trie-node ids of the user's RVQ code prefixes, levels 1..{levels}")
+    digest = hashlib.sha256(f"{source.config_hash}:{ids.tobytes().hex()}".encode()).hexdigest()
+    manifest = source.model_copy(update={
+        "columns": [c for c in source.columns if c.name != RVQ_CODE] + [info],
+        "source": {**source.source, "rvq_codes_from": summary["run"]},
+        "config_hash": digest[:16], "root": None})
+    manifest.save(out)
