@@ -165,6 +165,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = export_run(args.run_dir, args.out, args.quantize, check=not args.no_check)
     print(f"exported {args.run_dir} ({info['arch']}, embeddings {info['quantize']}) to "
           f"{args.out}: model.pt {info['model_bytes']:,} bytes, manifest.json")
+    if "serving_split" in info:
+        split = info["serving_split"]
+        timing = split["score_1000_cached"]
+        print(f"serving split: {', '.join(split['files'])} ({split['items_cached']:,} items "
+              f"cached); scoring 1,000 cached candidates for one request: p50 "
+              f"{timing['p50_ms']:.2f} ms, p99 {timing['p99_ms']:.2f} ms")
     if "parity" in info:
         p = info["parity"]
         print(f"\nparity on {p['rows']:,} {p['split']} rows (eager PyTorch vs exported):")
@@ -209,7 +215,7 @@ def cmd_rvq_encode(args: argparse.Namespace) -> int:
 
 # ---- report ---------------------------------------------------------------------------------------
 
-REPORTS = ("interactions", "sparsity", "ranking-losses")
+REPORTS = ("interactions", "sparsity", "ranking-losses", "ranktower")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -222,6 +228,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         run_sparsity,
     )
     from recsys.experiments.ranking_losses import RankingLossesConfig, run_ranking_losses
+    from recsys.experiments.ranktower import RankTowerConfig, run_ranktower
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # --quick: a smoke run of every code path (CI): tiny data, few steps, one seed
@@ -233,7 +240,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     runners = {"interactions": lambda out: run_interactions(interactions, out),
                "sparsity": lambda out: run_sparsity(interactions, out),
                "ranking-losses": lambda out: run_ranking_losses(RankingLossesConfig(**sizes),
-                                                                out)}
+                                                                out),
+               "ranktower": lambda out: run_ranktower(RankTowerConfig(**{
+                   **sizes, **({} if args.quick else {"synthetic_requests": 30_000})}), out)}
     out = Path(args.out)
     for name in args.only or REPORTS:
         result, table = runners[name](out)

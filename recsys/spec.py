@@ -667,6 +667,9 @@ class TrainSpec(StrictModel):
     early_stopping_patience: int | None = None
     checkpoint_every_steps: int | None = None
     keep_checkpoints: int = 3
+    # after training, also score every candidate of the test requests (the data's cascade view) and
+    # report the pre-ranking metrics (Recall/NDCG@K against the ranker's top-K and the clicks)
+    eval_cascade: bool = True
     device: str = "auto"  # auto | cpu | cuda
 
     @model_validator(mode="after")
@@ -721,7 +724,8 @@ class Spec(StrictModel):
                 raise _KeyedError("distributed.sharding",
                                   f"names table '{s.table}', which is not a table of this spec "
                                   f"(known: {', '.join(sorted(tables))})")
-        if self.model.arch in (Arch.PIN, Arch.XDEEPINT, Arch.DYNINT, Arch.MOE):
+        if self.model.arch in (Arch.PIN, Arch.XDEEPINT, Arch.DYNINT, Arch.MOE, Arch.RANKTOWER,
+                               Arch.DSSM):
             dims = {t.embedding_dim for t in tables.values()}
             dim = self.model.interaction_dim
             if dim is None and len(dims) > 1:

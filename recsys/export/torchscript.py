@@ -38,7 +38,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys import __version__
 from recsys.errors import SpecError
 from recsys.models.ranker import Ranker, RankerConfig
-from recsys.spec import Spec, spec_hash, validate_spec
+from recsys.spec import Arch, Spec, spec_hash, validate_spec
 from recsys.train import checkpoint
 
 QUANTIZE = {"none": None, "fp16": torch.float16, "int8": torch.qint8}
@@ -170,6 +170,11 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
             "model_bytes": (out / MODEL_FILE).stat().st_size}
     if check:
         info["parity"] = parity(spec, ranker, exported.module)
+    if spec.model.arch in (Arch.RANKTOWER, Arch.DSSM):
+        from recsys.export.two_tower import export_split, time_cached_scoring
+
+        info["serving_split"] = export_split(spec, ranker, out)
+        info["serving_split"]["score_1000_cached"] = time_cached_scoring(out)
     (out / MANIFEST_FILE).write_text(json.dumps(info, indent=2))
     return info
 

@@ -22,12 +22,13 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.schema import RVQ_CODE
+from recsys.losses.cascade import cascade_loss
 from recsys.losses.hierarchical import gather_for_groups, hierarchical_listwise_loss
 from recsys.losses.listwise import in_batch_listwise_loss, segment_listwise_loss
 from recsys.losses.pointwise import bce, esmm_bce
 from recsys.models.over_arch import AUX_LOSS
 from recsys.quantization.rvq import ResidualVQ, code_perplexity
-from recsys.spec import CodeSource, ListwiseGroup, RVQSpec, Spec
+from recsys.spec import Arch, CodeSource, ListwiseGroup, RVQSpec, Spec
 
 # keys of the model's output dict that are not tasks start with "_" (never evaluated as metrics)
 RVQ_CODES = "_rvq_codes"
@@ -112,6 +113,8 @@ class RankingObjective(nn.Module):
         self.esmm = spec.model.esmm
         self.loss = spec.loss
         self.first = self.tasks[0]
+        # RankTower learns from the whole cascade (METHODS.md section 4)
+        self.cascade = spec.model.arch == Arch.RANKTOWER
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -122,6 +125,14 @@ class RankingObjective(nn.Module):
         stats.update({k[len(STAT_PREFIX):]: v for k, v in outputs.items()
                       if k.startswith(STAT_PREFIX)})
         logits, labels = outputs[self.first], batch.labels[self.first]
+        if self.cascade:
+            if batch.stage is None or "request" not in batch.groups:
+                raise ValueError("model.arch 'ranktower' trains on the cascade view: the data "
+                                 "needs stage and request_id columns (data.view = 'cascade')")
+            term, parts = cascade_loss(logits, batch.labels["click"], batch.groups["request"],
+                                       batch.stage, batch.teacher, spec.cascade)
+            loss = loss + term
+            stats.update({f"loss/cascade_{k}": v for k, v in parts.items()})
         if spec.listwise.weight > 0:
             lw = spec.listwise
             if lw.group == ListwiseGroup.BATCH:

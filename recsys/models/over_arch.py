@@ -186,14 +186,21 @@ class MoEOverArch(nn.Module):
         return out
 
 
-def build_over_arch(spec: Spec, field_dims: list[int]) -> nn.Module:
-    """The over-arch of ``spec.model.arch`` for pooled features of widths ``field_dims``."""
+def build_over_arch(spec: Spec, field_dims: list[int], field_names: list[str] | None = None
+                    ) -> nn.Module:
+    """The over-arch of ``spec.model.arch`` for pooled features of widths ``field_dims`` (named
+    ``field_names``: the two-tower archs split them by side)."""
     arch = spec.model.arch
+    if arch in (Arch.RANKTOWER, Arch.DSSM):
+        from recsys.models.two_tower import TwoTowerOverArch
+
+        if field_names is None:
+            raise ValueError(f"model.arch '{arch}' needs the pooled features' names")
+        return TwoTowerOverArch(spec, field_names, field_dims)
     if arch in (Arch.MLP, Arch.DCN, Arch.PIN):
         return DeepOverArch(spec, field_dims)
     if arch in (Arch.XDEEPINT, Arch.DYNINT):
         return ReadoutOverArch(spec, field_dims)
     if arch == Arch.MOE:
         return MoEOverArch(spec, field_dims)
-    raise ValueError(f"model.arch '{arch}' is not a ranker arch (ranktower and dssm are "
-                     "two-tower models)")
+    raise ValueError(f"model.arch '{arch}' has no over-arch")

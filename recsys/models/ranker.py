@@ -46,10 +46,11 @@ class Ranker(nn.Module):
         if self.esmm and self.tasks != ["click", "conversion"]:
             raise ValueError("model.esmm needs tasks = ['click', 'conversion']")
         self.ebc = build_ebc(spec.features, config.device)
-        field_dims = [c.embedding_dim for c in self.ebc.embedding_bag_configs()
-                      for _ in c.feature_names]
+        configs = self.ebc.embedding_bag_configs()
+        field_dims = [c.embedding_dim for c in configs for _ in c.feature_names]
+        field_names = [f for c in configs for f in c.feature_names]
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
-        self.over = build_over_arch(spec, field_dims)
+        self.over = build_over_arch(spec, field_dims, field_names)
         h = spec.loss.hierarchical
         self.user_codes: OnlineUserCodes | None = None
         if h.weight > 0 and h.codes == CodeSource.ONLINE:

@@ -125,6 +125,10 @@ def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str
     metrics["sparsity"] = sparsity(trainer.built)  # a collective: every rank
     metrics["train_last_step"] = trainer.history.last_stats()
     metrics["timing"] = trainer.timing
+    if spec.train.eval_cascade and "request" in trainer.train_loader.split.schema.groups:
+        cascade = trainer.evaluate_cascade("test")  # a collective: every rank
+        if cascade is not None:
+            metrics["cascade"] = cascade
     if ctx.is_main:
         _write_run(out, spec, trainer, metrics, results, started)
         print(summary_table(metrics), file=sys.stderr)

@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetLoader
-from recsys.data.schema import DatasetManifest
-from recsys.data.source import ensure_dataset, make_loader
+from recsys.data.schema import TEACHER, DatasetManifest
+from recsys.data.source import ensure_dataset, make_loader, open_split
 from recsys.evaluate.accumulator import EvalAccumulator
+from recsys.evaluate.cascade import prerank_metrics
 from recsys.models.ranker import probabilities
 from recsys.progress import progress_bar
 from recsys.spec import Spec
@@ -34,6 +37,8 @@ from recsys.train.distributed import DistContext, all_max, barrier, seed_everyth
 from recsys.train.sharded import build_sharded_model
 
 log = logging.getLogger("recsys.train")
+
+CASCADE_VIEW = "cascade"  # every candidate of every request, with the stage it reached
 
 # Known, harmless notices from the pinned torchrec / fbgemm versions (data-parallel tables do
 # train: their weights change, checked in tests/test_train.py).
@@ -241,6 +246,44 @@ class Trainer:
         metrics, arrays = acc.compute_with_arrays()
         self.pipeline.attach(self.model)
         return {"metrics": metrics, "arrays": arrays if keep_arrays else None}
+
+
+    @torch.no_grad()
+    def evaluate_cascade(self, split: str = "test", ks: tuple[int, ...] = (5, 10)
+                         ) -> dict[str, float] | None:
+        """Pre-ranking metrics of this model on every candidate of ``split``'s requests (the
+        cascade view): Recall@K / NDCG@K of its top-K against the ranker's top-K and the clicks
+        (recsys.evaluate.cascade). None when the data has no cascade view with ranker scores.
+        A collective: every rank calls it; the metrics are computed on rank 0 (None elsewhere)."""
+        if CASCADE_VIEW not in self.manifest.views or self.manifest.column(TEACHER) is None:
+            return None
+        split_rows = open_split(self.spec, self.manifest, split, view=CASCADE_VIEW)
+        loader = ParquetLoader(split_rows, self.spec.train.eval_batch_size
+                               or self.spec.train.batch_size, rank=self.ctx.rank,
+                               world_size=self.ctx.world_size, shuffle=False, drop_last=False)
+        self.pipeline.detach()
+        self.model.eval()
+        task = self.spec.model.tasks[0]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "request", "teacher",
+                                                               "click")}
+        for batch, real in _padded(loader, all_max(len(loader))):
+            batch = batch.to(self.ctx.device)
+            _, (_, logits, _, _) = self.model(batch)
+            if real:
+                parts["score"].append(logits[task].float().cpu().numpy())
+                parts["request"].append(batch.groups["request"].cpu().numpy())
+                parts["teacher"].append(batch.teacher.cpu().numpy())
+                parts["click"].append(batch.labels["click"].cpu().numpy())
+        self.pipeline.attach(self.model)
+        local = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            if not self.ctx.is_main:
+                return None
+            local = {k: np.concatenate([g[k] for g in gathered]) for k in local}
+        return prerank_metrics(local["score"], local["request"], local["teacher"],
+                               local["click"], ks)
 
 
 def _padded(loader: ParquetLoader, steps: int) -> Iterator[tuple[Batch, bool]]:

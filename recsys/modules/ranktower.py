@@ -1,0 +1,300 @@
+"""RankTower pre-ranker (METHODS.md section 4, arXiv 2407.12385) and the DSSM two-tower baseline.
+
+Both nets share one serving split::
+
+    U = net.user_tower(u)      # (B, m_u, D) -> user representation, once per request
+    V = net.item_tower(v)      # (B, m_i, D) -> item representation, precomputable ("item cache")
+    s = net.score(U, V)        # (...) logits; the only per-pair work
+    net(u, v) == net.score(net.user_tower(u), net.item_tower(v))
+
+The towers never see the other side, so item representations can be computed offline and cached;
+``score`` accepts any broadcastable leading dims, and ``score_candidates(user (H, d), items
+(N, H, d)) -> (N,)`` scores one user against N cached items. Everything here compiles with
+``torch.jit.script`` and creates no tensors of its own (device and dtype follow the inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.modules.mlp import MLP
+from recsys.spec import RankTowerSpec
+
+# CLIP's bound on the logit scale (1/τ <= 100): a learnable τ may otherwise collapse towards 0,
+# which blows up the logits and the loss early in training
+MIN_TEMPERATURE = 0.01
+
+
+def _head_mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:
+    """ReLU hidden layers then a plain linear output (no activation: the output is a representation
+    or a gate logit, both need the full real line)."""
+    body = MLP(in_features, hidden)
+    return nn.Sequential(body, nn.Linear(body.out_features, out_features))
+
+
+class _GatedHead(nn.Module):
+    """One head of :class:`MultiHeadGatedTower`: ``MLP_h(x ⊙ 2·σ(MLP_g^h(x)))``."""
+
+    def __init__(self, width: int, hidden: list[int], gate_hidden: list[int],
+                 head_dim: int) -> None:
+        super().__init__()
+        self.gate = _head_mlp(width, gate_hidden, width)
+        self.mlp = _head_mlp(width, hidden, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x * (2.0 * torch.sigmoid(self.gate(x))))
+
+
+class MultiHeadGatedTower(nn.Module):
+    """``z_h = MLP_h(x ⊙ 2·σ(MLP_g^h(x)))`` for each head ``h``, ``x`` the flattened fields.
+
+    The gate ``2·σ(·)`` lies in (0, 2) and equals 1 at a zero logit, so each head starts near the
+    identity reweighting and learns to amplify or suppress the fields (and dimensions) it uses.
+
+    Args:
+        num_fields: number of input fields ``m`` of this side.
+        dim: the field embedding dim ``D``.
+        spec: ``heads`` H, ``head_dim`` d, ``hidden`` the layers of ``MLP_h``; the gate has one
+            hidden layer of ``hidden[0]`` units (a single linear when ``hidden`` is empty).
+
+    Example:
+        >>> tower = MultiHeadGatedTower(3, 8, RankTowerSpec(heads=2, head_dim=4, hidden=[16]))
+        >>> tower(torch.randn(5, 3, 8)).shape
+        torch.Size([5, 2, 4])
+    """
+
+    def __init__(self, num_fields: int, dim: int, spec: RankTowerSpec) -> None:
+        super().__init__()
+        width = num_fields * dim
+        hidden = list(spec.hidden)
+        gate_hidden = hidden[:1]
+        self.heads = nn.ModuleList(_GatedHead(width, hidden, gate_hidden, spec.head_dim)
+                                   for _ in range(spec.heads))
+        self.in_features = width
+        self.num_heads = spec.heads
+        self.head_dim = spec.head_dim
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        """``(B, m, D)`` (or already flat ``(B, m·D)``) -> ``(B, H, d)``."""
+        x = fields.flatten(1)
+        out: list[torch.Tensor] = []
+        for head in self.heads:
+            out.append(head(x))
+        return torch.stack(out, dim=1)
+
+
+class _GatedAttend(nn.Module):
+    """One direction of :class:`GatedCrossAttention`: queries from ``q``, keys/values from ``kv``."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.w_q = nn.Linear(head_dim, head_dim, bias=False)
+        self.w_k = nn.Linear(head_dim, head_dim, bias=False)
+        self.w_v = nn.Linear(head_dim, head_dim, bias=False)
+        self.gate = nn.Linear(2 * head_dim, head_dim)
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        attn = torch.softmax(self.w_q(q) @ self.w_k(kv).transpose(-1, -2) * self.scale, dim=-1)
+        ctx = attn @ self.w_v(kv)
+        # residual: a closed gate leaves the tower output as it was
+        return q + torch.sigmoid(self.gate(torch.cat([q, ctx], dim=-1))) * ctx
+
+
+class GatedCrossAttention(nn.Module):
+    """Bidirectional gated cross-attention between the H user and H item head vectors.
+
+    ``U' = U + σ(Lin([U; A_uv V W_v])) ⊙ A_uv V W_v`` with ``A_uv = softmax(U W_q (V W_k)ᵀ/√d)``
+    (each user head attends over the item heads), and ``V'`` likewise with its own weights.
+    Both directions read the *original* U and V. The weights are shared across heads (a head is a
+    token here, not a subspace).
+
+    Args:
+        head_dim: ``d``.
+        heads: ``H`` (the module works for any number of heads; kept for the record and ``repr``).
+
+    Example:
+        >>> ca = GatedCrossAttention(4, heads=2)
+        >>> [t.shape for t in ca(torch.randn(3, 2, 4), torch.randn(3, 2, 4))]
+        [torch.Size([3, 2, 4]), torch.Size([3, 2, 4])]
+    """
+
+    def __init__(self, head_dim: int, heads: int) -> None:
+        super().__init__()
+        self.user_side = _GatedAttend(head_dim)
+        self.item_side = _GatedAttend(head_dim)
+        self.head_dim = head_dim
+        self.heads = heads
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u (..., H, d)``, ``v (..., H, d)`` with broadcastable leading dims -> ``(U', V')``
+        of the broadcast shape (e.g. ``u (1, H, d)`` against ``v (N, H, d)``)."""
+        # broadcast first, so the gate's concat [U; context] sees matching shapes (views only)
+        u, v = torch.broadcast_tensors(u, v)
+        return self.user_side(u, v), self.item_side(v, u)
+
+
+def max_sim(u: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+            late_interaction: bool = False) -> torch.Tensor:
+    """Maximum cosine similarity between the head vectors of ``u`` and ``v``, divided by τ.
+
+    ``cos[..., i, j] = cos(u_i, v_j)``; ``score = max_{i,j} cos / τ`` or, with
+    ``late_interaction``, ``Σ_i max_j cos / τ`` (ColBERT-style). A zero vector has cosine 0.
+
+    Args:
+        u: ``(..., H_u, d)``.
+        v: ``(..., H_v, d)``, leading dims broadcastable with ``u``'s.
+        temperature: τ > 0 (a tensor, so that it can be learnable).
+        late_interaction: sum over user heads of the best item head instead of the overall max.
+
+    Example:
+        >>> u = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+        >>> max_sim(u, u, torch.tensor(0.5))
+        tensor([2.])
+    """
+    cos = F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).transpose(-1, -2)
+    # late interaction: each user head takes its best item head; otherwise the single best pair
+    best = cos.amax(dim=-1).sum(dim=-1) if late_interaction else cos.flatten(-2).amax(dim=-1)
+    return best / temperature
+
+
+class MaxSimilarity(nn.Module):
+    """:func:`max_sim` with a learnable temperature (stored as ``log τ``, floored at 0.01).
+
+    Args:
+        init_temperature: the initial τ.
+        late_interaction: see :func:`max_sim`.
+
+    Example:
+        >>> MaxSimilarity(0.07)(torch.randn(4, 2, 8), torch.randn(4, 2, 8)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, init_temperature: float = 0.07, late_interaction: bool = False) -> None:
+        super().__init__()
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        # log τ keeps τ positive under any gradient step and makes the step size scale-free
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.min_temperature = MIN_TEMPERATURE
+        self.late_interaction = late_interaction
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp_min(self.min_temperature)
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return max_sim(u, v, self.temperature(), self.late_interaction)
+
+
+class RankTowerNet(nn.Module):
+    """Multi-head gated towers, gated cross-attention and max-sim: ``(u, v) -> (B,)`` logits.
+
+    Args:
+        num_user_fields: ``m_u`` (user and context fields).
+        num_item_fields: ``m_i``.
+        dim: the field embedding dim ``D`` (the same on both sides).
+        spec: the :class:`~recsys.spec.RankTowerSpec`.
+
+    Example:
+        >>> net = RankTowerNet(3, 2, 8, RankTowerSpec(heads=2, head_dim=4, hidden=[16]))
+        >>> u, v = torch.randn(5, 3, 8), torch.randn(5, 2, 8)
+        >>> net(u, v).shape
+        torch.Size([5])
+        >>> net.score_candidates(net.user_tower(u[:1]), net.item_tower(v)).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, num_user_fields: int, num_item_fields: int, dim: int,
+                 spec: RankTowerSpec) -> None:
+        super().__init__()
+        self.user_tower = MultiHeadGatedTower(num_user_fields, dim, spec)
+        self.item_tower = MultiHeadGatedTower(num_item_fields, dim, spec)
+        self.cross = GatedCrossAttention(spec.head_dim, spec.heads)
+        self.sim = MaxSimilarity(spec.init_temperature, spec.late_interaction)
+        self.heads = spec.heads
+        self.head_dim = spec.head_dim
+
+    @torch.jit.export
+    def score(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Tower outputs ``(..., H, d)`` (broadcastable leading dims) -> logits ``(...)``."""
+        u, v = self.cross(user, item)
+        return self.sim(u, v)
+
+    @torch.jit.export
+    def score_candidates(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """One user ``(H, d)`` or ``(1, H, d)`` against N cached items ``(N, H, d)`` -> ``(N,)``.
+
+        The user row is broadcast to the N items and the pairwise :meth:`score` runs unchanged,
+        so the result equals scoring N copies of the user.
+        """
+        return self.score(user.reshape(1, self.heads, self.head_dim), items)
+
+    def forward(self, user_fields: torch.Tensor, item_fields: torch.Tensor) -> torch.Tensor:
+        """``u (B, m_u, D)``, ``v (B, m_i, D)`` -> ``(B,)`` logits."""
+        return self.score(self.user_tower(user_fields), self.item_tower(item_fields))
+
+
+class _DSSMTower(nn.Module):
+    """Flatten -> MLP -> linear to ``out_dim`` -> L2-normalise (so the cache holds unit vectors)."""
+
+    def __init__(self, in_features: int, hidden: list[int], out_dim: int) -> None:
+        super().__init__()
+        self.mlp = _head_mlp(in_features, hidden, out_dim)
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(fields.flatten(1)), dim=-1)
+
+
+class DSSMNet(nn.Module):
+    """Plain two-tower baseline: cosine of the tower outputs divided by a learnable τ.
+
+    The same ``user_tower`` / ``item_tower`` / ``score`` / ``score_candidates`` / ``forward`` API
+    as :class:`RankTowerNet`, so the same serving code runs either; representations are
+    ``(B, out_dim)`` instead of ``(B, H, d)``.
+
+    Args:
+        num_user_fields: ``m_u``.
+        num_item_fields: ``m_i``.
+        dim: the field embedding dim ``D``.
+        hidden: the hidden layers of each tower.
+        out_dim: the representation width.
+        init_temperature: the initial τ (stored as ``log τ``, floored at 0.01).
+
+    Example:
+        >>> net = DSSMNet(3, 2, 8, hidden=[16], out_dim=4)
+        >>> net(torch.randn(5, 3, 8), torch.randn(5, 2, 8)).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, num_user_fields: int, num_item_fields: int, dim: int, hidden: list[int],
+                 out_dim: int, init_temperature: float = 0.07) -> None:
+        super().__init__()
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        self.user_tower = _DSSMTower(num_user_fields * dim, list(hidden), out_dim)
+        self.item_tower = _DSSMTower(num_item_fields * dim, list(hidden), out_dim)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.min_temperature = MIN_TEMPERATURE
+        self.out_dim = out_dim
+
+    @torch.jit.export
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp_min(self.min_temperature)
+
+    @torch.jit.export
+    def score(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Unit vectors ``(..., out_dim)`` (broadcastable leading dims) -> logits ``(...)``."""
+        return (user * item).sum(dim=-1) / self.temperature()
+
+    @torch.jit.export
+    def score_candidates(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """One user ``(out_dim,)`` or ``(1, out_dim)`` against ``(N, out_dim)`` items -> ``(N,)``."""
+        return self.score(user.reshape(1, self.out_dim), items)
+
+    def forward(self, user_fields: torch.Tensor, item_fields: torch.Tensor) -> torch.Tensor:
+        """``u (B, m_u, D)``, ``v (B, m_i, D)`` -> ``(B,)`` logits."""
+        return self.score(self.user_tower(user_fields), self.item_tower(item_fields))
