@@ -25,9 +25,7 @@ lint: install
 
 # the benchmarks, then the README's results section rewritten from their output
 bench: install
-	$(RECSYS) bench data --out bench-results
-	$(RECSYS) bench train --out bench-results --tables 26 --rows 100000
-	$(RECSYS) bench moe --out bench-results
+	$(RECSYS) bench all --out bench-results
 	$(PY) tools/update_readme.py bench-results report
 
 # the quality experiments over seeds (about 30 minutes on 2 cores), then the README's results

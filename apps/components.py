@@ -12,11 +12,15 @@ role, ``NNODES`` replicas of a torchrun agent with ``NPROC`` workers each), plus
         --spec specs/quickstart.toml --run_dir runs/qs
     torchx run -s slurm -cfg partition=gpu apps/components.py:train -j 2x8 --gpu 8 ...
 
-``torchrun`` is looked up on the replica's PATH: on local_cwd and Slurm (which inherit the
-submitting shell's environment) activate the virtual environment first
-(``source .venv/bin/activate``); a container image must have it installed.
+``torchrun`` is looked up on the replica's PATH. With the default image (``.``: local_cwd and
+Slurm, which run in the submitting directory) the directory of the Python running torchx (e.g.
+``.venv/bin``) is appended to that PATH, so ``.venv/bin/torchx run ...`` works without activating
+the virtual environment; a container image must have torchrun on its own PATH.
 """
 
+import shlex
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
@@ -213,6 +217,18 @@ def _app(role: str, module_args: List[str], *, name: str, j: str, max_restarts: 
     flag, cmd = r.args  # ["-c", "torchrun --rdzv_backend ... -m recsys.cli ..."]
     if flag != "-c" or not cmd.startswith(_TORCHRUN):
         raise RuntimeError(f"unexpected torchx dist.ddp command (torchx changed?): {r.args}")
-    r.args = [flag, f"{_TORCHRUN}--max_restarts {max_restarts} {cmd[len(_TORCHRUN):]}"]
+    cmd = f"{_TORCHRUN}--max_restarts {max_restarts} {cmd[len(_TORCHRUN):]}"
+    r.args = [flag, _local_path(image) + cmd]
     r.name = role
     return app
+
+
+def _local_path(image: str) -> str:
+    """For a job that runs in this checkout (``image == "."``), a ``PATH=...`` prefix that appends
+    the bin directory of the Python running torchx, if torchrun is there: an activated
+    environment still comes first, and on a host without that directory nothing changes.
+    ``$$`` is torchx's escape for ``$`` (the schedulers substitute macros in the args)."""
+    bindir = Path(sys.executable).parent
+    if image != LOCAL_IMAGE or not (bindir / "torchrun").is_file():
+        return ""
+    return f'PATH="$$PATH":{shlex.quote(str(bindir))} '

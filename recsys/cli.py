@@ -7,7 +7,7 @@
     recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
     recsys evaluate RUN_DIR
     recsys plan SPEC --world-size 64 --device cuda
-    recsys bench data|train|moe|serve [--out DIR] [...]
+    recsys bench data|train|moe|serve|all [--out DIR] [--quick] [...]
     recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]
     recsys predict EXPORT_DIR --data PARQUET --out PARQUET
     recsys rvq encode RUN_DIR --out DIR
@@ -195,6 +195,17 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from recsys.bench.serve import config_from_args, run_and_write
 
     run_and_write(config_from_args(args), args.out)
+    return 0
+
+
+def cmd_bench_all(args: argparse.Namespace) -> int:
+    import logging
+
+    from recsys.bench.all import AllConfig, run_all
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    summary = run_all(AllConfig(Path(args.out), quick=args.quick), args.only)
+    print(f"\n{summary}\n\nwrote {args.out}/NAME.json and NAME.md for each")
     return 0
 
 
@@ -420,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of timed calls")
     p.add_argument("--all-cores", action="store_true", help="torch's default threads, not 1")
     p.set_defaults(fn=cmd_bench_serve)
+
+    p = bench.add_parser("all", help="every benchmark (JSON + table each) and a summary")
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path")
+    p.add_argument("--only", nargs="+", choices=["data", "train", "moe", "serve", "hgr",
+                                                  "ranktower", "scaling", "rvq"])
+    p.set_defaults(fn=cmd_bench_all)
 
     p = sub.add_parser("report", help="quality experiments over seeds (mean ± std tables)")
     p.add_argument("--only", nargs="+", choices=REPORTS, help=f"default: all of {REPORTS}")

@@ -26,10 +26,12 @@ SPEC = "specs/quickstart.toml"
 
 
 def _cmd(app: specs.AppDef) -> list[str]:
-    """The torchrun command line of the app's only role (``bash -c CMD``), as argv."""
+    """The torchrun command line of the app's only role (``bash -c CMD``), as argv, without the
+    ``PATH=...`` assignment in front of it (see test_local_image_finds_torchrun)."""
     (role,) = app.roles
     assert role.entrypoint == "bash" and role.args[0] == "-c" and len(role.args) == 2
-    return shlex.split(role.args[1])
+    argv = shlex.split(role.args[1])
+    return argv[1:] if argv[0].startswith("PATH=") else argv
 
 
 def _opt(argv: list[str], flag: str) -> str:
@@ -64,7 +66,8 @@ def _torchrun_commands(text: str) -> list[list[str]]:
     pformat split over lines are joined back), as argv."""
     joined = ["".join(ast.literal_eval(s) for s in re.findall(_STR, m.group(0)))
               for m in re.finditer(rf"{_STR}(?:\s*{_STR})*", text)]
-    return [shlex.split(s) for s in joined if s.startswith("torchrun ")]
+    commands = [shlex.split(s) for s in joined if s.startswith(("torchrun ", "PATH="))]
+    return [argv[1:] if argv[0].startswith("PATH=") else argv for argv in commands]
 
 
 # ---- AppDefs --------------------------------------------------------------------------------------
@@ -106,6 +109,18 @@ def test_train_two_nodes():
     assert _opt(argv, "--nnodes") == "2" and _opt(argv, "--nproc_per_node") == "4"
     assert _opt(argv, "--rdzv_endpoint").endswith(":29600")
     assert app.roles[0].port_map == {"c10d": 29600}
+
+
+def test_local_image_finds_torchrun():
+    # `.venv/bin/torchx run` without an activated venv: the launching Python's bin directory
+    # is appended to PATH (after the inherited one), only for jobs run from this checkout
+    bindir = Path(sys.executable).parent
+    argv = _resolved(train(SPEC, "runs/qs"))
+    if (bindir / "torchrun").is_file():
+        assert argv[0] == f"PATH=$PATH:{bindir}" and argv[1] == "torchrun"
+    else:
+        assert argv[0] == "torchrun"
+    assert _resolved(train(SPEC, "runs/qs", image="ghcr.io/me/recsys:1"))[0] == "torchrun"
 
 
 def test_train_elastic_and_bad_j():

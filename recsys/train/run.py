@@ -182,6 +182,7 @@ def _write_run(out: Path, spec: Spec, trainer: Trainer, metrics: dict[str, Any],
         "spec": spec.name, "spec_hash": spec_hash(spec), "world_size": trainer.ctx.world_size,
         "device": str(trainer.ctx.device), "steps": trainer.step,
         "seconds": round(time.time() - started, 1), "recsys": __version__,
+        "timing": trainer.timing, "embedding_bytes_per_rank": _rank_bytes(trainer),
         "torch": torch.__version__, "python": platform.python_version(),
     }, indent=2))
     task = spec.model.tasks[0]
@@ -193,6 +194,15 @@ def _write_run(out: Path, spec: Spec, trainer: Trainer, metrics: dict[str, Any],
         curves["oracle"] = arrays["oracle"][task]
     plots.reliability_diagram(arrays["labels"][task], curves, out / "calibration.png",
                               title=f"{spec.name}: {task} on test")
+
+
+def _rank_bytes(trainer: Trainer) -> list[int]:
+    """Embedding weights and sparse-optimizer state held by each rank, from the sharding plan."""
+    from recsys.train import planning
+
+    topology = planning.make_topology(trainer.ctx.world_size, trainer.ctx.device.type)
+    summary = planning.plan_summary(trainer.spec, trainer.plan, topology)
+    return [int(r["total_bytes"]) for r in summary["ranks"]]
 
 
 def _json_safe(obj: Any) -> Any:
