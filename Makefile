@@ -9,13 +9,16 @@ PYTEST_ARGS ?=
 install:
 	bash tools/bootstrap.sh
 
-# generate the synthetic cascade, train the quickstart ranker on 2 processes (torchrun, gloo),
-# re-evaluate it from its last checkpoint and print the metrics table
+# generate the synthetic cascade, train the quickstart ranker on 2 processes through torchx
+# (local_cwd scheduler, torchrun underneath, gloo), re-evaluate it from its last checkpoint and
+# print the metrics table
 DEMO_RUN ?= runs/quickstart-demo
+TORCHX := $(VENV)/bin/torchx run -s local_cwd apps/components.py
 demo: install
 	$(RECSYS) data synth specs/quickstart.toml
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m recsys.cli train specs/quickstart.toml --run-dir $(DEMO_RUN)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m recsys.cli evaluate $(DEMO_RUN)
+	rm -rf $(DEMO_RUN)
+	$(TORCHX):train -j 1x2 --spec specs/quickstart.toml --run_dir $(DEMO_RUN)
+	$(TORCHX):evaluate -j 1x2 --run_dir $(DEMO_RUN)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

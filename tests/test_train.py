@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_SYNTHETIC, tiny_spec_dict
+from conftest import tiny_spec_dict
 
-from recsys.data.synthetic import generate
-from recsys.spec import SyntheticSpec, dump_toml, validate_spec
+from recsys.spec import dump_toml, validate_spec
 from recsys.train.distributed import init_distributed, shutdown
 from recsys.train.run import run_training
 from recsys.train.trainer import Trainer
@@ -88,17 +87,6 @@ def _torchrun(spec_path: Path, run_dir: Path, nproc: int) -> dict[str, Any]:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def parity_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny world with enough requests that test metrics are stable to ~0.001 AUC
-    (60k train rows, 12k test rows)."""
-    cfg = SyntheticSpec(**{**TINY_SYNTHETIC,
-                           "requests": {"train": 20000, "valid": 2000, "test": 4000}})
-    out = tmp_path_factory.mktemp("parity") / "data"
-    generate(cfg, out, progress=False)
-    return out
 
 
 def _parity_spec(root: Path, batch_size: int, sharding: str | None = None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -83,6 +84,11 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         log.info("run %s: spec %s (hash %s) on %d rank(s), %s", out, spec.name, spec_hash(spec),
                  ctx.world_size, ctx.device)
         started = time.time()
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restarts:
+            log.warning("the elastic agent restarted the worker group (restart %d after a worker "
+                        "failed)%s", restarts, ": resuming from the last checkpoint" if resume
+                        else "; without --resume this run starts over from step 0")
         trainer = Trainer(spec, ctx, progress, run_dir=out)
         log.info("sharding plan:\n%s", _plan_summary(trainer))
         if resume and trainer.restore() is None:

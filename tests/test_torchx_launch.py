@@ -1,0 +1,108 @@
+"""torchx launches real training: two processes on one node (-j 1x2) and two one-process "nodes"
+(-j 2x1) reach the metrics of one process, and a worker killed mid-run is restarted by the elastic
+agent, resumes from the last checkpoint and ends with the metrics of an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tiny_spec_dict
+
+from recsys.spec import dump_toml, validate_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHX = [str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd"]
+
+
+def _spec(root: Path, tmp: Path, name: str, batch_size: int, **train: Any) -> Path:
+    raw = tiny_spec_dict(root)
+    raw["model"] = {"arch": "mlp", "tasks": ["click"], "mlp": {"hidden": [32, 16]}}
+    raw["data"]["labels"] = ["click"]
+    raw["train"] = {"batch_size": batch_size, "seed": 9, "epochs": 2, "eval_cascade": False,
+                    **train}
+    path = tmp / f"{name}.toml"
+    path.write_text(dump_toml(validate_spec(raw)))
+    return path
+
+
+def _torchx(j: str, spec: Path, run_dir: Path, *extra: str, wait: bool = True
+            ) -> subprocess.Popen[str] | dict[str, Any]:
+    cmd = [*TORCHX, "apps/components.py:train", "-j", j, "--spec", str(spec), "--run_dir",
+           str(run_dir), "--progress", "False", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "SUCCEEDED" in done.stderr + done.stdout, \
+        (done.stdout + done.stderr)[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_one_node_two_processes_and_two_nodes_match_one_process(parity_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """The data of tests/test_train.py's parity test (60k training rows: test AUC stable to
+    ~0.001 between runs), one epoch, the same global batch; tolerance 0.005 as there."""
+    one = _torchx("1x1", _spec(parity_data, tmp_path, "one", 256, epochs=1), tmp_path / "one")
+    two = _spec(parity_data, tmp_path, "two", 128, epochs=1)
+    for j in ("1x2", "2x1"):
+        got = _torchx(j, two, tmp_path / j)
+        assert got["test"]["rows"] == one["test"]["rows"], j
+        assert abs(got["test"]["auc"] - one["test"]["auc"]) < 0.005, j
+        assert abs(got["test"]["logloss"] - one["test"]["logloss"]) < 0.005, j
+        assert json.loads((tmp_path / j / "run.json").read_text())["world_size"] == 2
+
+
+def _kill_one_worker(marker: str) -> int | None:
+    """SIGKILL one training worker (not the torchrun agent) whose command line names ``marker``."""
+    for pid_dir in sorted(Path("/proc").iterdir(), key=lambda p: p.name):
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and "recsys.cli train" in cmdline \
+                and "torch.distributed.run" not in cmdline and "torchrun" not in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+                return int(pid_dir.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) -> None:
+    spec = _spec(tiny_dataset.root, tmp_path, "ft", 32, epochs=3, checkpoint_every_steps=25,
+                 keep_checkpoints=2)
+    whole = _torchx("1x2", spec, tmp_path / "whole")
+    run = tmp_path / "killed"
+    proc = _torchx("1x2", spec, run, "--max_restarts", "3", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    deadline = time.time() + 600
+    killed = None
+    while time.time() < deadline and killed is None:
+        ckpts = run / "checkpoints"
+        if ckpts.is_dir() and any(p.name.startswith("step-") and not p.name.endswith(".partial")
+                                  for p in ckpts.iterdir()):
+            killed = _kill_one_worker(str(run))
+        time.sleep(0.2)
+    assert killed is not None, "no checkpoint appeared"
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0 and "SUCCEEDED" in out, out[-3000:]
+    log = (run / "train.log").read_text()
+    assert "restarted the worker group" in log and "resumed from" in log
+    final = json.loads((run / "metrics.json").read_text())
+    for key in ("auc", "logloss", "calibration"):
+        assert final["test"][key] == pytest.approx(whole["test"][key], abs=1e-6), key
