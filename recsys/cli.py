@@ -252,8 +252,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                "sparsity": lambda out: run_sparsity(interactions, out),
                "ranking-losses": lambda out: run_ranking_losses(RankingLossesConfig(**sizes),
                                                                 out),
-               "ranktower": lambda out: run_ranktower(RankTowerConfig(**{
-                   **sizes, **({} if args.quick else {"synthetic_requests": 30_000})}), out)}
+               "ranktower": lambda out: run_ranktower(RankTowerConfig(**sizes), out)}
     out = Path(args.out)
     for name in args.only or REPORTS:
         result, table = runners[name](out)

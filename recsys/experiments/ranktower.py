@@ -30,7 +30,7 @@ LABELS = ("Recall@10 vs ranker", "NDCG@10 vs ranker", "Recall@10 vs clicks", "ND
 @dataclass
 class RankTowerConfig(DataConfig):
     datasets: tuple[str, ...] = ("synthetic",)
-    synthetic_requests: int = 30_000  # 30 candidates each in the cascade view
+    synthetic_requests: int = 10_000  # 30 candidates each in the cascade view
     ablations: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
