@@ -3,6 +3,7 @@ and a helper that writes small hand-made Parquet files."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,18 @@ def parity_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("parity") / "data"
     generate(cfg, out, progress=False)
     return out
+
+
+def processes_with(marker: str) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of every other process whose command line names ``marker``, in pid
+    order (how tests find the workers they kill: workers sit in their own process groups)."""
+    found = []
+    for pid_dir in sorted((p for p in Path("/proc").iterdir() if p.name.isdigit()),
+                          key=lambda p: int(p.name)):
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and int(pid_dir.name) != os.getpid():
+            found.append((int(pid_dir.name), cmdline))
+    return found

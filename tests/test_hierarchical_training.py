@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_spec_dict
-from test_interaction_training import _torchrun
+from test_train import _torchrun
 
 from recsys.data.schema import RVQ_CODE, DatasetManifest, num_nodes
 from recsys.quantization.offline import encode_run

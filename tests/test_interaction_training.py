@@ -4,15 +4,13 @@ grafted onto the tiny dataset's features), and FTRL selection works in sharded t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import tiny_spec_dict
+from test_train import _torchrun
 
 from recsys.spec import dump_toml, validate_spec
 from recsys.train.run import run_training
@@ -67,16 +65,6 @@ def test_sparsity_grows_with_l1(tiny_dataset, tmp_path: Path) -> None:
     (rows0, pin0), (rows1, pin1) = seen
     assert rows0 == 0.0 and pin0 == 0.0  # no L1, no exact zeros
     assert rows1 > 0.05 and pin1 > 0.05
-
-
-def _torchrun(spec_path: Path, run_dir: Path, nproc: int) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", "-m", "recsys.cli", "train", str(spec_path), "--run-dir",
-           str(run_dir), "--no-progress"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.mark.slow

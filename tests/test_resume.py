@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_spec_dict
+from conftest import processes_with, tiny_spec_dict
 
 from recsys.spec import dump_toml, validate_spec
 from recsys.train import checkpoint
@@ -44,16 +44,9 @@ def _cmd(*args: str, nproc: int = 2) -> list[str]:
 def _kill_everything_running(marker: str) -> None:
     """SIGKILL every process whose command line names ``marker`` (the workers sit in their own
     process groups, so killing the launcher's group would leave them running)."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline and int(pid_dir.name) != os.getpid():
-            with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
-                os.kill(int(pid_dir.name), signal.SIGKILL)
+    for pid, _ in processes_with(marker):
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+            os.kill(pid, signal.SIGKILL)
 
 
 def _run(*args: str) -> dict[str, Any]:

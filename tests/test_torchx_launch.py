@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_spec_dict
+from conftest import processes_with, tiny_spec_dict
 
 from recsys.spec import dump_toml, validate_spec
 
@@ -66,18 +66,12 @@ def test_one_node_two_processes_and_two_nodes_match_one_process(parity_data: Pat
 
 def _kill_one_worker(marker: str) -> int | None:
     """SIGKILL one training worker (not the torchrun agent) whose command line names ``marker``."""
-    for pid_dir in sorted(Path("/proc").iterdir(), key=lambda p: p.name):
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline and "recsys.cli train" in cmdline \
-                and "torch.distributed.run" not in cmdline and "torchrun" not in cmdline:
+    for pid, cmdline in processes_with(marker):
+        if "recsys.cli train" in cmdline and "torch.distributed.run" not in cmdline \
+                and "torchrun" not in cmdline:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-                return int(pid_dir.name)
+                os.kill(pid, signal.SIGKILL)
+                return pid
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,4 +33,17 @@ def write_result(out_dir: str | Path, name: str, result: dict[str, Any], table: 
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
     (out / f"{name}.md").write_text(table + "\n")
+    return path
+
+
+def run_and_write(name: str, run: Callable[[Any], dict[str, Any]],
+                  table: Callable[[dict[str, Any]], str], cfg: Any, out_dir: str | Path,
+                  echo: bool = True) -> Path:
+    """``run(cfg)``, then write ``NAME.json`` / ``NAME.md`` into out_dir (and print the table)."""
+    result = run(cfg)
+    text = table(result)
+    path = write_result(out_dir, name, result, text)
+    if echo:
+        print(text)
+        print(f"\nwrote {path}")
     return path

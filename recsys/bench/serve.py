@@ -284,16 +284,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run_and_write(cfg: ServeBenchConfig, out_dir: str | Path, echo: bool = True) -> Path:
-    """run + write ``serve.json`` / ``serve.md`` into out_dir (+ print the table)."""
-    from recsys.bench import write_result
+    """run + write ``NAME.json`` / ``.md`` into out_dir (+ print the table)."""
+    from recsys.bench import run_and_write as write
 
-    result = run(cfg)
-    text = table(result)
-    path = write_result(out_dir, NAME, result, text)
-    if echo:
-        print(text)
-        print(f"\nwrote {path}")
-    return path
+    return write(NAME, run, table, cfg, out_dir, echo)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
