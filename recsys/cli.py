@@ -240,6 +240,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     from recsys.experiments.ranking_losses import RankingLossesConfig, run_ranking_losses
     from recsys.experiments.ranktower import RankTowerConfig, run_ranktower
+    from recsys.experiments.report import write_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # --quick: a smoke run of every code path (CI): tiny data, few steps, one seed
@@ -259,6 +260,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = write_result(out, name, {"command": f"recsys report --only {name}", **result},
                             table)
         print(f"\n{table}\n\nwrote {path}")
+    print(f"wrote {write_report(out)}")
     return 0
 
 

@@ -27,3 +27,6 @@ def test_report_quick_writes_every_table(tmp_path: Path) -> None:
     assert sparsity[0]["embedding_rows_zero"] == 0.0  # λ1 = 0: no exact zeros
     ranktower = json.loads((tmp_path / "ranktower.json").read_text())["rows"]
     assert len(ranktower) == 6  # RankTower, three ablations, DSSM, the ranker
+    report = (tmp_path / "report.md").read_text()
+    for plot in ("curves-synthetic.png", "gauc.png", "recall_at_k.png"):
+        assert (tmp_path / "plots" / plot).is_file() and f"plots/{plot}" in report

@@ -115,10 +115,11 @@ def bench_hgr(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     return {"seconds_per_step": times, "ratio": ratio, "steps": steps}, table
 
 
-def bench_ranktower(cfg: AllConfig) -> tuple[dict[str, Any], str]:
-    """RankTower's online part: one request's user representation against 1,000 cached item
-    representations (scripted scorer: gated cross-attention + max-sim), untrained weights."""
-    from recsys.export.two_tower import ScorerModule
+def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
+    """One request's user representation against 1,000 cached item representations through the
+    scripted online scorer (RankTower: gated cross-attention + max-sim; DSSM: a dot product),
+    with untrained weights (the cost does not depend on their values)."""
+    from recsys.export.two_tower import ScorerModule, time_scoring
     from recsys.modules.ranktower import DSSMNet, RankTowerNet
     from recsys.spec import RankTowerSpec
 
@@ -128,24 +129,20 @@ def bench_ranktower(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     for name, net in (("ranktower", RankTowerNet(7, 5, 16, spec)),
                       ("dssm", DSSMNet(7, 5, 16, list(spec.hidden), spec.head_dim))):
         scorer = torch.jit.script(ScorerModule(net).eval())
-        user_tower = net.user_tower
         with torch.no_grad():
-            user = user_tower(torch.randn(1, 7, 16))[0]
+            user = net.user_tower(torch.randn(1, 7, 16))[0]
             items = net.item_tower(torch.randn(1000, 5, 16))
-            for _ in range(5):
-                scorer(user, items)
-            times = []
-            for _ in range(20 if cfg.quick else 200):
-                start = time.perf_counter()
-                scorer(user, items)
-                times.append((time.perf_counter() - start) * 1000)
-        times.sort()
-        results[name] = {"p50_ms": times[len(times) // 2],
-                         "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))]}
+        results[name] = time_scoring(scorer, user, items, repeats)
+    return results
+
+
+def bench_ranktower(cfg: AllConfig) -> tuple[dict[str, Any], str]:
+    """RankTower's online part (see :func:`ranktower_scoring`)."""
+    results = ranktower_scoring(20 if cfg.quick else 200)
     table = format_table(["model", "p50 ms", "p99 ms"],
                          [[n, r["p50_ms"], r["p99_ms"]] for n, r in results.items()])
     table += (f"\n\n1,000 cached candidates scored for one request, {torch.get_num_threads()} "
-              f"thread(s); heads {spec.heads} x dim {spec.head_dim}.")
+              "thread(s); 4 heads x 32 dims.")
     return {"candidates": 1000, "results": results}, table
 
 

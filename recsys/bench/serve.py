@@ -236,6 +236,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
                    "tolerance": PARITY_TOL,
                    "int8_max_abs_diff": max(diffs["scripted int8"].values()),
                    "fp16_max_abs_diff": max(diffs["scripted fp16"].values())},
+        "ranktower_cached_scoring": _ranktower_scoring(cfg),
         "goals": {"size_ratio_int8_fp32": size_ratio, "size_goal": GOAL_SIZE_RATIO,
                   "size_met": size_ratio <= GOAL_SIZE_RATIO,
                   "throughput_batch": int(big),
@@ -243,6 +244,15 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
                   "throughput_goal": GOAL_THROUGHPUT_RATIO,
                   "throughput_met": speedup >= GOAL_THROUGHPUT_RATIO},
     }
+
+
+def _ranktower_scoring(cfg: ServeBenchConfig) -> dict[str, dict[str, float]]:
+    """The two-tower pre-rankers' online cost: 1,000 cached candidates for one request."""
+    from recsys.bench.all import ranktower_scoring
+    from recsys.bench.data import one_core
+
+    with one_core(not cfg.all_cores):
+        return ranktower_scoring(max(10, cfg.repeats * 10))
 
 
 def table(result: dict[str, Any]) -> str:
@@ -260,6 +270,11 @@ def table(result: dict[str, Any]) -> str:
                   "-" if name == "eager" else f"{diffs[name]:.2e}"] for name in result["variants"]]
     text += "\n\n" + format_table(["variant", "artifact MiB", "vs scripted fp32",
                                    "max abs diff vs eager"], size_rows)
+    scoring = result.get("ranktower_cached_scoring", {})
+    if scoring:
+        text += "\n\n" + format_table(
+            ["two-tower online scorer", "candidates", "p50 ms", "p99 ms"],
+            [[n, r["candidates"], r["p50_ms"], r["p99_ms"]] for n, r in scoring.items()])
     cfg, goals, parity = result["config"], result["goals"], result["parity"]
     dims = sorted({t["dim"] for t in result["tables"]})
     threads = "one core, 1 thread" if not cfg["all_cores"] else f"{result['threads']} threads"

@@ -60,7 +60,8 @@ def run_ranking_losses(cfg: RankingLossesConfig, out: Path) -> tuple[dict[str, A
             parts.append(f"**{dataset}**: skipped (raw data missing)")
             continue
         base["data"]["request_batches"] = True  # whole requests per batch, for every objective
-        runs = run_variants(base, variants(cfg), range(cfg.seeds), out / "runs" / dataset)
+        runs = run_variants(base, variants(cfg), range(cfg.seeds),
+                            out / "runs" / f"losses-{dataset}")
         rows = summary_rows(runs, KEYS)
         per_step = {name: mean_std([m["timing"]["seconds_per_step"] for m in per])[0]
                     for name, per in runs.metrics.items()}

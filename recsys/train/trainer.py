@@ -249,7 +249,7 @@ class Trainer:
 
 
     @torch.no_grad()
-    def evaluate_cascade(self, split: str = "test", ks: tuple[int, ...] = (5, 10)
+    def evaluate_cascade(self, split: str = "test", ks: tuple[int, ...] = (1, 3, 5, 10, 20)
                          ) -> dict[str, float] | None:
         """Pre-ranking metrics of this model on every candidate of ``split``'s requests (the
         cascade view): Recall@K / NDCG@K of its top-K against the ranker's top-K and the clicks
