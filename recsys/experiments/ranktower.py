@@ -32,7 +32,9 @@ class RankTowerConfig(DataConfig):
     datasets: tuple[str, ...] = ("synthetic",)
     synthetic_requests: int = 10_000  # 30 candidates each in the cascade view
     ablations: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    # 2,000 valid and test requests (60,000 candidates each): every model scores all of them
+    extra: dict[str, Any] = field(default_factory=lambda: {
+        "data": {"synthetic": {"requests": {"valid": 2000, "test": 2000}}}})
 
 
 def variants(cfg: RankTowerConfig) -> list[Variant]:
