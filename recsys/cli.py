@@ -7,7 +7,7 @@
     recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
     recsys evaluate RUN_DIR
     recsys plan SPEC --world-size 64 --device cuda
-    recsys bench data|train|moe|serve|all [--out DIR] [--quick] [...]
+    recsys bench data|train|moe|serve|hgr|ranktower|scaling|rvq|all [--out DIR] [--quick] [...]
     recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]
     recsys predict EXPORT_DIR --data PARQUET --out PARQUET
     recsys rvq encode RUN_DIR --out DIR
@@ -432,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of timed calls")
     p.add_argument("--all-cores", action="store_true", help="torch's default threads, not 1")
     p.set_defaults(fn=cmd_bench_serve)
+
+    for name, what in (("hgr", "step time of the hierarchical group-wise loss against BCE"),
+                       ("ranktower", "RankTower's online scoring of 1,000 cached candidates"),
+                       ("scaling", "samples/s and per-rank embedding memory on 1 and 2 processes"),
+                       ("rvq", "RVQ encoding and update throughput")):
+        p = bench.add_parser(name, help=what)
+        p.add_argument("--out", default="bench-results")
+        p.add_argument("--quick", action="store_true", help="tiny sizes")
+        p.set_defaults(fn=cmd_bench_all, only=[name])
 
     p = bench.add_parser("all", help="every benchmark (JSON + table each) and a summary")
     p.add_argument("--out", default="bench-results")
