@@ -82,7 +82,10 @@ def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) 
                  keep_checkpoints=2)
     whole = _torchx("1x2", spec, tmp_path / "whole")
     run = tmp_path / "killed"
-    proc = _torchx("1x2", spec, run, "--max_restarts", "3", wait=False)
+    # a restarted worker whose gloo peers never connect gives up after 60 s (not torch's 30 min)
+    # and the agent restarts the group again
+    proc = _torchx("1x2", spec, run, "--max_restarts", "3", "--env", "RECSYS_PG_TIMEOUT_S=60",
+                   wait=False)
     assert isinstance(proc, subprocess.Popen)
     deadline = time.time() + 600
     killed = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -53,7 +54,11 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            # a bounded wait: a worker whose peers never connect (e.g. after an elastic restart)
+            # fails instead of hanging for torch's default 30 minutes, so the agent can restart
+            # the group again; RECSYS_PG_TIMEOUT_S bounds every collective, so keep it generous
+            timeout = timedelta(seconds=float(os.environ.get("RECSYS_PG_TIMEOUT_S", "600")))
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         else:
             if world_size != 1:
                 raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch "
