@@ -274,7 +274,7 @@ def table(result: dict[str, Any]) -> str:
     if scoring:
         text += "\n\n" + format_table(
             ["two-tower online scorer", "candidates", "p50 ms", "p99 ms"],
-            [[n, r["candidates"], r["p50_ms"], r["p99_ms"]] for n, r in scoring.items()])
+            [[n, r["candidates"], r["p50_ms"], r["p99_ms"]] for n, r in sorted(scoring.items())])
     cfg, goals, parity = result["config"], result["goals"], result["parity"]
     dims = sorted({t["dim"] for t in result["tables"]})
     threads = "one core, 1 thread" if not cfg["all_cores"] else f"{result['threads']} threads"
