@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_pin import np_merge, np_split
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from recsys.modules.dynint import DynamicPIN
@@ -46,25 +47,6 @@ def _make(a: DynamicActivation, p: DynamicParameter, stop_gradient: bool = False
 
 
 # ---- numpy oracle ------------------------------------------------------------------------------
-
-
-def np_split(x: np.ndarray, h: int) -> np.ndarray:
-    b, m, dim = x.shape
-    d = dim // h
-    out = np.empty((b, m * h, d))
-    for i in range(m):
-        for s in range(h):
-            out[:, i * h + s, :] = x[:, i, s * d:(s + 1) * d]
-    return out
-
-
-def np_merge(x: np.ndarray, h: int) -> np.ndarray:
-    b, fields, d = x.shape
-    out = np.empty((b, fields // h, h * d))
-    for i in range(fields // h):
-        for s in range(h):
-            out[:, i, s * d:(s + 1) * d] = x[:, i * h + s, :]
-    return out
 
 
 def np_sigmoid(z: np.ndarray) -> np.ndarray:
