@@ -110,12 +110,13 @@ def evaluate(
     name: str = "recsys/evaluate",
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
-    """Re-evaluate a run from its latest checkpoint: ``recsys evaluate RUN_DIR`` (valid and test
-    metrics, rewritten into RUN_DIR). Use the same -j the run was trained with.
+    """Re-evaluate a run from its latest complete checkpoint: ``recsys evaluate RUN_DIR`` (valid and
+    test metrics, written to RUN_DIR/evaluation.json beside the run's own metrics.json). Any -j
+    works: the checkpoint is resharded to this number of processes.
 
     Args:
         run_dir: a run directory written by the train component (or recsys train)
-        j: {nnodes}x{nproc_per_node}, as the run was trained with
+        j: {nnodes}x{nproc_per_node} (need not be the training run's)
         max_restarts: torchrun restarts of the worker group after a worker failure
         max_retries: scheduler retries of the whole job (not supported by local_cwd)
         cpu: CPUs per node (replica)

@@ -4,8 +4,9 @@
     recsys data synth SPEC [--out DIR] [--force]
     recsys data prepare FORMAT --input PATH --out DIR [...]
     recsys data inspect SPEC [--view V]
-    recsys train SPEC [--set k=v ...] [--run-dir DIR]      (one process, or under torchrun)
-    recsys evaluate RUN_DIR
+    recsys train SPEC [--set k=v ...] [--run-dir DIR] [--resume | --overwrite]
+                                                           (one process, or under torchrun)
+    recsys evaluate RUN_DIR [--scores PARQUET]
     recsys plan SPEC --world-size 64 --device cuda
     recsys bench data|train|moe|serve|hgr|ranktower|scaling|rvq|all [--out DIR] [--quick] [...]
     recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]
@@ -17,12 +18,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from recsys.errors import RecsysError
+from recsys.fsutil import output_error, writing
+
+T = TypeVar("T")
 
 
 def _add_spec(p: argparse.ArgumentParser) -> None:
@@ -35,6 +41,29 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from recsys.spec import load_spec
 
     return load_spec(args.spec, args.overrides)
+
+
+class OptionError(RecsysError):
+    """A command-line option has a value the command cannot use."""
+
+
+def _options(build: Callable[[], T], *options: str) -> T:
+    """``build()`` a config from command-line options; the ValueError its checks raise for a bad
+    value becomes one error line, the config's field names spelled as the options
+    (``steps must be >= 1`` -> ``--steps must be >= 1``)."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as e:
+        message = e.errors()[0]["msg"].removeprefix("Value error, ")
+    except ValueError as e:
+        message = str(e)
+    named = message
+    for option in sorted(options, key=len, reverse=True):
+        named = re.sub(rf"\b{option[2:].replace('-', '_')}\b", option, named)
+    raise OptionError(named if named != message else f"{'/'.join(options)}: {message}"
+                      ) from None
 
 
 # ---- spec -----------------------------------------------------------------------------------------
@@ -61,7 +90,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         print(f"error: {args.spec}: data.source is '{spec.data.source}', not 'synthetic'",
               file=sys.stderr)
         return 2
-    manifest = ensure_dataset(spec, force=args.force)
+    with writing(spec.data.path):
+        manifest = ensure_dataset(spec, force=args.force)
     _print_rows(manifest)
     return 0
 
@@ -74,8 +104,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         "label_threshold": args.label_threshold, "valid_fraction": args.valid_fraction,
         "test_fraction": args.test_fraction, "hash_size": args.hash_size,
     }.items() if v is not None}
-    opts = PrepareSpec(input=str(args.input), **options)
-    manifest = prepare(args.format, args.input, args.out, opts, force=args.force)
+    opts = _options(lambda: PrepareSpec(input=str(args.input), **options), "--label-threshold",
+                    "--valid-fraction", "--test-fraction", "--hash-size")
+    with writing(args.out):
+        manifest = prepare(args.format, args.input, args.out, opts, force=args.force)
     _print_rows(manifest)
     return 0
 
@@ -114,8 +146,9 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     from recsys.bench.data import DataBenchConfig, run
 
     spec = _load(args)
-    cfg = DataBenchConfig(view=args.view, batch_size=args.batch_size, repeats=args.repeats,
-                          one_core=not args.all_cores)
+    cfg = _options(lambda: DataBenchConfig(view=args.view, batch_size=args.batch_size,
+                                           repeats=args.repeats, one_core=not args.all_cores),
+                   "--batch-size", "--repeats")
     result, table = run(spec, cfg)
     path = write_result(args.out, "data", result, table)
     print(table)
@@ -125,10 +158,17 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from recsys.bench import write_result
-    from recsys.bench.train import TrainBenchConfig, random_batches, run, stress_spec
+    from recsys.bench.train import (
+        TrainBenchConfig,
+        check_plain_optimizers,
+        random_batches,
+        run,
+        stress_spec,
+    )
 
-    cfg = TrainBenchConfig(steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                           one_core=not args.all_cores)
+    cfg = _options(lambda: TrainBenchConfig(steps=args.steps, warmup=args.warmup,
+                                            repeats=args.repeats, one_core=not args.all_cores),
+                   "--steps", "--warmup", "--repeats")
     if args.tables is not None:
         try:
             spec = stress_spec(args.tables, args.rows, args.dim, args.dense,
@@ -142,6 +182,11 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             args.overrides.append(f"train.batch_size={args.batch_size}")
         spec = _load(args)
         batches = None  # the first batches of the spec's training loader
+    try:  # before the children start: they would fail on it with a traceback
+        check_plain_optimizers(spec.train)
+    except ValueError as e:
+        print(f"error: {args.spec}: {e}", file=sys.stderr)
+        return 2
     result, table = run(spec, cfg, batches)
     path = write_result(args.out, "train", result, table)
     print(table)
@@ -152,7 +197,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_moe(args: argparse.Namespace) -> int:
     from recsys.bench.moe import config_from_args, run_and_write
 
-    run_and_write(config_from_args(args, _load(args).model.moe), args.out)
+    moe = _load(args).model.moe
+    run_and_write(_options(lambda: config_from_args(args, moe), "--fields", "--dim",
+                           "--batch-size", "--repeats", "--warmup"), args.out)
     return 0
 
 
@@ -183,8 +230,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from recsys.export.predictor import predict_parquet
 
-    s = predict_parquet(args.export_dir, args.data, args.out, batch_size=args.batch_size,
-                        progress=not args.no_progress)
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+    with writing(args.out):
+        s = predict_parquet(args.export_dir, args.data, args.out, batch_size=args.batch_size,
+                            progress=not args.no_progress)
     means = ", ".join(f"{t} {v:.4f}" for t, v in s["mean_prob"].items() if v is not None)
     print(f"scored {s['rows']:,} rows from {s['files']} file(s) in {s['seconds']:.1f} s "
           f"({s['rows_per_s']:,.0f} rows/s); mean probability: {means or '-'}; wrote {s['out']}")
@@ -194,7 +244,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from recsys.bench.serve import config_from_args, run_and_write
 
-    run_and_write(config_from_args(args), args.out)
+    run_and_write(_options(lambda: config_from_args(args), "--batch-sizes", "--repeats",
+                           "--warmup", "--calls"), args.out)
     return 0
 
 
@@ -242,6 +293,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from recsys.experiments.ranktower import RankTowerConfig, run_ranktower
     from recsys.experiments.report import write_report
 
+    if args.seeds is not None and args.seeds < 1:
+        raise OptionError(f"--seeds must be >= 1, got {args.seeds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # --quick: a smoke run of every code path (CI): tiny data, few steps, one seed
     sizes: dict[str, Any] = {"seeds": args.seeds or 3}
@@ -269,20 +322,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from recsys.train.run import run_training
 
-    run_training(_load(args), args.run_dir, progress=not args.no_progress, resume=args.resume)
+    if args.resume and args.overwrite:
+        print("error: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
+    run_training(_load(args), args.run_dir, progress=not args.no_progress, resume=args.resume,
+                 overwrite=args.overwrite)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from recsys.train.run import evaluate_run
 
-    evaluate_run(args.run_dir)
+    evaluate_run(args.run_dir, scores=args.scores)
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from recsys.fsutil import atomic_write_text
     from recsys.train.planning import peak_rss_bytes, plan_report, plan_spec, plan_summary
 
     spec = _load(args)
@@ -302,8 +360,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         summary = plan_summary(spec, result.plan, result.topology, result.estimated_storage)
         summary.update(plan_seconds=result.seconds, peak_rss_bytes=rss)
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=1) + "\n")
+        text = json.dumps(summary, indent=1) + "\n"
+        with writing(out):
+            if out.exists() and not out.is_file():  # /dev/stdout, a pipe: not to be renamed over
+                out.write_text(text)
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out, text)
         print(f"wrote {out}")
     return 0
 
@@ -463,10 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run directory's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the run directory (without it, training into "
+                        "a directory that holds a run is an error)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
+    p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last complete "
+                       "checkpoint, on any number of processes; writes evaluation.json")
     p.add_argument("run_dir", help="a run directory written by recsys train")
+    p.add_argument("--scores", help="also write the test split's probabilities here (Parquet, "
+                   "one row per test row in file order)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("plan", help="plan how the spec's embedding tables shard over a cluster "
@@ -475,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="ranks in all (default: distributed.world_size)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cuda, or cpu (gloo: no row-wise sharding); default cuda")
-    p.add_argument("--batch-size", type=int, help="rows per rank (default: train.batch_size)")
+    p.add_argument("--batch-size", type=int,
+                   help="rows per rank (default: train.batch_size / world size)")
     p.add_argument("--local-world-size", type=int,
                    help="ranks per host (default: cuda 8, cpu all on this machine)")
     p.add_argument("--hbm-gb", type=float, help="GPU memory per rank in GiB (default 80)")
@@ -487,15 +557,126 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; an error the user can fix is one ``error: ...`` line and exit status 2.
+
+    Under torchrun every rank runs this: each prints its own error once, and a rank whose peer
+    failed first says so in one line instead of a traceback from the collective it was in.
+    """
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    try:
+        # here, where a failure can be reported, not in the exit flush as "Exception ignored"
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        return code or 141
+    except OSError as e:  # stdout goes to a full disk
+        _drop_stdout()
+        error = output_error(e, "stdout")
+        if error is None:
+            raise
+        return _error(str(error))
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args))
     except RecsysError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except BrokenPipeError:
+        # whoever read our output stopped (`recsys spec show ... | head`): nothing to report, but
+        # stdout must not be flushed again at exit, which would print "Exception ignored"
+        _drop_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe stopped
+    except OSError as e:
+        # an OSError without a file name: pyarrow's, or print()'s when stdout's disk is full
+        error = output_error(e, _output_of(args) if _stdout_ok() else "stdout")
+        if error is None:
+            raise
+        return _error(str(error))
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _peer_gone(e):
+            raise
+        rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+        return _error(f"rank {rank} of {world}: another process of this job stopped "
+                      f"({_first_line(e)}); its own error says why")
+
+
+def _error(message: str) -> int:
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _close_progress_bars() -> None:
+    """Finish the bars the error left open, so the error starts a line of its own and no bar is
+    redrawn after it (when the bar is garbage-collected)."""
+    if "recsys.progress" in sys.modules:
+        from recsys.progress import close_progress_bars
+
+        close_progress_bars()
+
+
+def _output_of(args: argparse.Namespace) -> str:
+    """What a command writes, to name in a "cannot write" error whose OSError names no file
+    (pyarrow's do not)."""
+    for name in ("out", "json", "run_dir"):
+        value = getattr(args, name, None)
+        if value:
+            return str(value)
+    if hasattr(args, "run_dir"):  # recsys train without --run-dir
+        return "the run directory"
+    return "stdout"  # the only thing the other commands write
+
+
+def _stdout_ok() -> bool:
+    """Whether stdout takes its pending output; if not (its disk is full), it is dropped, so that
+    the interpreter's exit flush does not fail a second time with "Exception ignored"."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        _drop_stdout()
+        return False
+    return True
+
+
+def _drop_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null (what is still buffered goes there at exit)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file descriptor (captured by a test)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+# what a gloo / NCCL collective reports when the process on the other end has exited
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    """Whether ``e`` is a collective failing because another rank of this torchrun job exited
+    (after printing its own error): one line for it, not torch's traceback."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or "torch.distributed" not in sys.modules:
+        return False
+    return any(s in str(e) for s in _PEER_GONE)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error message, without gloo's ``[source/file.cc:123] `` prefix
+    (``Connection closed by peer [127.0.0.1]:24717``)."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,34 @@ class SpecError(RecsysError):
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"invalid spec ({len(problems)} {noun}):\n{body}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:  # picklable across processes
+        return (type(self), (self.file, self.problems))
 
-class DataError(RecsysError):
-    """A data file is missing, unreadable, or holds values the schema does not allow."""
+
+class _Located(RecsysError):
+    """An error about one place: ``where: message`` (picklable, so it crosses processes)."""
 
     def __init__(self, where: str, message: str) -> None:
         self.where = where
+        self.message = message
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.where, self.message))
+
+
+class DataError(_Located):
+    """A data file is missing, unreadable, or holds values the schema does not allow."""
+
+
+class RunError(_Located):
+    """A run or export directory cannot be used as asked: missing, busy, holding another run, or
+    with a checkpoint that does not fit the model.
+
+    The message is one line: ``PATH: what is wrong (and what to do)``.
+    """
+
+
+class OutputError(_Located):
+    """Writing an output failed (no space left, read-only, permission denied); nothing half-written
+    was published."""

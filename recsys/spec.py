@@ -238,6 +238,9 @@ class DataSpec(StrictModel):
     path: str  # the dataset directory (dataset.json + split folders)
     view: str = "impressions"  # "impressions" (exposed rows) or "cascade" (every stage)
     labels: list[str] = Field(default_factory=lambda: ["click"])
+    # labels whose values are grades (e.g. ratings), not {0, 1}: only these may hold other values;
+    # a binary label outside {0, 1} is a data error naming the file, column and row
+    graded_labels: list[str] = Field(default_factory=list)
     # batches per shuffle window: rows are shuffled within windows of this many batches
     shuffle_window_batches: int = 16
     shuffle: bool = True
@@ -255,6 +258,9 @@ class DataSpec(StrictModel):
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.labels:
             raise ValueError("labels needs at least one label column")
+        unknown = [g for g in self.graded_labels if g not in self.labels]
+        if unknown:
+            raise ValueError(f"graded_labels {unknown} are not among labels {self.labels}")
         if self.source == DataSource.SYNTHETIC and self.synthetic is None:
             self.synthetic = SyntheticSpec()
         if self.source in (DataSource.MOVIELENS, DataSource.CRITEO, DataSource.LIBFM) \
@@ -651,8 +657,10 @@ class DenseOptimizerSpec(StrictModel):
 
 class TrainSpec(StrictModel):
     seed: int = 0
+    # the GLOBAL batch: split evenly over the processes (2048 on 2 processes is 1024 rows each), so
+    # that a spec is one experiment whatever the world size; it must divide by the world size
     batch_size: int = 2048
-    eval_batch_size: int | None = None
+    eval_batch_size: int | None = None  # global too; default batch_size
     epochs: int = 1
     max_steps: int | None = None
     sparse_optimizer: SparseOptimizerSpec = Field(default_factory=SparseOptimizerSpec)
@@ -766,17 +774,87 @@ class _KeyedError(ValueError):
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     """Read, override and validate a spec file; raise SpecError naming file and key on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(str(path), ["spec file not found"])
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(str(path), [f"not valid TOML: {e}"]) from None
+    raw = read_raw_spec(path)
     for item in overrides:
         apply_override(raw, item, str(path))
     spec = validate_spec(raw, str(path))
     check_paths(spec, str(path))
     return spec
+
+
+def read_raw_spec(path: str | Path) -> dict[str, Any]:
+    """A spec file's TOML as a dict, not yet validated (SpecError if it is not TOML text)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(read_spec_text(path))
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(str(path), [f"not valid TOML: {e}"]) from None
+
+
+def read_spec_text(path: Path) -> str:
+    """The text of a spec file, or a one-problem SpecError saying why the file is not one (missing,
+    a directory, unreadable, binary, or text in another encoding than UTF-8).
+
+    tomllib needs str and ``Path.read_text`` decodes with the locale's codec, so a binary or
+    UTF-16 file would otherwise fail with a UnicodeDecodeError traceback or a misleading TOML
+    syntax error on line 1.
+    """
+    file = str(path)
+    if path.is_dir():
+        raise SpecError(file, ["is a directory, not a spec file"])
+    if not path.exists():  # (a dangling symlink included)
+        raise SpecError(file, ["spec file not found"])
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(file, [f"cannot read: {(e.strerror or str(e)).lower()}"]) from None
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors): harmless
+        data = data[3:]
+    problem = _not_utf8_text(data)
+    if problem:
+        raise SpecError(file, [problem])
+    if not data.strip():
+        raise SpecError(file, ["empty file, not a spec"])
+    return data.decode("utf-8")
+
+
+# the byte order marks of the encodings a spec is most often saved in by mistake (UTF-32 first:
+# its little-endian mark starts with UTF-16's)
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+         (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _not_utf8_text(data: bytes) -> str | None:
+    """Why ``data`` is not UTF-8 text (None when it is)."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return f"not UTF-8 text (looks like {encoding}); save it as UTF-8"
+    head = data[:4096]
+    # UTF-16 without a mark: ASCII text has a NUL in every other byte, all on one side
+    evens, odds = head[0::2], head[1::2]
+    for nuls, others in ((odds, evens), (evens, odds)):
+        if len(head) >= 2 and nuls.count(0) >= 0.3 * len(nuls) and others.count(0) == 0:
+            return "not UTF-8 text (looks like UTF-16); save it as UTF-8"
+    # control characters other than tab, newlines and form feed do not occur in text
+    controls = sum(1 for b in head if (b < 0x20 and b not in b"\t\n\r\f") or b == 0x7f)
+    if controls > max(2, len(head) // 50):
+        return "binary file, not a TOML spec"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte 0x{data[e.start]:02x} at {_position(data, e.start)}); " \
+               "save it as UTF-8"
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"binary file, not a TOML spec (NUL byte at {_position(data, nul)})"
+    return None
+
+
+def _position(data: bytes, offset: int) -> str:
+    """``line L, column C`` (1-based, columns in bytes) of a byte offset."""
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return f"line {line}, column {column}"
 
 
 def check_paths(spec: Spec, file: str = "<spec>") -> None:

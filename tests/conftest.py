@@ -4,7 +4,8 @@ and a helper that writes small hand-made Parquet files."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,27 @@ def processes_with(marker: str) -> list[tuple[int, str]]:
         if marker in cmdline and int(pid_dir.name) != os.getpid():
             found.append((int(pid_dir.name), cmdline))
     return found
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``small_fs(size="256k", read_only=False)``: a fresh tmpfs of that size mounted under
+    tmp_path (unmounted after the test); skips where mounting is not permitted."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "256k", read_only: bool = False) -> Path:
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs is not permitted here (needs root or "
+                        f"CAP_SYS_ADMIN): {r.stderr.strip()}")
+        mounts.append(where)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+        return where
+
+    yield mount
+    for where in reversed(mounts):
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -1,4 +1,73 @@
-"""Bad input gets an error that names the file and the key or column (and the row where it helps)."""
+"""Bad input gets an error that names the file and the key or column (and the row where it helps).
+
+This file holds the spec and Parquet cases; the others live beside it. The index below lists every
+bad-input and fault case the stack handles and the test that shows it (``FILE::TEST``); the last test
+of this file checks that each one named exists, so the list cannot drift from the suite.
+
+INDEX
+Specs
+  unknown key, wrong type, impossible value   test_bad_input.py::test_unknown_key_lists_the_valid_keys
+                                              test_bad_input.py::test_wrong_type
+                                              test_bad_input.py::test_impossible_value
+  missing spec, not TOML, bad --set           test_bad_input.py::test_missing_spec_file
+                                              test_bad_input.py::test_not_toml
+                                              test_bad_input_cli.py::test_bad_override_is_one_problem
+  spec that is a directory, binary, UTF-16    test_bad_input_cli.py::test_spec_path_that_is_a_directory
+                                              test_bad_input_cli.py::test_binary_spec_file
+                                              test_bad_input_cli.py::test_utf16_spec_file
+                                              test_bad_input_cli.py::test_latin1_spec_file_names_the_byte
+                                              test_bad_input_cli.py::test_empty_spec_file
+  global batch that does not split over ranks test_source.py::test_training_and_evaluation_loaders_follow_the_spec
+Raw files and datasets
+  binary label outside {0, 1}; graded labels  test_bad_input_data.py::test_binary_label_outside_0_1_names_file_column_and_row
+                                              test_bad_input_data.py::test_graded_label_may_hold_grades_but_not_nan
+  MovieLens rating nan / inf                  test_bad_input_data.py::test_movielens_non_finite_rating_names_file_and_line
+  empty libFM / Criteo file                   test_bad_input_data.py::test_empty_raw_file_is_refused
+  last line cut short, no final newline       test_bad_input_data.py::test_cut_short_last_line_names_file_and_line
+                                              test_bad_input_data.py::test_movielens_cut_short_last_line
+  raw file in UTF-16 / not UTF-8              test_bad_input_data.py::test_raw_file_not_in_utf8_says_so
+  synth over a folder with the user's files   test_bad_input_data.py::test_synth_keeps_a_dataset_that_holds_foreign_files
+  two writers of one dataset                  test_bad_input_data.py::test_second_synth_writer_gets_a_run_error_at_once
+                                              test_bad_input_data.py::test_second_prepare_writer_gets_a_run_error
+                                              test_bad_input_data.py::test_a_writer_in_another_process_blocks_synth
+  failed prepare / synth leave no OUT.partial test_bad_input_data.py::test_failed_prepare_removes_partial_and_keeps_the_old_dataset
+                                              test_bad_input_data.py::test_failed_synth_removes_partial_and_keeps_the_old_dataset
+  corrupt validation shard, before training   test_bad_input_data.py::test_truncated_eval_shard_stops_ensure_dataset
+  Parquet: missing column, wrong type, bad id test_bad_input.py::test_missing_column
+                                              test_bad_input.py::test_wrong_column_type
+                                              test_bad_input.py::test_id_beyond_its_table_with_oov_error
+  Parquet: nulls, non-finite, truncated       test_bad_input.py::test_null_label
+                                              test_bad_input.py::test_non_finite_dense_value
+                                              test_bad_input.py::test_truncated_file
+  bad id met by a loader worker process       test_bad_input_cli.py::test_bad_id_read_by_loader_workers_is_one_line
+Runs and checkpoints
+  train into a finished run (no --resume)     test_run_safety.py::test_training_into_a_finished_run_stops_and_keeps_it
+  --overwrite that then fails on bad data     test_run_safety.py::test_overwrite_with_bad_data_keeps_the_old_run
+  two writers of one run directory            test_run_safety.py::test_a_second_writer_of_a_run_directory_gets_a_clear_error
+  --resume without spec.toml                  test_run_safety.py::test_resume_without_spec_refuses
+  truncated latest checkpoint                 test_run_safety.py::test_truncated_latest_checkpoint_falls_back_and_says_so
+  corrupt checkpoints                         test_run_safety.py::test_corrupt_checkpoint_is_skipped_and_all_corrupt_is_one_line
+  full disk while checkpointing               test_run_safety.py::test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint
+  kill -9, then --resume (curve kept)         test_resume.py::test_killed_and_resumed_run_ends_like_an_uninterrupted_one
+  checkpoint that does not fit the model      test_world_size.py::test_a_checkpoint_that_does_not_fit_is_one_line_on_every_rank
+  another number of processes (2->1, 1->2)    test_world_size.py::test_checkpoints_resume_and_evaluate_on_another_number_of_processes
+  trained on 2, scored on 1 / export / predict test_world_size.py::test_model_trained_on_two_processes_scores_the_same_everywhere
+Exports and predict
+  failed export over an earlier one           test_run_safety.py::test_a_failed_export_leaves_the_earlier_one_whole
+  export over a folder of other files         test_run_safety.py::test_export_refuses_a_folder_of_other_files
+  oov policy carried to predict               test_run_safety.py::test_export_carries_the_oov_policy_and_predict_applies_it
+  bad Parquet / bad flat inputs to predict    test_predict.py::test_bad_parquet_is_named
+                                              test_predict.py::test_flat_inputs_are_checked
+Outputs and errors
+  full disk, read-only output                 test_bad_input_cli.py::test_synth_into_a_full_disk
+                                              test_bad_input_cli.py::test_synth_into_a_read_only_file_system
+                                              test_bad_input_cli.py::test_stdout_on_a_full_disk
+  non-spec errors not under "invalid spec"    test_bad_input_cli.py::test_not_a_run_directory_is_a_run_error
+                                              test_bad_input_cli.py::test_rvq_encode_output_exists
+  no stray tracebacks                         test_bad_input_cli.py::test_progress_bar_is_finished_before_the_error
+                                              test_bad_input_cli.py::test_closed_pipe_is_silent
+                                              test_bad_input_cli.py::test_a_rank_whose_peer_failed_prints_one_line
+"""
 
 from __future__ import annotations
 
@@ -400,3 +469,13 @@ def test_split_with_zero_rows(tmp_path):
     files = [write(tmp_path / "split", f"part-{i}.parquet", empty) for i in range(2)]
     message = open_error(files)
     assert str(tmp_path / "split") in message and "no rows" in message
+
+
+def test_the_index_names_only_tests_that_exist() -> None:
+    """Every ``FILE::TEST`` in this module's index is a test function in that file."""
+    here = Path(__file__).parent
+    named = re.findall(r"(test_\w+\.py)::(test_\w+)", __doc__ or "")
+    assert len(named) > 40
+    missing = [f"{f}::{t}" for f, t in named
+               if not re.search(rf"^def {t}\(", (here / f).read_text(), re.MULTILINE)]
+    assert not missing, missing

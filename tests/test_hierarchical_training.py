@@ -90,7 +90,7 @@ def test_offline_codes_from_a_run_feed_the_loss_and_a_table(tiny_dataset, tmp_pa
 @pytest.mark.distributed
 def test_two_processes_with_groups_across_ranks(tiny_dataset, tmp_path: Path) -> None:
     raw = _raw(tiny_dataset.root, all_gather=True)
-    raw["train"]["batch_size"] = 64
+    raw["train"]["batch_size"] = 128  # global: 64 rows on each rank
     raw["distributed"] = {"world_size": 2}
     path = tmp_path / "two.toml"
     path.write_text(dump_toml(validate_spec(raw)))

@@ -71,7 +71,7 @@ def test_sparsity_grows_with_l1(tiny_dataset, tmp_path: Path) -> None:
 @pytest.mark.distributed
 def test_ftrl_selection_in_two_process_training(tiny_dataset, tmp_path: Path) -> None:
     """xDeepInt with GFTRL (data-parallel tables) and FTRL on 2 ranks x 64 rows against 1 rank x
-    128 rows: the same data-parallel update up to float summation order, so the selected rows,
+    128 rows (train.batch_size is global): the same data-parallel update up to float summation order, so the selected rows,
     the zero PIN weights and the test metrics agree closely."""
     def write(name: str, batch: int, world: int) -> Path:
         raw = tiny_variant("xdeepint.toml", tiny_dataset.root, epochs=2, batch_size=batch)
@@ -83,7 +83,7 @@ def test_ftrl_selection_in_two_process_training(tiny_dataset, tmp_path: Path) ->
         return path
 
     m1 = _torchrun(write("one.toml", 128, 1), tmp_path / "run1", 1)
-    m2 = _torchrun(write("two.toml", 64, 2), tmp_path / "run2", 2)
+    m2 = _torchrun(write("two.toml", 128, 2), tmp_path / "run2", 2)  # the same global batch
     s1, s2 = m1["sparsity"], m2["sparsity"]
     assert s1["embedding_rows_zero"] > 0.02 and s1["interaction_weights_zero"] > 0.02
     assert abs(s1["embedding_rows_zero"] - s2["embedding_rows_zero"]) < 0.01

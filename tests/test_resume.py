@@ -26,7 +26,7 @@ def _spec_file(dataset_root: Path, tmp: Path) -> Path:
     raw = tiny_spec_dict(dataset_root)
     raw["model"] = {"arch": "mlp", "tasks": ["click"], "mlp": {"hidden": [32, 16]}}
     raw["data"]["labels"] = ["click"]
-    raw["train"] = {"batch_size": 32, "seed": 11, "epochs": 4, "checkpoint_every_steps": 25,
+    raw["train"] = {"batch_size": 64, "seed": 11, "epochs": 4, "checkpoint_every_steps": 25,
                     "keep_checkpoints": 2, "eval_every_steps": 100,
                     "lr_schedule": "cosine", "warmup_steps": 20}
     raw["distributed"] = {"world_size": 2}
@@ -54,7 +54,9 @@ def _run(*args: str) -> dict[str, Any]:
     done = subprocess.run(_cmd(*args), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = Path(args[args.index("--run-dir") + 1] if "--run-dir" in args else args[1])
+    if args[0] == "evaluate":  # evaluation.json; the run's own metrics.json stays as it was
+        return json.loads((Path(args[1]) / "evaluation.json").read_text())
+    run_dir = Path(args[args.index("--run-dir") + 1])
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -87,6 +89,11 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tiny_dataset,
     for split in ("valid", "test"):
         for key in ("auc", "gauc", "logloss", "calibration", "ece"):
             assert resumed[split][key] == pytest.approx(whole[split][key], abs=1e-6), (split, key)
+    # the training curve keeps the steps before the kill: the same curve as the whole run's
+    curve = json.loads((killed / "history.json").read_text())
+    whole_curve = json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert curve["steps"] == whole_curve["steps"] and curve["steps"][0] == 1
+    assert curve["loss"] == pytest.approx(whole_curve["loss"], abs=1e-6)
     # the checkpoint directory keeps only the newest two, and nothing half-written
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert len(names) == 2 and not any(n.endswith(".partial") for n in names)

@@ -55,7 +55,7 @@ def test_one_node_two_processes_and_two_nodes_match_one_process(parity_data: Pat
     """The data of tests/test_train.py's parity test (60k training rows: test AUC stable to
     ~0.001 between runs), one epoch, the same global batch; tolerance 0.005 as there."""
     one = _torchx("1x1", _spec(parity_data, tmp_path, "one", 256, epochs=1), tmp_path / "one")
-    two = _spec(parity_data, tmp_path, "two", 128, epochs=1)
+    two = _spec(parity_data, tmp_path, "two", 256, epochs=1)  # the global batch, as for one
     for j in ("1x2", "2x1"):
         got = _torchx(j, two, tmp_path / j)
         assert got["test"]["rows"] == one["test"]["rows"], j
@@ -78,7 +78,7 @@ def _kill_one_worker(marker: str) -> int | None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) -> None:
-    spec = _spec(tiny_dataset.root, tmp_path, "ft", 32, epochs=3, checkpoint_every_steps=25,
+    spec = _spec(tiny_dataset.root, tmp_path, "ft", 64, epochs=3, checkpoint_every_steps=25,
                  keep_checkpoints=2)
     whole = _torchx("1x2", spec, tmp_path / "whole")
     run = tmp_path / "killed"

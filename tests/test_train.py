@@ -103,11 +103,11 @@ def _parity_spec(root: Path, batch_size: int, sharding: str | None = None) -> An
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_two_processes_reach_the_metrics_of_one(parity_data: Path, tmp_path: Path,
                                                 sharding: str) -> None:
-    """Same data, same global batch (2 x 128 rows vs 1 x 256): test AUC and log-loss agree within
-    0.005 (the global batches hold different rows, so not bit-exact; seed-to-seed spread of one
-    process is ~0.001 here)."""
+    """Same data, same spec (train.batch_size = 256 is global: 2 x 128 rows vs 1 x 256): test
+    AUC and log-loss agree within 0.005 (the global batches hold different rows, so not
+    bit-exact; seed-to-seed spread of one process is ~0.001 here)."""
     (tmp_path / "one.toml").write_text(dump_toml(_parity_spec(parity_data, 256)))
-    (tmp_path / "two.toml").write_text(dump_toml(_parity_spec(parity_data, 128, sharding)))
+    (tmp_path / "two.toml").write_text(dump_toml(_parity_spec(parity_data, 256, sharding)))
     m1 = _torchrun(tmp_path / "one.toml", tmp_path / "run1", 1)
     m2 = _torchrun(tmp_path / "two.toml", tmp_path / "run2", 2)
     log = (tmp_path / "run2" / "train.log").read_text()

@@ -27,12 +27,16 @@ def machine() -> dict[str, Any]:
 
 def write_result(out_dir: str | Path, name: str, result: dict[str, Any], table: str) -> Path:
     """Write ``NAME.json`` (the numbers and the machine) and ``NAME.md`` (the table) into out_dir."""
+    from recsys.fsutil import atomic_write_text, writing
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine(), **result}
     path = out / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    (out / f"{name}.md").write_text(table + "\n")
+    # whole files or none (a full disk must not leave a truncated JSON that later runs read)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+        atomic_write_text(out / f"{name}.md", table + "\n")
     return path
 
 

@@ -160,7 +160,7 @@ def bench_scaling(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 
         base = _synthetic_spec(cfg, requests)
         raw = json.loads(base.model_dump_json())
-        raw["train"].update({"max_steps": steps, "batch_size": 2048 // world})
+        raw["train"].update({"max_steps": steps, "batch_size": 2048})  # global, split over ranks
         raw["distributed"].update({"world_size": world, "sharding": [
             {"table": t.name, "types": ["table_wise"]} for t in base.features.resolved_tables()]})
         spec = validate_spec(raw, "scaling")

@@ -37,6 +37,12 @@ class DataBenchConfig:
     repeats: int = 3
     one_core: bool = True
 
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
 
 @contextmanager
 def one_core(enabled: bool = True) -> Iterator[None]:

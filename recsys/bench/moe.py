@@ -38,6 +38,15 @@ class MoEBenchConfig:
     seed: int = 0
     moe: MoESpec = field(default_factory=MoESpec)
 
+    def __post_init__(self) -> None:
+        # named as the command's options (--fields is num_fields)
+        for name, label in (("num_fields", "fields"), ("dim", "dim"),
+                            ("batch_size", "batch_size"), ("repeats", "repeats")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{label} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
 
 @contextmanager
 def torch_threads(one: bool) -> Iterator[None]:

@@ -57,6 +57,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
+from recsys.errors import DataError
 from recsys.models.objective import ranker_loss
 from recsys.models.over_arch import AUX_LOSS, build_over_arch
 from recsys.models.tables import embedding_bag_configs
@@ -208,8 +209,8 @@ def loader_batches(spec: Spec, n: int, progress: bool = False) -> list[Batch]:
         if len(out) == n:
             break
     if not out:
-        raise ValueError(f"spec '{spec.name}': the train split has no batch of "
-                         f"{spec.train.batch_size} rows")
+        raise DataError(spec.data.path, f"the train split has no batch of "
+                        f"{spec.train.batch_size} rows (lower train.batch_size)")
     return [out[i % len(out)] for i in range(n)]
 
 
@@ -286,6 +287,17 @@ class PlainRanker(nn.Module):
         return self.over(torch.cat(parts, dim=1), batch.dense)
 
 
+def check_plain_optimizers(train: TrainSpec) -> None:
+    """ValueError unless the spec's optimizers exist on both sides (the plain side's children
+    would otherwise fail on it, with a traceback, after the batches are written)."""
+    s, d = train.sparse_optimizer, train.dense_optimizer
+    if s.name not in PLAIN_SPARSE:
+        raise ValueError(f"train.sparse_optimizer.name = '{s.name}' has no fused kernel; "
+                         f"choose one of {[o.value for o in PLAIN_SPARSE]}")
+    if d.name not in PLAIN_DENSE:
+        raise ValueError(f"train.dense_optimizer.name = '{d.name}' is not available yet")
+
+
 def plain_optimizers(model: PlainRanker, train: TrainSpec
                      ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """``(sparse, dense)`` torch.optim optimizers with the spec's names and hyper-parameters:
@@ -294,12 +306,8 @@ def plain_optimizers(model: PlainRanker, train: TrainSpec
     Example:
         >>> sparse, dense = plain_optimizers(PlainRanker(spec), spec.train)
     """
+    check_plain_optimizers(train)
     s, d = train.sparse_optimizer, train.dense_optimizer
-    if s.name not in PLAIN_SPARSE:
-        raise ValueError(f"train.sparse_optimizer.name = '{s.name}' has no fused kernel; "
-                         f"choose one of {[o.value for o in PLAIN_SPARSE]}")
-    if d.name not in PLAIN_DENSE:
-        raise ValueError(f"train.dense_optimizer.name = '{d.name}' is not available yet")
     # the same keyword arguments as recsys.train.optim.attach_sparse_optimizer / dense_optimizer
     kwargs: dict[str, Any] = {"lr": s.lr}
     if s.name != SparseOptimizer.SGD:

@@ -203,6 +203,8 @@ class BatchBuilder:
         self._required = {c: "a group id" for c in s.groups.values()}
         self._required.update({s.stage: "a stage"} if s.stage else {})
         self._required.update({c: "a label" for c in s.labels})
+        self._binary = list(dict.fromkeys(s.binary_labels))
+        self._graded = [c for c in dict.fromkeys(s.labels) if c not in s.binary_labels]
 
     # ---- conversion and checks ----------------------------------------------------------------
 
@@ -224,6 +226,10 @@ class BatchBuilder:
             dense[:, j] = values
         values = {c: _numbers(table, c, where, first_row, self._required.get(c))
                   for c in self._values}
+        for c in self._binary:
+            _check_binary(values[c], c, where, first_row)
+        for c in self._graded:
+            _check_finite(values[c], c, where, first_row)
 
         singles = np.empty((len(self._singles), n), dtype=self.id_dtype)
         single_valid: dict[str, np.ndarray] = {}
@@ -342,6 +348,33 @@ def _numbers(table: pa.Table, name: str, where: str, first_row: int,
                             f"{required} needs a value")
         col = col.cast(pa.float32())  # nulls become NaN
     return col.to_numpy(zero_copy_only=False)
+
+
+def _check_binary(values: np.ndarray, name: str, where: str, first_row: int) -> None:
+    """A binary label holds only 0 and 1: anything else (2, 0.5, -1, NaN) would silently train
+    a wrong loss. Two reductions prove a clean integer column; floats need one more pass."""
+    if values.dtype == np.bool_ or not len(values):
+        return
+    lo, hi = values.min(), values.max()  # NaN propagates and fails both comparisons
+    if lo >= 0 and hi <= 1 and (values.dtype.kind != "f"
+                                or not np.any((values > 0) & (values < 1))):
+        return
+    row = int(np.argmax((values != 0) & (values != 1)))
+    raise DataError(where, f"column '{name}' holds {values[row].item()} at row "
+                    f"{first_row + row}; a binary label must be 0 or 1 (list it in "
+                    "data.graded_labels if it holds grades)")
+
+
+def _check_finite(values: np.ndarray, name: str, where: str, first_row: int) -> None:
+    """A graded label may hold any finite value; NaN or inf would poison every loss it enters."""
+    # a finite sum proves every value finite in one pass; only a failure needs the scan
+    if values.dtype.kind != "f" or np.isfinite(values.sum(dtype=np.float64)):
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(where, f"column '{name}' holds {values[row]} at row {first_row + row}; "
+                        "labels must be finite")
 
 
 def _list_column(col: pa.Array, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:

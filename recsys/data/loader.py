@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recsys.data.batch import Batch, BatchBuilder, Columns
 from recsys.data.parquet import ParquetSplit, RowGroupRef
+from recsys.errors import RecsysError
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ class ParquetLoader:
             # happens here, since sending one window of arrays costs far less than many tensors
             loader = DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
                                 num_workers=self.num_workers)
-            windows = (self.batches_of(cols) for cols in loader)
+            windows = (self.batches_of(_unwrapped(cols)) for cols in loader)
         for w, batches in enumerate(windows):
             yield from (batches[skip:] if w == 0 else batches)
 
@@ -247,9 +248,29 @@ class _WindowDataset(IterableDataset):
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
 
-    def __iter__(self) -> Iterator[Columns]:
+    def __iter__(self) -> Iterator[Columns | _Raised]:
         info = get_worker_info()
         j, n = (info.id, info.num_workers) if info else (0, 1)
         order = self.loader._row_group_order(self.epoch)
         for w in range(self.first + j, self.loader.num_windows(), n):
-            yield self.loader.window_columns(self.epoch, w, order)
+            try:
+                yield self.loader.window_columns(self.epoch, w, order)
+            except RecsysError as e:
+                # torch re-raises a worker's exception as its type built from one message
+                # string, which our errors (where + message) do not take: it would surface as a
+                # RuntimeError traceback. Send the error itself to the main process instead.
+                yield _Raised(e)
+                return
+
+
+class _Raised:
+    """A user-facing error met in a loader worker, carried to the main process as an item."""
+
+    def __init__(self, error: RecsysError) -> None:
+        self.error = error
+
+
+def _unwrapped(item: Columns | _Raised) -> Columns:
+    if isinstance(item, _Raised):
+        raise item.error
+    return item

@@ -2,13 +2,17 @@
 
 Writers never hold more than one row group per open shard in memory; a dataset directory appears only
 when it is complete (written under a temporary name, then renamed), so a killed writer leaves nothing
-that looks finished.
+that looks finished. One process at a time writes a dataset path (:func:`dataset_write`), and a failed
+write removes what it had half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import pyarrow.types as pat
 
 from recsys.data.schema import MANIFEST, BatchSchema, ColumnInfo, DatasetManifest
 from recsys.errors import DataError
+from recsys.fsutil import sibling_lock
 
 COMPRESSION = "snappy"  # decodes faster than zstd; the loader is read-bound
 
@@ -86,22 +91,99 @@ class ShardWriter:
             self._rows_in_shard = 0
 
 
+def partial_path(out: Path) -> Path:
+    """Where a dataset is written before it is renamed to ``out``."""
+    return out.with_name(out.name + ".partial")
+
+
+def current_dataset(out: Path, config_hash: str) -> DatasetManifest | None:
+    """The complete dataset at ``out`` if it was made from ``config_hash``, else None.
+
+    Takes no lock: a dataset appears at ``out`` only once complete (by a rename), so a reader that
+    finds a matching manifest can use it while another process waits to write elsewhere.
+    """
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        existing = DatasetManifest.load(out)
+    except DataError:
+        return None  # claim_output, under the lock, reports what is wrong with it
+    return existing if existing.config_hash == config_hash else None
+
+
+@contextlib.contextmanager
+def dataset_write(out: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the dataset path ``out`` for a whole write.
+
+    A second writer of the same path gets a RunError at once instead of interleaving its shards
+    with ours. If the write fails (a bad row, Ctrl-C), ``OUT.partial`` is removed, so nothing
+    half-written stays behind; ``out`` itself is only ever replaced by a finished dataset.
+
+    Example:
+        >>> with dataset_write(out):
+        ...     if claim_output(out, chash, force) is None:
+        ...         write_everything(out)
+    """
+    with sibling_lock(out, f"dataset {out}"):
+        try:
+            yield
+        except BaseException:
+            shutil.rmtree(partial_path(out), ignore_errors=True)
+            raise
+
+
+def foreign_entries(out: Path, manifest: DatasetManifest) -> list[str]:
+    """The entries under the dataset directory ``out`` that its writer did not make (relative
+    paths, a directory as ``name/`` without its contents), sorted: anything but ``dataset.json``,
+    the shards the manifest lists and the folders that hold them."""
+    own_files = {MANIFEST} | {f for splits in manifest.views.values()
+                              for files in splits.values() for f in files}
+    own_dirs = {str(parent) for f in own_files for parent in Path(f).parents} - {"."}
+    foreign: list[str] = []
+    for here, dirs, files in os.walk(out):
+        rel = Path(here).relative_to(out)
+        for d in list(dirs):
+            if str(rel / d) not in own_dirs:
+                foreign.append(f"{rel / d}/")
+                dirs.remove(d)  # a foreign folder is named once, not walked
+        foreign += [str(rel / f) for f in files if str(rel / f) not in own_files]
+    return sorted(foreign)
+
+
+def _count(items: list[str], one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
+
+
+def _listing(entries: list[str], limit: int = 5) -> str:
+    shown = ", ".join(entries[:limit])
+    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
 def claim_output(out: Path, config_hash: str, force: bool,
                  regenerable: str | None = None) -> DatasetManifest | None:
-    """Decide what to do with a dataset directory before writing it.
+    """Decide what to do with a dataset directory before writing it (call it under
+    :func:`dataset_write`, so that no other writer changes ``out`` in between).
 
     Returns the dataset already there when it was made from the same config (nothing to do);
     returns None when ``out`` may be written. A dataset from another config, a file, or a non-empty
     directory that is not a dataset is an error unless ``force``: the writer replaces ``out``
     wholesale, and must never silently delete what is not its own. The one exception is a dataset
     whose manifest names ``regenerable`` as its generator (synthetic data: a pure function of its
-    config, so replacing it loses nothing); that is replaced, with a notice.
+    config, so replacing it loses nothing); that is replaced, with a notice, but only while it holds
+    nothing else: files a user added beside the shards are an error unless ``force``.
     """
     if (out / MANIFEST).exists():
         existing = DatasetManifest.load(out)
         if existing.config_hash == config_hash:
             return existing
         if regenerable is not None and existing.source.get("generator") == regenerable:
+            foreign = foreign_entries(out, existing)
+            if foreign and not force:
+                raise DataError(str(out), f"holds a {existing.name} dataset made from another "
+                                f"config ({existing.config_hash}, wanted {config_hash}) and also "
+                                f"{_count(foreign, 'entry', 'entries')} it did not write "
+                                f"({_listing(foreign)}); "
+                                "move them away, use another path or --force to replace it all")
             print(f"{out}: replacing the {existing.name} dataset made from another config "
                   f"({existing.config_hash}) with config {config_hash}", file=sys.stderr)
             return None
@@ -111,9 +193,12 @@ def claim_output(out: Path, config_hash: str, force: bool,
                             "or --force to replace it")
     elif out.exists() and not out.is_dir():
         raise DataError(str(out), "is a file; a dataset needs a directory path")
-    elif out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(str(out), "exists, is not empty and is not a dataset directory; use "
-                        "another path or --force to replace it")
+    elif out.is_dir() and not force:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        if entries:
+            raise DataError(str(out), "exists, is not empty and is not a dataset directory "
+                            f"(it holds {_listing(entries)}); use another path or --force to "
+                            "replace it")
     return None
 
 
@@ -132,7 +217,7 @@ class DatasetWriter:
                  columns: list[ColumnInfo], schema: pa.Schema, *, rows_per_shard: int = 1_000_000,
                  row_group_size: int = 65_536) -> None:
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial = partial_path(self.out)
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
@@ -163,8 +248,16 @@ class DatasetWriter:
                                    views=views, rows=rows)
         manifest.save(self.partial)
         if self.out.exists():
-            shutil.rmtree(self.out)
-        self.partial.rename(self.out)
+            # move the old dataset aside before the new one takes its name, so that a crash in
+            # between leaves one whole dataset somewhere instead of a half-deleted one
+            old = self.out.with_name(f".{self.out.name}.replaced")  # a name only we use
+            if old.exists():
+                shutil.rmtree(old)
+            self.out.rename(old)
+            self.partial.rename(self.out)
+            shutil.rmtree(old)
+        else:
+            self.partial.rename(self.out)
         manifest.root = self.out
         return manifest
 
@@ -199,7 +292,7 @@ class ParquetSplit:
         self.columns = schema.columns
         self.row_groups: list[RowGroupRef] = []
         for i, path in enumerate(self.files):
-            md = _open_metadata(path)
+            md = open_metadata(path)
             _check_columns(path, md.schema.to_arrow_schema(), schema)
             first = 0
             for g in range(md.num_row_groups):
@@ -234,7 +327,9 @@ class ParquetSplit:
         return state
 
 
-def _open_metadata(path: Path) -> pq.FileMetaData:
+def open_metadata(path: Path) -> pq.FileMetaData:
+    """The footer of a Parquet file; DataError naming the file when it is missing, empty,
+    truncated or not Parquet (reads only the footer: cheap for any file size)."""
     if not path.is_file():
         raise DataError(str(path), "data file not found")
     if path.stat().st_size == 0:
@@ -258,7 +353,8 @@ def _check_columns(path: Path, arrow: pa.Schema, schema: BatchSchema) -> None:
         if s.weights:
             expected[s.weights] = ("a list of floats", _is_float_list)
     for c in schema.labels:
-        expected[c] = ("0/1 labels (integer, float or bool)", _is_label)
+        expected[c] = ("0/1 labels (integer, float or bool)" if c in schema.binary_labels
+                       else "graded labels (numbers)", _is_label)
     for c in schema.groups.values():
         expected[c] = ("integer group ids", pat.is_integer)
     if schema.stage:

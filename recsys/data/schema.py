@@ -9,7 +9,7 @@ the teacher score, an oracle probability, or per-id weights.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from pathlib import Path
 
@@ -168,6 +168,14 @@ class BatchSchema:
     stage: str | None = None
     teacher: str | None = None
     oracle: dict[str, str] = field(default_factory=dict)  # label -> probability column
+    # the labels whose values must be 0 or 1 (from a spec: every label not in data.graded_labels);
+    # the other labels may hold any finite value. Empty here so that hand-made schemas opt in.
+    binary_labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.binary_labels if b not in self.labels]
+        if unknown:
+            raise ValueError(f"binary_labels {unknown} are not among labels {self.labels}")
 
     @property
     def sparse_keys(self) -> list[str]:
@@ -211,13 +219,14 @@ class BatchSchema:
             stage=STAGE if present(STAGE) else None,
             teacher=TEACHER if present(TEACHER) else None,
             oracle=oracle,
+            binary_labels=tuple(lab for lab in spec.data.labels
+                                if lab not in spec.data.graded_labels),
         )
 
     def with_rvq_code(self, num_nodes: int) -> BatchSchema:
         """The same schema with the auxiliary ``rvq_code`` list column read into the KJT."""
         extra = SparseColumn(RVQ_CODE, RVQ_CODE, num_nodes, OOVPolicy.ERROR, multi=True)
-        return BatchSchema(self.dense, [*self.sparse, extra], self.labels, self.groups,
-                           self.stage, self.teacher, self.oracle)
+        return replace(self, sparse=[*self.sparse, extra])
 
 
 def _sparse_column(f: FeatureSpec, num_embeddings: int) -> SparseColumn:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from recsys.data.loader import ParquetLoader
-from recsys.data.parquet import ParquetSplit
+from recsys.data.parquet import ParquetSplit, open_metadata
 from recsys.data.schema import (
+    MANIFEST,
     REQUEST_ID,
     BatchSchema,
     DatasetManifest,
     check_spec_against_manifest,
 )
+from recsys.errors import DataError
 from recsys.spec import DataSource, Spec
 
 
 def ensure_dataset(spec: Spec, *, force: bool = False, progress: bool = True) -> DatasetManifest:
-    """The spec's dataset, made first if it is synthetic or raw and not there yet.
+    """The spec's dataset, made first if it is synthetic or raw and not there yet, and checked
+    (:func:`verify_dataset`) so that a broken shard of any split stops the run before training.
 
     Example:
         >>> manifest = ensure_dataset(load_spec("specs/quickstart.toml"))
@@ -36,7 +39,29 @@ def ensure_dataset(spec: Spec, *, force: bool = False, progress: bool = True) ->
         manifest = prepare(str(data.source), data.prepare.input, data.path, data.prepare,
                            force=force, progress=progress)
     check_spec_against_manifest(spec, manifest)
+    verify_dataset(manifest)
     return manifest
+
+
+def verify_dataset(manifest: DatasetManifest) -> None:
+    """Check every shard of every view and split the manifest lists: the file is there, its
+    Parquet footer reads, and each split holds the rows the manifest says.
+
+    Only footers are read (milliseconds per file), so a truncated or corrupt validation or test
+    shard is a DataError naming it before training starts, not hours later at the first eval.
+
+    Example:
+        >>> verify_dataset(DatasetManifest.load("data/quickstart"))
+    """
+    assert manifest.root is not None, "manifest was not loaded from a directory"
+    for view, splits in manifest.views.items():
+        for split in splits:
+            rows = sum(open_metadata(path).num_rows for path in manifest.files(view, split))
+            expected = manifest.rows.get(view, {}).get(split)
+            if expected is not None and rows != expected:
+                raise DataError(str(manifest.root / view / split), f"the shards hold {rows} rows "
+                                f"but {MANIFEST} lists {expected}; the dataset was changed after "
+                                "it was written: make it again")
 
 
 def open_split(spec: Spec, manifest: DatasetManifest, split: str,
@@ -58,8 +83,11 @@ def make_loader(spec: Spec, manifest: DatasetManifest, split: str, *, rank: int 
         >>> train = make_loader(spec, manifest, "train", rank=0, world_size=2)
         >>> test = make_loader(spec, manifest, "test", training=False)
     """
-    batch_size = spec.train.batch_size if training else \
-        (spec.train.eval_batch_size or spec.train.batch_size)
+    from recsys.train.distributed import per_rank_batch  # torch.distributed: not for data-only use
+
+    # train.batch_size (and eval_batch_size) are global: each rank reads its share
+    batch_size = per_rank_batch(spec.train.batch_size if training else
+                                (spec.train.eval_batch_size or spec.train.batch_size), world_size)
     return ParquetLoader(open_split(spec, manifest, split), batch_size, rank=rank,
                          world_size=world_size, seed=spec.train.seed,
                          shuffle=training and spec.data.shuffle,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from recsys.data.parquet import DatasetWriter, claim_output
+from recsys.data.parquet import DatasetWriter, claim_output, current_dataset, dataset_write
 from recsys.data.schema import (
     REQUEST_ID,
     SPLITS,
@@ -292,8 +292,10 @@ def generate(cfg: SyntheticSpec, out: str | Path, *, force: bool = False,
     """Simulate every split into ``out`` (``cascade`` and ``impressions`` views).
 
     An existing dataset made from the same config is kept as it is; a synthetic dataset made from
-    another config (or by another simulator version) is regenerated; anything else at ``out`` is
-    an error unless ``force``.
+    another config (or by another simulator version) is regenerated if it holds nothing but its own
+    files; anything else at ``out`` is an error unless ``force``. The write holds the dataset's
+    lock (a second writer of ``out`` gets a RunError at once) and removes ``OUT.partial`` if it
+    fails.
 
     Example:
         >>> manifest = generate(SyntheticSpec(seed=1), "data/synth")
@@ -301,26 +303,34 @@ def generate(cfg: SyntheticSpec, out: str | Path, *, force: bool = False,
     """
     out = Path(out)
     chash = config_hash(cfg)
-    existing = claim_output(out, chash, force, regenerable=GENERATOR)
+    existing = current_dataset(out, chash)  # the common case, a complete dataset: no lock
     if existing is not None:
         return existing
+    with dataset_write(out):  # one writer per path; a failure removes OUT.partial
+        existing = claim_output(out, chash, force, regenerable=GENERATOR)
+        if existing is not None:  # another writer finished it between our first look and now
+            return existing
+        return _simulate(cfg, out, chash, progress)
+
+
+def _simulate(cfg: SyntheticSpec, out: Path, chash: str, progress: bool) -> DatasetManifest:
     world = build_world(cfg)
     writer = DatasetWriter(out, "synthetic", {"generator": GENERATOR,
                                               "config": cfg.model_dump(mode="json")},
                            chash, describe_columns(cfg, world), ARROW_SCHEMA,
                            rows_per_shard=cfg.rows_per_shard, row_group_size=cfg.row_group_size)
     total = sum(-(-cfg.requests[s] // CHUNK_REQUESTS) for s in SPLITS)
-    bar = progress_bar(total=total, desc="simulating requests", unit="chunk", disable=not progress)
     next_request = 0
-    for split_index, split in enumerate(SPLITS):
-        n = cfg.requests[split]
-        for chunk, start in enumerate(range(0, n, CHUNK_REQUESTS)):
-            size = min(CHUNK_REQUESTS, n - start)
-            table = simulate_chunk(world, cfg, split_index, chunk, size, next_request)
-            next_request += size
-            writer.write("cascade", split, table)
-            exposed = np.asarray(table.column(STAGE)) >= Stage.EXPOSED
-            writer.write("impressions", split, table.filter(pa.array(exposed)))
-            bar.update()
-    bar.close()
+    with progress_bar(total=total, desc="simulating requests", unit="chunk",
+                      disable=not progress) as bar:
+        for split_index, split in enumerate(SPLITS):
+            n = cfg.requests[split]
+            for chunk, start in enumerate(range(0, n, CHUNK_REQUESTS)):
+                size = min(CHUNK_REQUESTS, n - start)
+                table = simulate_chunk(world, cfg, split_index, chunk, size, next_request)
+                next_request += size
+                writer.write("cascade", split, table)
+                exposed = np.asarray(table.column(STAGE)) >= Stage.EXPOSED
+                writer.write("impressions", split, table.filter(pa.array(exposed)))
+                bar.update()
     return writer.finish()

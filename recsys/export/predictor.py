@@ -64,11 +64,19 @@ class Predictor:
             rows = {f: int(t["rows"]) for t in manifest["tables"] for f in t["features"]}
             self.tables = {f: t["name"] for t in manifest["tables"] for f in t["features"]}
             self.tasks: list[str] = list(manifest["tasks"])
-        except (KeyError, TypeError) as e:
+            # each feature's out-of-vocabulary policy, as training applied it ("error": an id
+            # outside its table is refused; "hash": ids map into the table by modulo)
+            oov = inputs.get("oov", {})
+            self.oov: dict[str, str] = {f: str(oov.get(f, "error")) for f in self.features}
+        except (KeyError, TypeError, AttributeError) as e:
             raise DataError(where, f"the manifest lacks {e} (is it a recsys export?)") from None
         missing = [f for f in self.features if f not in rows]
         if missing:
             raise DataError(where, f"the manifest's tables do not list features {missing}")
+        unknown = {f: p for f, p in self.oov.items() if p not in ("error", "hash")}
+        if unknown:
+            raise DataError(where, f"the manifest's inputs.oov has unknown policies {unknown} "
+                            "(expected 'error' or 'hash')")
         self.rows: dict[str, int] = {f: rows[f] for f in self.features}
 
     @classmethod
@@ -151,14 +159,17 @@ class Predictor:
             raise DataError(where, f"lengths sum to {total} but values holds {values_t.numel()} "
                             "ids; every id needs a row (lengths are per feature and row)")
         lens = lengths_t.numpy().reshape(n_feat, b) if b else np.zeros((n_feat, 0), np.int64)
-        ids = values_t.numpy()
+        ids = values_t.numpy().astype(np.int64, copy=False)
+        conformed: list[np.ndarray] = []
         start = 0
         for f, row_lens in zip(self.features, lens, strict=True):
             count = int(row_lens.sum())
             offsets = np.zeros(b + 1, dtype=np.int64)
             np.cumsum(row_lens, out=offsets[1:])
-            self._check_ids(f, None, ids[start:start + count], offsets, where, 0)
+            conformed.append(self._conform_ids(f, None, ids[start:start + count], offsets,
+                                               where, 0))
             start += count
+        values_t = torch.from_numpy(np.concatenate(conformed)) if conformed else values_t
         return self._run(dense_t, values_t.to(torch.int64), lengths_t.to(torch.int32))
 
     def _run(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
@@ -170,17 +181,21 @@ class Predictor:
             out = self.module(dense, values, lengths)
         return {t: out[t].to(torch.float32).numpy() for t in self.tasks}
 
-    def _check_ids(self, feature: str, column: str | None, ids: np.ndarray,
-                   offsets: np.ndarray | None, where: str, first_row: int,
-                   rows: np.ndarray | None = None) -> None:
-        """Every id of ``feature`` within [0, rows of its table). ``offsets`` map an id's
-        position to its row (jagged ids); else ``rows`` does (the rows of non-null scalar ids)."""
-        if not len(ids):
-            return
+    def _conform_ids(self, feature: str, column: str | None, ids: np.ndarray,
+                     offsets: np.ndarray | None, where: str, first_row: int,
+                     rows: np.ndarray | None = None) -> np.ndarray:
+        """``feature``'s ids as the model takes them: with the ``hash`` policy mapped into the
+        table by modulo (as the training loader did), else checked to lie in [0, rows of its
+        table). ``offsets`` map an id's position to its row (jagged ids); else ``rows`` does (the
+        rows of non-null scalar ids)."""
         n = self.rows[feature]
+        if self.oov[feature] == "hash":
+            return np.mod(ids, n)
+        if not len(ids):
+            return ids
         lo, hi = ids.min(), ids.max()
         if lo >= 0 and hi < n:
-            return
+            return ids
         bad_value = lo if lo < 0 else hi
         pos = int(np.argmax(ids == bad_value))
         if offsets is not None:
@@ -258,15 +273,16 @@ class Predictor:
                 if col.null_count:  # a null id is an empty bag
                     valid = np.asarray(col.is_valid())
                     ids = col.drop_null().to_numpy(zero_copy_only=False)
-                    self._check_ids(f, c, ids, None, where, first_row, np.flatnonzero(valid))
+                    ids = self._conform_ids(f, c, ids, None, where, first_row,
+                                            np.flatnonzero(valid))
                     lens = valid.astype(np.int32)
                 else:
                     ids = col.to_numpy(zero_copy_only=False)
-                    self._check_ids(f, c, ids, None, where, first_row)
+                    ids = self._conform_ids(f, c, ids, None, where, first_row)
                     lens = np.ones(n, dtype=np.int32)
             else:
                 offsets, ids = _list_column(col, c, f, where, first_row)
-                self._check_ids(f, c, ids, offsets, where, first_row)
+                ids = self._conform_ids(f, c, ids, offsets, where, first_row)
                 lens = np.diff(offsets).astype(np.int32)
             values.append(ids.astype(np.int64, copy=False))
             lengths.append(lens)

@@ -21,14 +21,16 @@ leaf (its data-dependent steps, e.g. AdaEnsemble's early exit, stay real control
 # no "from __future__ import annotations": fx and TorchScript read forward()'s real type hints
 
 import json
+import os
 import platform
+import shutil
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torchrec
 import torchrec.fx
 from torch import nn
@@ -36,8 +38,10 @@ from torchrec.inference.modules import quantize_embeddings
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys import __version__
-from recsys.errors import SpecError
+from recsys.errors import RunError
+from recsys.fsutil import sibling_lock, writing
 from recsys.models.ranker import Ranker, RankerConfig
+from recsys.models.tables import pooled_in_order
 from recsys.spec import Arch, Spec, spec_hash, validate_spec
 from recsys.train import checkpoint
 
@@ -63,14 +67,14 @@ class ServingRanker(nn.Module):
         super().__init__()
         self.ebc = ranker.ebc
         self.over = ranker.over
-        self.keys = [f for c in ranker.ebc.embedding_bag_configs() for f in c.feature_names]
+        self.keys = list(ranker.feature_order)
         self.tasks = list(tasks)
         self.esmm = esmm
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
-        logits = self.over(self.ebc(kjt).values(), dense)
+        logits = self.over(pooled_in_order(self.ebc(kjt), self.keys), dense)
         probs = {t: torch.sigmoid(logits[t]) for t in self.tasks}
         if self.esmm:
             probs["conversion"] = probs["click"] * probs["conversion"]
@@ -80,27 +84,30 @@ class ServingRanker(nn.Module):
 def run_spec(run_dir: Path) -> Spec:
     path = run_dir / "spec.toml"
     if not path.is_file():
-        raise SpecError(str(run_dir), ["not a run directory (spec.toml is missing)"])
+        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
     return validate_spec(tomllib.loads(path.read_text()), str(path))
 
 
 def load_trained_ranker(run_dir: str | Path) -> tuple[Spec, Ranker]:
-    """The run's ranker, unsharded on CPU, with the weights of its latest checkpoint.
+    """The run's ranker, unsharded on CPU, with the weights of its latest complete checkpoint
+    (``torch.distributed.checkpoint`` reshards one written by any number of processes).
 
     Example:
         >>> spec, ranker = load_trained_ranker("runs/quickstart-demo")
     """
-    run_dir = Path(run_dir)
+    spec, ranker, _ = _trained_ranker(Path(run_dir))
+    return spec, ranker
+
+
+def _trained_ranker(run_dir: Path) -> tuple[Spec, Ranker, Path]:
     spec = run_spec(run_dir)
     path = checkpoint.latest(run_dir)
     if path is None:
-        raise SpecError(str(run_dir), ["no checkpoint to export (checkpoints/ is empty)"])
+        raise RunError(str(run_dir), "no complete checkpoint to export")
     ranker = Ranker(RankerConfig(spec, device="cpu"))
     # the checkpoint holds DistributedModelParallel's state: the ranker sits under "model."
-    state = {"model": {f"model.{k}": v for k, v in ranker.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(path))
-    ranker.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
-    return spec, ranker.eval()
+    checkpoint.load_weights(path, ranker, prefix="model.")
+    return spec, ranker.eval(), path
 
 
 @dataclass
@@ -136,6 +143,8 @@ def manifest(spec: Spec, ranker: Ranker, keys: list[str], quantize: str) -> dict
             "dense": [f.source_column for f in spec.features.dense_fields()],
             "features": keys,
             "feature_columns": {f.name: f.source_column for f in spec.features.sparse_fields()},
+            # how training treated an id outside its table; predict applies the same
+            "oov": {f.name: str(f.oov) for f in spec.features.sparse_fields()},
             "layout": "forward(dense (B, n_dense) float32, values (sum of lengths,) int64, "
                       "lengths (n_features * B,) int32 feature-major)",
         },
@@ -151,32 +160,113 @@ def manifest(spec: Spec, ranker: Ranker, keys: list[str], quantize: str) -> dict
     }
 
 
+# how far the exported module may move from eager PyTorch (max |diff| of a probability) and, for
+# unquantized exports, the AUC from the one the run recorded, before the export is refused
+PARITY_TOLERANCE = {"none": 1e-5, "fp16": 5e-3, "int8": 5e-2}
+RECORDED_AUC_TOLERANCE = 1e-5
+
+
 def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
                check: bool = True) -> dict[str, Any]:
-    """Export a run's latest checkpoint to ``out/model.pt`` + ``out/manifest.json``; with
-    ``check``, the manifest also records :func:`parity` on the test split (max |eager − exported|
-    and the AUC of both).
+    """Export a run's latest checkpoint to ``out/model.pt`` + ``out/manifest.json``.
+
+    Everything is written to a temporary folder beside ``out`` first; with ``check``, the
+    exported module is scored on the run's test split against eager PyTorch and against the test
+    metrics the run itself recorded (:func:`parity`, kept in the manifest). Only when that
+    passes are the files published, together, in place of ``out``: a failed export leaves an
+    earlier export at ``out`` as it was. ``out`` must be absent, empty or an earlier export.
 
     Example:
         >>> export_run("runs/quickstart-demo", "exports/qs-int8", quantize="int8")["quantize"]
         'int8'
     """
-    spec, ranker = load_trained_ranker(run_dir)
-    exported = script_ranker(spec, ranker, quantize)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    exported.module.save(str(out / MODEL_FILE))
-    info = {**exported.manifest, "run": str(run_dir),
-            "model_bytes": (out / MODEL_FILE).stat().st_size}
-    if check:
-        info["parity"] = parity(spec, ranker, exported.module)
-    if spec.model.arch in (Arch.RANKTOWER, Arch.DSSM):
-        from recsys.export.two_tower import export_split, time_cached_scoring
+    run_dir, out = Path(run_dir), Path(out)
+    _check_replaceable(out)
+    with sibling_lock(out, f"export {out}"), writing(out.parent):
+        spec, ranker, path = _trained_ranker(run_dir)
+        exported = script_ranker(spec, ranker, quantize)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            exported.module.save(str(staging / MODEL_FILE))
+            info = {**exported.manifest, "run": str(run_dir), "checkpoint": path.name,
+                    "model_bytes": (staging / MODEL_FILE).stat().st_size}
+            if check:
+                info["parity"] = parity(spec, ranker, exported.module)
+                info["parity"]["recorded"] = _against_recorded(run_dir, path, info["parity"])
+                _require_parity(out, info["parity"], quantize)
+            if spec.model.arch in (Arch.RANKTOWER, Arch.DSSM):
+                from recsys.export.two_tower import export_split, time_cached_scoring
 
-        info["serving_split"] = export_split(spec, ranker, out)
-        info["serving_split"]["score_1000_cached"] = time_cached_scoring(out)
-    (out / MANIFEST_FILE).write_text(json.dumps(info, indent=2))
+                info["serving_split"] = export_split(spec, ranker, staging)
+                info["serving_split"]["score_1000_cached"] = time_cached_scoring(staging)
+            (staging / MANIFEST_FILE).write_text(json.dumps(info, indent=2))
+            _publish(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return info
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunError(str(out), "exists and is not a directory; choose another --out")
+    entries = [p.name for p in out.iterdir()]
+    if entries and MANIFEST_FILE not in entries:
+        raise RunError(str(out), f"holds files that are not an export ({', '.join(sorted(entries)[:5])}"
+                       f"{', ...' if len(entries) > 5 else ''}); refusing to replace it, choose "
+                       "another --out")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Put the staged export in place of ``out`` (renames: at any moment ``out`` is the old
+    export or the new one, never a mix)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _against_recorded(run_dir: Path, path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The exported module's test AUC per task against the AUC the run recorded in metrics.json
+    when it finished (its final checkpoint is the one exported)."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        steps = int(json.loads((run_dir / "run.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"available": False, "why": "the run recorded no metrics (unfinished?)"}
+    if path.name != f"step-{steps:07d}":
+        return {"available": False, "why": f"the run's metrics are of step {steps}, the "
+                                           f"checkpoint exported is {path.name}"}
+    tasks = {}
+    for t, v in result["tasks"].items():
+        recorded = (metrics.get("tasks", {}).get("test", {}).get(t, {}) or {}).get("auc")
+        if recorded is None:
+            continue
+        tasks[t] = {"auc_recorded": float(recorded),
+                    "auc_change": v["auc_exported"] - float(recorded)}
+    return {"available": True, "tasks": tasks}
+
+
+def _require_parity(out: Path, result: dict[str, Any], quantize: str) -> None:
+    problems = []
+    tol = PARITY_TOLERANCE[quantize]
+    for t, v in result["tasks"].items():
+        if not v["max_abs_diff"] <= tol:
+            problems.append(f"{t}: exported probabilities differ from eager PyTorch by up to "
+                            f"{v['max_abs_diff']:.3g} (tolerance {tol:g})")
+    recorded = result["recorded"]
+    if quantize == "none" and recorded.get("available"):
+        for t, v in recorded["tasks"].items():
+            if not abs(v["auc_change"]) <= RECORDED_AUC_TOLERANCE:
+                problems.append(f"{t}: exported test AUC {v['auc_recorded'] + v['auc_change']:.6f}"
+                                f" but the run recorded {v['auc_recorded']:.6f}")
+    if problems:
+        raise RunError(str(out), "parity check failed, nothing was written: "
+                       + "; ".join(problems))
 
 
 def flat_inputs(batch: Any, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.models.ranker import Ranker
+from recsys.models.tables import feature_order, pooled_in_order
 from recsys.spec import Side, Spec
 
 
@@ -55,12 +56,12 @@ class TowerModule(nn.Module):
         self.ebc = ebc
         self.stack = copy.deepcopy(inputs.stack)
         self.tower = copy.deepcopy(tower)
-        self.keys = [f for c in ebc.embedding_bag_configs() for f in c.feature_names]
+        self.keys = feature_order(ebc)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
                 ) -> torch.Tensor:
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
-        return self.tower(self.stack(self.ebc(kjt).values(), dense))
+        return self.tower(self.stack(pooled_in_order(self.ebc(kjt), self.keys), dense))
 
 
 class ScorerModule(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 from recsys.data.batch import Batch
 from recsys.models.objective import OnlineUserCodes, RankingObjective
 from recsys.models.over_arch import build_over_arch
-from recsys.models.tables import build_ebc
+from recsys.models.tables import build_ebc, feature_order, pooled_in_order
 from recsys.spec import CodeSource, Side, Spec
 
 
@@ -48,7 +48,9 @@ class Ranker(nn.Module):
         self.ebc = build_ebc(spec.features, config.device)
         configs = self.ebc.embedding_bag_configs()
         field_dims = [c.embedding_dim for c in configs for _ in c.feature_names]
-        field_names = [f for c in configs for f in c.feature_names]
+        # the over-arch's input order, fixed by the spec (never by a sharding plan)
+        self.feature_order: list[str] = feature_order(self.ebc)
+        field_names = self.feature_order
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
         self.over = build_over_arch(spec, field_dims, field_names)
         h = spec.loss.hierarchical
@@ -57,7 +59,7 @@ class Ranker(nn.Module):
             self.user_codes = OnlineUserCodes(h.rvq, _user_columns(spec, self.ebc))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        pooled = self.ebc(batch.sparse).values()
+        pooled = pooled_in_order(self.ebc(batch.sparse), self.feature_order)
         outputs = self.over(pooled, batch.dense)
         if self.user_codes is not None:
             outputs = _merged(outputs, self.user_codes(pooled))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys.spec import FeaturesSpec, Pooling
 
@@ -39,3 +40,26 @@ def build_ebc(features: FeaturesSpec, device: str | torch.device = "meta"
         >>> ebc = build_ebc(spec.features, "cpu")     # materialised: plain single-process use
     """
     return EmbeddingBagCollection(tables=embedding_bag_configs(features), device=torch.device(device))
+
+
+def feature_order(ebc: torch.nn.Module) -> list[str]:
+    """The model's feature order: table after table as the spec declares them, each table's
+    features in its config's order. The over-arch is trained and served on this order.
+
+    Example:
+        >>> feature_order(build_ebc(spec.features))
+        ['user_id', 'user_age', ...]
+    """
+    return [f for c in ebc.embedding_bag_configs() for f in c.feature_names]
+
+
+def pooled_in_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """The pooled embeddings as one ``(B, sum of dims)`` tensor with the features in ``keys``
+    order, whatever order the EBC produced them in.
+
+    A sharded EBC returns its features grouped by shard (table-wise, column-wise, ... groups in
+    an order that depends on the sharding plan), a plain or quantized one in config order: taking
+    ``pooled.values()`` by position would make the over-arch's input depend on the plan, so a
+    model trained on N processes would score differently on one. The regrouping is by key.
+    """
+    return KeyedTensor.regroup([pooled], [keys])[0]

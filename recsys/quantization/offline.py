@@ -11,10 +11,10 @@ prefixes. A spec then trains on it with ``data.source = "parquet"``, ``data.path
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,13 @@ import pyarrow.parquet as pq
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from recsys.data.parquet import dataset_write, partial_path
 from recsys.data.schema import RVQ_CODE, ColumnInfo, ColumnRole, DatasetManifest, num_nodes
-from recsys.errors import SpecError
+from recsys.errors import DataError, RunError
+from recsys.fsutil import writing
 from recsys.progress import progress_bar
 from recsys.quantization.rvq import ResidualVQ, code_perplexity, fit_offline
-from recsys.spec import RVQSpec, Side, Spec, validate_spec
+from recsys.spec import RVQSpec, Side, Spec, read_raw_spec, validate_spec
 
 log = logging.getLogger("recsys.rvq")
 
@@ -60,13 +62,17 @@ def user_table(spec: Spec, run_dir: Path, field: str) -> torch.Tensor:
     try:
         trainer = Trainer(spec, ctx, progress=False, run_dir=run_dir)
         if trainer.restore() is None:
-            raise SpecError(str(run_dir), ["no checkpoint to read the user embeddings from"])
+            raise RunError(str(run_dir), "no checkpoint to read the user embeddings from "
+                           "(checkpoints/ is empty)")
         table = spec.features.table_of(spec.features.field(field)).name
         key = next((k for k in trainer.model.state_dict()
                     if k.endswith(f".ebc.embedding_bags.{table}.weight")), None)
         if key is None:
-            raise SpecError(str(run_dir), [f"the model has no table '{table}'"])
-        return full_table(trainer.model.state_dict()[key]).float()
+            raise RunError(str(run_dir), f"the model has no embedding table '{table}'")
+        try:
+            return full_table(trainer.model.state_dict()[key]).float()
+        except ValueError as e:  # started under torchrun: the table is spread over the ranks
+            raise RunError(str(run_dir), str(e)) from None
     finally:
         shutdown()
 
@@ -94,18 +100,36 @@ def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = No
     run_dir, out = Path(run_dir), Path(out)
     spec_path = run_dir / "spec.toml"
     if not spec_path.is_file():
-        raise SpecError(str(run_dir), ["not a run directory (spec.toml is missing)"])
-    spec = validate_spec(tomllib.loads(spec_path.read_text()), str(spec_path))
-    f = spec.features.field(field)
+        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
+    spec = validate_spec(read_raw_spec(spec_path), str(spec_path))
+    try:
+        f = spec.features.field(field)
+    except KeyError as e:
+        raise RunError(str(run_dir), f"--field '{field}': {e.args[0]}") from None
     if f.side != Side.USER:
-        raise SpecError(str(spec_path), [f"features.fields[{field}] is not a user feature"])
+        raise RunError(str(run_dir), f"--field '{field}' is not a user feature of this run "
+                       f"(its side is '{f.side}')")
     rvq = rvq or spec.loss.hierarchical.rvq
     source = DatasetManifest.load(spec.data.path)
-    if out.exists():
-        if not force:
-            raise SpecError(str(out), ["exists; pass --force to replace it"])
-        shutil.rmtree(out)
+    if out.exists() and not force:  # before the slow part; checked again under the lock
+        raise RunError(str(out), "exists; pass --force to replace it")
+    # everything goes to OUT.partial under the dataset's lock and takes OUT's name only when
+    # complete, so a failure (a bad row, a full disk) leaves no half-written dataset behind and
+    # --force replaces the old one only by a whole new one
+    with writing(out), dataset_write(out):
+        if out.exists() and not force:
+            raise RunError(str(out), "exists; pass --force to replace it")
+        summary = _encode(spec, run_dir, partial_path(out), f.source_column, rvq, source,
+                          field=field, iters=iters, batch_size=batch_size, seed=seed,
+                          progress=progress)
+        _publish(partial_path(out), out)
+    return summary
 
+
+def _encode(spec: Spec, run_dir: Path, dest: Path, user_column: str, rvq: RVQSpec,
+            source: DatasetManifest, *, field: str, iters: int, batch_size: int, seed: int,
+            progress: bool) -> dict[str, Any]:
+    """Fit the RVQ and write the coded dataset, the model and its summary into ``dest``."""
     table = user_table(spec, run_dir, field)
     model = fit_offline(table, rvq, iters=iters, batch_size=batch_size, seed=seed)
     codes = model.encode(table)
@@ -114,10 +138,27 @@ def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = No
                "levels": rvq.levels, "codes": rvq.codes,
                "perplexity": [round(float(p), 2) for p in code_perplexity(codes, rvq.codes)],
                "recon_error": _recon_error(model, table), "rows": {}}
-    _write_dataset(source, out, f.source_column, ids, summary, progress)
-    torch.save(model.state_dict(), out / "rvq.pt")
-    (out / "rvq.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)  # left by a killed run
+    _write_dataset(source, dest, user_column, ids, summary, progress)
+    buffer = io.BytesIO()  # torch.save reports a full disk as a RuntimeError; Python as OSError
+    torch.save(model.state_dict(), buffer)
+    (dest / "rvq.pt").write_bytes(buffer.getvalue())
+    (dest / "rvq.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Rename the finished ``partial`` to ``out``; an old ``out`` is moved aside first and removed
+    after, so a crash in between leaves one whole dataset, never a half-deleted one."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old)
+    else:
+        partial.rename(out)
 
 
 def _recon_error(model: ResidualVQ, table: torch.Tensor) -> float:
@@ -136,12 +177,18 @@ def _write_dataset(source: DatasetManifest, out: Path, user_column: str, ids: np
     for view, split, rel in progress_bar(files, desc="writing rvq_code", unit="file",
                                          disable=not progress):
         src = source.root / rel
-        meta = pq.ParquetFile(src).metadata
-        table = pq.read_table(src)
+        try:
+            meta = pq.ParquetFile(src).metadata
+            table = pq.read_table(src)
+        except FileNotFoundError:
+            raise DataError(str(src), "data file not found (listed in the dataset's manifest)"
+                            ) from None
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(str(src), f"not a readable Parquet file: {e}") from None
         users = table.column(user_column).to_numpy()
         if users.min(initial=0) < 0 or users.max(initial=0) >= len(ids):
-            raise SpecError(str(src), [f"column '{user_column}' holds ids outside the table's "
-                                       f"{len(ids)} rows"])
+            raise DataError(str(src), f"column '{user_column}' holds ids outside the user "
+                            f"table's {len(ids)} rows [0, {len(ids)})")
         flat = ids[users].reshape(-1)
         offsets = np.arange(0, len(flat) + 1, levels, dtype=np.int32)
         codes = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))

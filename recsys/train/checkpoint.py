@@ -1,17 +1,30 @@
-"""Checkpoints of a sharded run with ``torch.distributed.checkpoint``: written atomically, last N
-kept, resumed exactly.
+"""Checkpoints of a sharded run with ``torch.distributed.checkpoint``: written atomically, checked
+on read, last N kept, resumed exactly, and readable by any number of processes.
 
-A checkpoint is a directory ``RUN/checkpoints/step-0000123`` holding the DCP shards of the model
-and of both optimizers (every rank writes its own shards), plus ``rank-R.pt`` per rank with the
-data position and RNG states. It is written as ``step-0000123.partial`` and renamed by rank 0 only
-after every rank has finished, so a run killed mid-write leaves no directory that looks complete.
+A checkpoint is a directory ``RUN/checkpoints/step-0000123`` holding
+
+- the DCP shards of the model and of both optimizers (every rank writes its own shards; DCP
+  reshards them on load, so a run trained on 2 processes evaluates, resumes and exports on 1, and
+  the other way round);
+- ``rank-R.pt`` per rank: the data position and RNG states;
+- ``history.json``: the training curve up to this step (so a resumed run keeps it);
+- ``COMPLETE.json``, written last: the size and CRC-32 of every other file.
+
+It is written as ``step-0000123.partial`` and renamed by rank 0 only after every rank has
+finished, so a run killed mid-write leaves no directory that looks complete. A directory whose
+files do not match its ``COMPLETE.json`` (truncated, corrupted) is skipped by :func:`latest`,
+which falls back to the previous complete checkpoint and says so.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import random
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +34,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.optim import Optimizer
 
+from recsys.errors import OutputError, RunError
+from recsys.fsutil import atomic_write_text, output_error, writing
 from recsys.train.distributed import barrier
 
+log = logging.getLogger("recsys.train")
+
 _NAME = re.compile(r"^step-(\d{7})$")
+COMPLETE = "COMPLETE.json"
+HISTORY = "history.json"
+_FORMAT = 1
+_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -44,65 +66,193 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (``.partial`` ones are ignored)."""
+def _candidates(run_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run: ``.partial`` ones are ignored, and one whose files
+    do not match its completion record (truncated, corrupted, half-deleted) is skipped with a
+    warning that names it and the checkpoint used instead."""
+    skipped: list[str] = []
+    chosen = None
+    for path in reversed(_candidates(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            chosen = path
+            break
+        skipped.append(f"{path.name} ({problem})")
+    if skipped:
+        log.warning("skipping incomplete checkpoint(s) of %s: %s; %s", run_dir, "; ".join(skipped),
+                    f"using {chosen.name}" if chosen else "no complete checkpoint is left")
+    return chosen
+
+
+def verify(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None if it is."""
+    record_path = path / COMPLETE
+    if not record_path.is_file():
+        return f"no {COMPLETE}: the write did not finish"
+    try:
+        record = json.loads(record_path.read_text())
+        files: dict[str, list[int]] = record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{COMPLETE} is unreadable"
+    for name, (size, crc) in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"{name} has {actual:,} bytes, {size:,} were written"
+        if _crc32(f) != crc:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def world_size_of(path: Path) -> int | None:
+    """The number of processes that wrote a checkpoint (None if unrecorded)."""
+    try:
+        return int(json.loads((path / COMPLETE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
-    return done[-1] if done else None
+
+
+def read_history(path: Path) -> dict[str, Any] | None:
+    """The training curve saved with a checkpoint (None for checkpoints without one)."""
+    f = path / HISTORY
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text())
 
 
 def save(run_dir: str | Path, model: nn.Module, optimizer: Optimizer, position: Position,
-         keep: int) -> Path:
+         keep: int, history: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint collectively (every rank calls this), then keep the newest ``keep``."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{position.step:07d}"
     partial = root / f"step-{position.step:07d}.partial"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        with writing(root):
+            # leftovers of killed writers (the run directory's lock rules out a live one)
+            for stale in root.glob("step-*.partial") if root.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir(parents=True)
     barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()},
-             checkpoint_id=str(partial))
-    torch.save(_local_state(position), partial / f"rank-{rank}.pt")
+    try:
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()},
+                 checkpoint_id=str(partial))
+        buffer = io.BytesIO()  # torch.save to a path reports a full disk as a RuntimeError
+        torch.save(_local_state(position), buffer)
+        with writing(partial):
+            (partial / f"rank-{rank}.pt").write_bytes(buffer.getvalue())
+    except (Exception, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise _write_error(e, partial) from None
     barrier()
     if rank == 0:
-        if final.exists():  # a rerun reaching the same step again
-            shutil.rmtree(final)
-        partial.rename(final)
-        done = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+        with writing(partial):
+            if history is not None:
+                (partial / HISTORY).write_text(json.dumps(history))
+            files = {f.name: [f.stat().st_size, _crc32(f)] for f in sorted(partial.iterdir())
+                     if f.is_file()}
+            atomic_write_text(partial / COMPLETE, json.dumps(
+                {"format": _FORMAT, "step": position.step, "world_size": world, "files": files},
+                indent=1))
+            if final.exists():  # a rerun reaching the same step again
+                shutil.rmtree(final)
+            partial.rename(final)
+        done = [p for p in _candidates(run_dir) if (p / COMPLETE).is_file()]
         for old in done[:-keep]:
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
 def load(path: str | Path, model: nn.Module, optimizer: Optimizer) -> Position:
-    """Restore model, optimizers, RNG states and the data position from ``path`` (collective)."""
+    """Restore model, optimizers, RNG states and the data position from ``path`` (collective).
+
+    A checkpoint written by another number of processes is resharded by DCP; the data position
+    is then rank 0's, and the RNG states stay as seeded (they were per rank).
+    """
     path = Path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = path / f"rank-{rank}.pt"
-    if not own.is_file():
-        raise FileNotFoundError(f"{path}: no state for rank {rank} (was the checkpoint written "
-                                "by a run with another number of processes?)")
     # optimizer state is created lazily (Adam's moments at the first step): make it exist, so
     # that the template DCP loads into has every entry the checkpoint holds
     if hasattr(optimizer, "init_state"):
         optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    load_state(path, state)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
-    local = torch.load(own, weights_only=True)
-    torch.set_rng_state(local["torch_rng"])
-    np.random.set_state(("MT19937", local["numpy_rng"].numpy().astype(np.uint32),
-                         *local["numpy_pos"]))
-    random.setstate((local["python_rng"][0], tuple(local["python_rng"][1]), None))
+    own = path / f"rank-{rank}.pt"
+    local = torch.load(own if own.is_file() else path / "rank-0.pt", weights_only=True)
+    if own.is_file():
+        torch.set_rng_state(local["torch_rng"])
+        np.random.set_state(("MT19937", local["numpy_rng"].numpy().astype(np.uint32),
+                             *local["numpy_pos"]))
+        random.setstate((local["python_rng"][0], tuple(local["python_rng"][1]), None))
     return Position(int(local["step"]), int(local["epoch"]), int(local["epoch_step"]),
                     float(local["best"]), int(local["bad_rounds"]))
+
+
+def load_state(path: Path, state: dict[str, Any]) -> None:
+    """``dcp.load`` into ``state`` in place; a checkpoint that does not fit (other tables, other
+    layer sizes, unreadable shards) is one :class:`RunError` naming it, on every rank."""
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    # DCP gathers every rank's failure into a CheckpointException (a BaseException); report the
+    # first cause in one line
+    except (Exception, CheckpointException) as e:
+        raise RunError(str(path), f"cannot load this checkpoint into the model: {_cause(e)} "
+                       "(was it written by a run of another spec?)") from None
+
+
+def load_weights(path: Path, module: nn.Module, prefix: str = "model.") -> None:
+    """Load only the weights of ``module`` (an unsharded model) from a training checkpoint,
+    whose state dict holds it under ``prefix`` (DistributedModelParallel's wrapper)."""
+    state = {"model": {f"{prefix}{k}": v for k, v in module.state_dict().items()}}
+    load_state(path, state)
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in state["model"].items()})
+
+
+def _write_error(e: BaseException, where: Path) -> BaseException:
+    """A failed checkpoint write as one line when the disk is the cause (full, read-only)."""
+    causes = [e]
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        causes += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    for cause in causes:
+        while cause is not None:
+            if isinstance(cause, OSError) and (err := output_error(cause, where)) is not None:
+                reason = err.message.removeprefix("cannot write: ")
+                return OutputError(str(where.parent), f"cannot write a checkpoint: {reason} "
+                                   "(the previous checkpoint is kept)")
+            cause = cause.__cause__ or cause.__context__
+    return e
+
+
+def _cause(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "") or type(e).__name__
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _local_state(position: Position) -> dict[str, Any]:

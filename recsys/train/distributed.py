@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from recsys.errors import RecsysError, RunError, SpecError
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class DistContext:
 def choose_device(wanted: str, local_rank: int = 0) -> torch.device:
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device = 'cuda' but no CUDA device is visible")
+            raise SpecError("spec", ["train.device: 'cuda' but no CUDA device is visible "
+                                     "(use 'auto' or 'cpu')"])
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -61,8 +66,8 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         else:
             if world_size != 1:
-                raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch "
-                                   "several processes with torchrun")
+                raise RunError("WORLD_SIZE", f"{world_size} without MASTER_ADDR: launch several "
+                               "processes with torchrun (or torchx), not by setting WORLD_SIZE")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
@@ -92,3 +97,47 @@ def all_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result to every rank; if it fails, every rank fails
+    with the same one-line error (instead of rank 0 dying while the others wait in a collective).
+
+    Example:
+        >>> path = on_main(lambda: checkpoint.latest(run_dir))   # one choice, the same on all ranks
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    payload: list[object] = [None, None]
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = fn()
+        except RecsysError as e:
+            failure, payload[1] = e, str(e)
+        except Exception as e:  # a bug: rank 0 shows the traceback, the others one line
+            failure, payload[1] = e, f"rank 0 failed: {type(e).__name__}: {e}"
+    dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    if payload[1] is not None:
+        raise RecsysError(str(payload[1]))
+    return payload[0]  # type: ignore[return-value]
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """Each rank's share of a global batch (``train.batch_size`` is the global batch, so that a
+    spec is one experiment whatever the number of processes).
+
+    Example:
+        >>> per_rank_batch(2048, 2)
+        1024
+    """
+    if global_batch % world_size:
+        raise SpecError("spec", [f"train.batch_size: {global_batch} is the global batch and must "
+                                 f"split evenly over {world_size} processes (use a multiple of "
+                                 f"{world_size})"])
+    return global_batch // world_size

@@ -315,8 +315,8 @@ def make_planner(spec: Spec, topology: Topology, batch_size: int | None = None,
     """An ``EmbeddingShardingPlanner`` with the spec's constraints for ``topology``.
 
     Args:
-        batch_size: rows per rank per step; default ``spec.train.batch_size`` (the loader's batch
-            is per rank, as is TorchRec's).
+        batch_size: rows per rank per step, as TorchRec's planner counts; default the spec's
+            global ``train.batch_size`` split over ``topology.world_size`` ranks.
         stats: planner ``Stats`` hooks (e.g. :class:`PlanStorageStats`); none by default, which
             also silences TorchRec's own plan table.
 
@@ -326,7 +326,8 @@ def make_planner(spec: Spec, topology: Topology, batch_size: int | None = None,
     """
     constraints = sharding_constraints(spec, topology.compute_device, topology.world_size)
     return EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size or spec.train.batch_size,
+        topology=topology,
+        batch_size=batch_size or max(spec.train.batch_size // topology.world_size, 1),
         storage_reservation=FixedPercentageStorageReservation(RESERVED_FRACTION),
         constraints=constraints, stats=list(stats), debug=False)
 
@@ -387,7 +388,7 @@ def plan_spec(spec: Spec, world_size: int, device_type: str, *, batch_size: int 
     Args:
         spec: the validated spec.
         world_size, device_type, local_world_size, hbm_gb, ddr_gb: see :func:`make_topology`.
-        batch_size: rows per rank per step; default ``spec.train.batch_size``.
+        batch_size: rows per rank per step; default ``train.batch_size / world_size``.
         fused_params: passed to ``EmbeddingBagCollectionSharder`` (the trainer's fused optimizer
             settings; they do not change the plan's shape).
 

@@ -24,17 +24,25 @@ import numpy as np
 import torch
 
 from recsys import __version__
-from recsys.errors import SpecError
+from recsys.errors import RunError
 from recsys.evaluate import plots
 from recsys.evaluate.accumulator import flatten_for_report
+from recsys.fsutil import ExclusiveLock, atomic_write_text, writing
 from recsys.spec import Spec, dump_toml, spec_hash, validate_spec
 from recsys.tables import format_table
+from recsys.train import checkpoint
 from recsys.train.checkpoint import checkpoint_dir
-from recsys.train.distributed import barrier, init_distributed, shutdown
+from recsys.train.distributed import init_distributed, on_main, shutdown
 from recsys.train.sharded import sparsity
-from recsys.train.trainer import History, Trainer
+from recsys.train.trainer import Trainer
 
 log = logging.getLogger("recsys")
+
+LOCK_FILE = ".lock"
+EVALUATION_FILE = "evaluation.json"
+# what a run writes besides checkpoints/ (an overwritten run's are removed)
+RUN_FILES = ("spec.toml", "run.json", "metrics.json", "history.json", "train.log",
+             "training_curve.png", "calibration.png", EVALUATION_FILE)
 
 
 def default_run_dir(spec: Spec) -> Path:
@@ -58,50 +66,108 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool = True,
-                 resume: bool = False) -> dict[str, Any]:
+                 resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate ``spec`` on this process (and its torchrun peers); rank 0 writes the
-    run directory. With ``resume``, training continues from the run's latest checkpoint (the spec
-    must be the one the run was started with). Returns the metrics.json content (on every rank).
+    run directory. Returns the metrics.json content (on every rank).
+
+    A run directory that already holds a run (checkpoints or metrics) is never replaced silently:
+    ``resume`` continues it (the spec must be the one it was started with), ``overwrite``
+    replaces it once the new run's data and model are ready; without either it is an error. Rank
+    0 holds the directory's lock for the whole run, so a second writer fails at once.
 
     Example:
         >>> metrics = run_training(load_spec("specs/quickstart.toml"), "runs/qs")
         >>> metrics["test"]["auc"]
     """
     out = Path(run_dir) if run_dir else default_run_dir(spec)
-    if resume:
-        _check_same_spec(out, spec)
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
+    lock: list[ExclusiveLock] = []
     try:
-        stale = checkpoint_dir(out)
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "spec.toml").write_text(dump_toml(spec))
-            if not resume and stale.exists():
-                # a fresh run must never leave an older run's checkpoints to be resumed from
-                shutil.rmtree(stale)
-        barrier()
+        setup_logging(None, ctx.is_main)
+        on_main(lambda: lock.append(_claim_for_training(out, spec, resume, overwrite)))
+        started = time.time()
+        trainer = Trainer(spec, ctx, progress, run_dir=out)
+        # the data and the model are ready: only now is an overwritten run's content replaced
+        on_main(lambda: _start_run_directory(out, spec, replace=overwrite))
         setup_logging(out, ctx.is_main)
         log.info("run %s: spec %s (hash %s) on %d rank(s), %s", out, spec.name, spec_hash(spec),
                  ctx.world_size, ctx.device)
-        started = time.time()
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         if restarts:
             log.warning("the elastic agent restarted the worker group (restart %d after a worker "
                         "failed)%s", restarts, ": resuming from the last checkpoint" if resume
                         else "; without --resume this run starts over from step 0")
-        trainer = Trainer(spec, ctx, progress, run_dir=out)
         log.info("sharding plan:\n%s", _plan_summary(trainer))
         if resume and trainer.restore() is None:
             log.info("no checkpoint in %s yet: starting from step 0", out)
         trainer.fit()
         return _evaluate_and_write(trainer, out, started)
     finally:
+        for held in lock:
+            held.release()
         shutdown()
 
 
-def evaluate_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Re-evaluate a run from its latest checkpoint (same number of processes as it trained
-    with): valid and test metrics, rewritten into the run directory.
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds something a run made worth keeping (checkpoints or metrics)."""
+    ckpts = checkpoint_dir(run_dir)
+    return (run_dir / "metrics.json").is_file() or (
+        ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()))
+
+
+def _claim_for_training(out: Path, spec: Spec, resume: bool, overwrite: bool) -> ExclusiveLock:
+    """Rank 0: lock the run directory and check that this run may write it."""
+    if out.exists() and not out.is_dir():
+        raise RunError(str(out), "exists and is not a directory")
+    lock = ExclusiveLock(out / LOCK_FILE, f"run directory {out}").acquire()
+    try:
+        has_run = holds_run(out)
+        if resume and has_run:
+            if not (out / "spec.toml").is_file():
+                raise RunError(str(out), "holds checkpoints but no spec.toml, so nothing tells "
+                               "which model they belong to; refusing to resume (use --overwrite "
+                               "to start over)")
+            _check_same_spec(out, spec)
+        elif has_run and not overwrite:
+            raise RunError(str(out), f"already holds a run ({_describe_run(out)}); pass --resume "
+                           "to continue it, --overwrite to replace it, or choose another "
+                           "--run-dir")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _start_run_directory(out: Path, spec: Spec, replace: bool) -> None:
+    """Rank 0: clear an overwritten run's files and write this run's spec."""
+    with writing(out):
+        if replace:
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        elif (out / "train.log").is_file() and not holds_run(out):
+            (out / "train.log").unlink()  # the log of an earlier attempt that trained nothing
+        atomic_write_text(out / "spec.toml", dump_toml(spec))
+
+
+def _describe_run(out: Path) -> str:
+    parts = []
+    try:
+        info = json.loads((out / "run.json").read_text())
+        parts.append(f"spec {info.get('spec')}, {info.get('steps')} steps, finished")
+    except (OSError, ValueError):
+        latest = checkpoint.latest(out)
+        parts.append(f"checkpoint {latest.name}" if latest else "unfinished")
+    return ", ".join(parts)
+
+
+def evaluate_run(run_dir: str | Path, progress: bool = True,
+                 scores: str | Path | None = None) -> dict[str, Any]:
+    """Re-evaluate a run from its latest complete checkpoint, on any number of processes (the
+    checkpoint is resharded): valid and test metrics, written to ``evaluation.json`` and printed
+    beside the metrics the run recorded (``metrics.json`` is left as the run wrote it). With
+    ``scores``, the test probabilities are also written there as Parquet, one row per test row in
+    file order.
 
     Example:
         >>> evaluate_run("runs/quickstart-5d5ee98d")["test"]["auc"]
@@ -109,18 +175,70 @@ def evaluate_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(run_dir)
     spec = _run_spec(out)
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
+    lock: list[ExclusiveLock] = []
     try:
-        setup_logging(out, ctx.is_main)
+        setup_logging(None, ctx.is_main)
+        on_main(lambda: lock.append(ExclusiveLock(out / LOCK_FILE,
+                                                  f"run directory {out}").acquire()))
         trainer = Trainer(spec, ctx, progress=False, run_dir=out)
         path = trainer.restore()
         if path is None:
-            raise SpecError(str(out), ["no checkpoint to evaluate (checkpoints/ is empty)"])
-        history = out / "history.json"
-        if history.is_file():
-            trainer.history = History(**json.loads(history.read_text()))
-        return _evaluate_and_write(trainer, out, time.time())
+            raise RunError(str(out), "no complete checkpoint to evaluate")
+        results = {split: trainer.evaluate(split, keep_arrays=ctx.is_main)
+                   for split in ("valid", "test")}
+        metrics = _metrics_json(spec, results)
+        metrics["checkpoint"] = path.name
+        metrics["world_size"] = ctx.world_size
+        if ctx.is_main:
+            with writing(out):
+                atomic_write_text(out / EVALUATION_FILE,
+                                  json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
+                if scores is not None:
+                    write_scores(Path(scores), results["test"]["arrays"]["probs"])
+            recorded = _recorded_metrics(out)
+            print(evaluation_table(metrics, recorded), file=sys.stderr)
+            log.info("evaluated %s on %d process(es); wrote %s%s", path, ctx.world_size,
+                     out / EVALUATION_FILE, f" and {scores}" if scores else "")
+        return metrics
     finally:
+        for held in lock:
+            held.release()
         shutdown()
+
+
+def write_scores(path: Path, probs: dict[str, np.ndarray]) -> None:
+    """Per-row probabilities of each task as Parquet (``row``, then one column per task)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(next(iter(probs.values())))
+    table = pa.table({"row": np.arange(n, dtype=np.int64),
+                      **{t: np.asarray(p, dtype=np.float32) for t, p in probs.items()}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _recorded_metrics(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def evaluation_table(metrics: dict[str, Any], recorded: dict[str, Any] | None) -> str:
+    """This evaluation's test metrics beside those the run recorded when it finished."""
+    keys = ["auc", "gauc", "logloss", "ne", "calibration", "ece"]
+    if recorded is None or "test" not in recorded:
+        return summary_table(metrics)
+    rows = []
+    for k in keys:
+        now = float(metrics["test"].get(k, float("nan")))
+        then = recorded["test"].get(k)
+        then = float("nan") if then is None else float(then)
+        rows.append([k, then, now, now - then])
+    return format_table(["test metric", "recorded by the run", "this evaluation", "change"], rows)
 
 
 def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str, Any]:
@@ -136,7 +254,8 @@ def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str
         if cascade is not None:
             metrics["cascade"] = cascade
     if ctx.is_main:
-        _write_run(out, spec, trainer, metrics, results, started)
+        with writing(out):
+            _write_run(out, spec, trainer, metrics, results, started)
         print(summary_table(metrics), file=sys.stderr)
         _log_sparsity(metrics["sparsity"])
         log.info("wrote %s", out)
@@ -155,18 +274,17 @@ def _log_sparsity(s: dict[str, Any]) -> None:
 def _run_spec(run_dir: Path) -> Spec:
     path = run_dir / "spec.toml"
     if not path.is_file():
-        raise SpecError(str(run_dir), ["not a run directory (spec.toml is missing)"])
+        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
     return validate_spec(tomllib.loads(path.read_text()), str(path))
 
 
 def _check_same_spec(run_dir: Path, spec: Spec) -> None:
-    if not (run_dir / "spec.toml").is_file():
-        return  # nothing ran there yet
     before = _run_spec(run_dir)
     if spec_hash(before) != spec_hash(spec):
-        raise SpecError(str(run_dir / "spec.toml"), [
-            f"--resume: the run was started from spec hash {spec_hash(before)}, this spec is "
-            f"{spec_hash(spec)}; resume with the same spec (see recsys spec show)"])
+        raise RunError(str(run_dir / "spec.toml"),
+                       f"--resume: the run was started from spec hash {spec_hash(before)}, this "
+                       f"spec is {spec_hash(spec)}; resume with the same spec (see recsys spec "
+                       "show)")
 
 
 def _metrics_json(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
@@ -182,9 +300,10 @@ def _metrics_json(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
 def _write_run(out: Path, spec: Spec, trainer: Trainer, metrics: dict[str, Any],
                results: dict[str, Any], started: float) -> None:
     h = trainer.history
-    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
-    (out / "history.json").write_text(json.dumps(asdict(h), indent=2))
-    (out / "run.json").write_text(json.dumps({
+    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2,
+                                                       sort_keys=True))
+    atomic_write_text(out / "history.json", json.dumps(asdict(h), indent=2))
+    atomic_write_text(out / "run.json", json.dumps({
         "spec": spec.name, "spec_hash": spec_hash(spec), "world_size": trainer.ctx.world_size,
         "device": str(trainer.ctx.device), "steps": trainer.step,
         "seconds": round(time.time() - started, 1), "recsys": __version__,

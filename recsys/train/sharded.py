@@ -66,7 +66,7 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
     dmp = DistributedModelParallel(module=wrapper, device=device, plan=plan, sharders=sharders,
                                    data_parallel_wrapper=wrapper_ddp)  # type: ignore[arg-type]
     optimizer = build_optimizer(dmp, spec.train, total_steps, interaction_weights,
-                                global_batch=spec.train.batch_size * world_size)
+                                global_batch=spec.train.batch_size)
     return ShardedModel(dmp, optimizer, plan, list(interaction_weights))
 
 

@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from recsys.data.batch import Batch
 from recsys.data.loader import ParquetLoader
 from recsys.data.schema import TEACHER, DatasetManifest
 from recsys.data.source import ensure_dataset, make_loader, open_split
+from recsys.errors import DataError, RunError
 from recsys.evaluate.accumulator import EvalAccumulator
 from recsys.evaluate.cascade import prerank_metrics
 from recsys.models.ranker import probabilities
@@ -33,7 +34,14 @@ from recsys.progress import progress_bar
 from recsys.spec import Spec
 from recsys.train import checkpoint
 from recsys.train.checkpoint import Position
-from recsys.train.distributed import DistContext, all_max, barrier, seed_everything
+from recsys.train.distributed import (
+    DistContext,
+    all_max,
+    barrier,
+    on_main,
+    per_rank_batch,
+    seed_everything,
+)
 from recsys.train.sharded import build_sharded_model
 
 log = logging.getLogger("recsys.train")
@@ -84,8 +92,9 @@ class Trainer:
                                         world_size=ctx.world_size)
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:
-            raise ValueError(f"the train split has too few rows for one batch of "
-                             f"{spec.train.batch_size} per rank on {ctx.world_size} rank(s)")
+            raise DataError(spec.data.path, f"the train split has too few rows for one "
+                            f"batch of {spec.train.batch_size} rows over {ctx.world_size} "
+                            "rank(s) (train.batch_size)")
         self.total_steps = spec.train.epochs * steps_per_epoch
         if spec.train.max_steps:
             self.total_steps = min(self.total_steps, spec.train.max_steps)
@@ -98,14 +107,28 @@ class Trainer:
         self.timing: dict[str, float] = {}
 
     def restore(self, path: Path | None = None) -> Path | None:
-        """Continue from ``path`` or the run's latest checkpoint (None if there is none)."""
+        """Continue from ``path`` or the run's latest complete checkpoint (None if there is none).
+
+        The checkpoint may come from another number of processes: DCP reshards the tables and
+        optimizer states; training goes on from the same step (each rank's data order from there
+        follows this world size). A collective: every rank calls it.
+        """
         if path is None and self.run_dir is not None:
-            path = checkpoint.latest(self.run_dir)
+            run_dir = self.run_dir
+            path = on_main(lambda: checkpoint.latest(run_dir))
         if path is None:
             return None
         self.position = checkpoint.load(path, self.model, self.optimizer)
         self.step = self.position.step
         self.optimizer.restart_at(self.step)
+        saved = checkpoint.read_history(path)
+        if saved is not None:
+            self.history = History(**saved)
+        written_by = checkpoint.world_size_of(path)
+        if written_by is not None and written_by != self.ctx.world_size:
+            log.warning("%s was written by %d process(es), this run has %d: the checkpoint is "
+                        "resharded, and the data order from here differs from an uninterrupted "
+                        "run", path, written_by, self.ctx.world_size)
         log.info("resumed from %s (step %d, epoch %d, step %d of it)", path, self.step,
                  self.position.epoch, self.position.epoch_step)
         return path
@@ -117,7 +140,8 @@ class Trainer:
             epoch, epoch_step = epoch + 1, 0
         pos = Position(self.step, epoch, epoch_step, best, bad_rounds)
         path = checkpoint.save(self.run_dir, self.model, self.optimizer, pos,
-                               self.spec.train.keep_checkpoints)
+                               self.spec.train.keep_checkpoints,
+                               history=asdict(self.history) if self.ctx.is_main else None)
         log.info("checkpoint %s", path)
 
     # ---- construction -------------------------------------------------------------------------
@@ -194,7 +218,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.timing = {"train_seconds": elapsed, "steps": self.step - first_step,
                        "seconds_per_step": elapsed / max(self.step - first_step, 1)}
-        rows = (self.step - first_step) * spec.train.batch_size * self.ctx.world_size
+        rows = (self.step - first_step) * spec.train.batch_size
         log.info("trained %d steps in %.1f s (%.0f samples/s over %d rank(s))",
                  self.step - first_step, elapsed, rows / max(elapsed, 1e-9), self.ctx.world_size)
         last = self.history.last_stats()
@@ -258,8 +282,9 @@ class Trainer:
         if CASCADE_VIEW not in self.manifest.views or self.manifest.column(TEACHER) is None:
             return None
         split_rows = open_split(self.spec, self.manifest, split, view=CASCADE_VIEW)
-        loader = ParquetLoader(split_rows, self.spec.train.eval_batch_size
-                               or self.spec.train.batch_size, rank=self.ctx.rank,
+        loader = ParquetLoader(split_rows, per_rank_batch(
+                                   self.spec.train.eval_batch_size or self.spec.train.batch_size,
+                                   self.ctx.world_size), rank=self.ctx.rank,
                                world_size=self.ctx.world_size, shuffle=False, drop_last=False)
         self.pipeline.detach()
         self.model.eval()
@@ -295,7 +320,8 @@ def _padded(loader: ParquetLoader, steps: int) -> Iterator[tuple[Batch, bool]]:
         n += 1
         yield batch, True
     if last is None and n < steps:
-        raise RuntimeError("a rank has no evaluation rows while others do; use fewer ranks")
+        raise RunError("evaluation", "a rank has no rows of this split while others do (the "
+                       "split has fewer rows than ranks); evaluate on fewer processes")
     for _ in range(steps - n):
         yield last, False  # type: ignore[misc]
 

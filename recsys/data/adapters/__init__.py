@@ -22,16 +22,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.parquet import DatasetWriter, claim_output
+from recsys.data.parquet import DatasetWriter, claim_output, current_dataset, dataset_write
 from recsys.data.schema import SPLITS, ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
 from recsys.progress import progress_bar
@@ -40,6 +43,10 @@ from recsys.spec import PrepareSpec, Side
 FORMATS = ("movielens", "criteo", "libfm")
 VIEW = "impressions"
 COUNT_CHUNK_BYTES = 1 << 24  # how much of a file line counting holds in memory at once
+SNIFF_BYTES = 1 << 16  # how much of a raw file check_text reads to tell its encoding
+# byte-order marks of text that is not UTF-8, longest first (UTF-32LE's starts like UTF-16LE's)
+FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
 def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec | None = None, *,
@@ -49,7 +56,8 @@ def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec |
     ``input`` says where the raw files are (``options.input`` is not read here: the caller resolves
     it, e.g. relative to the working directory). An ``out`` that already holds a dataset prepared
     from the same format, input and options is returned untouched; one prepared from anything else
-    is an error unless ``force``.
+    is an error unless ``force``. The write holds the dataset's lock (a second writer of ``out``
+    gets a RunError at once); a failed one removes ``OUT.partial`` and leaves ``out`` as it was.
 
     Args:
         fmt: one of :data:`FORMATS`.
@@ -73,11 +81,15 @@ def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec |
         raise DataError(str(input), f"not found (the raw {fmt} input to prepare)")
     options = options if options is not None else PrepareSpec(input=str(input))
     chash = config_hash(fmt, input, options)
-    existing = claim_output(out, chash, force)
+    existing = current_dataset(out, chash)  # the common case, a complete dataset: no lock
     if existing is not None:
         return existing
-    module = importlib.import_module(f"{__name__}.{fmt}")
-    return module.convert(input, out, options, config_hash=chash, progress=progress)
+    with dataset_write(out):  # one writer per path; a failure removes OUT.partial
+        existing = claim_output(out, chash, force)
+        if existing is not None:  # another writer finished it between our first look and now
+            return existing
+        module = importlib.import_module(f"{__name__}.{fmt}")
+        return module.convert(input, out, options, config_hash=chash, progress=progress)
 
 
 def config_hash(fmt: str, input: str | Path, options: PrepareSpec) -> str:
@@ -135,6 +147,81 @@ def count_lines(path: Path, chunk_bytes: int = COUNT_CHUNK_BYTES) -> int:
     return lines + (last != b"\n")
 
 
+def check_text(path: Path, *, utf8: bool = True) -> None:
+    """Refuse a raw file that is not text in the encoding its reader expects, from its first
+    :data:`SNIFF_BYTES`: a UTF-16/32 byte-order mark, NUL bytes (UTF-16 without a mark, or a
+    binary file) and, where the reader expects UTF-8 (``utf8``), bytes that are not UTF-8. The
+    parsers would otherwise report a baffling parse error, or read garbage.
+
+    Example:
+        >>> check_text(Path("ratings.csv"))  # DataError: ratings.csv: is UTF-16LE text ...
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        raise DataError(str(path), f"cannot read: {e.strerror or e}") from None
+    for bom, name in FOREIGN_BOMS:
+        if head.startswith(bom):
+            raise DataError(str(path), f"is {name} text (it starts with a {name} byte-order "
+                            f"mark), not UTF-8; convert it, e.g. iconv -f {name} -t UTF-8")
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise DataError(str(path), f"holds NUL bytes (the first at offset {nul}), so it is not "
+                        "UTF-8 text (UTF-16 without a byte-order mark? a binary file?)")
+    if utf8:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # a character cut by the end of the sniffed bytes is not an error
+            if not (e.reason == "unexpected end of data" and len(head) == SNIFF_BYTES):
+                raise DataError(f"{path}:{_line_at(head, e.start)}", "is not UTF-8 text (byte "
+                                f"0x{head[e.start]:02x} at offset {e.start}); convert it to "
+                                "UTF-8") from None
+
+
+def _line_at(text: bytes, offset: int) -> int:
+    return text.count(b"\n", 0, offset) + 1
+
+
+def unterminated_last_line(path: Path) -> int | None:
+    """The number of the file's last line if it does not end in a newline; None if it does (or
+    the file is empty).
+
+    Example:
+        >>> unterminated_last_line(Path("a.libfm"))  # "1 0:1\n0 2:" -> 2
+        2
+    """
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return None
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return None
+    return count_lines(path)
+
+
+@contextlib.contextmanager
+def hint_cut_short(*paths: Path) -> Iterator[None]:
+    """Say so when a DataError names the last line of one of ``paths`` and that line has no final
+    newline: the file was most likely cut short (an interrupted download or copy).
+
+    Example:
+        >>> with hint_cut_short(path):
+        ...     parse(path)  # DataError: a.libfm:2: ... (the last line, with no final newline: ...)
+    """
+    try:
+        yield
+    except DataError as e:
+        file, _, line = e.where.rpartition(":")
+        if not (line.isdigit() and file in {str(p) for p in paths}
+                and unterminated_last_line(Path(file)) == int(line)):
+            raise
+        message = str(e)[len(e.where) + 2:]
+        raise DataError(e.where, f"{message} (the last line, with no final newline: was the file "
+                        "cut short?)") from None
+
+
 def first_bad_cast(values: pa.Array, typ: pa.DataType) -> int | None:
     """Index of the first value of ``values`` that does not cast to ``typ`` (None if all do).
 
@@ -183,6 +270,8 @@ class PositionalSplitWriter:
                  progress: bool = True) -> None:
         self.input = input
         self.total = count_lines(input)
+        if self.total == 0:  # an empty dataset would only fail later, far from its cause
+            raise DataError(str(input), f"is empty (0 bytes); expected {fmt} lines")
         sizes = split_sizes(self.total, options.valid_fraction, options.test_fraction)
         self.bounds = [0, sizes[0], sizes[0] + sizes[1], self.total]
         self.writer = DatasetWriter(out, fmt, source_info(fmt, input, options), config_hash,
@@ -217,5 +306,6 @@ def column(name: str, role: ColumnRole, side: Side | None = None, cardinality: i
                       description=description)
 
 
-__all__ = ["FORMATS", "VIEW", "PositionalSplitWriter", "column", "label_threshold", "config_hash", "count_lines", "first_bad_cast", "prepare",
-           "source_info", "split_sizes"]
+__all__ = ["FORMATS", "VIEW", "PositionalSplitWriter", "check_text", "column", "config_hash",
+           "count_lines", "first_bad_cast", "hint_cut_short", "label_threshold", "prepare",
+           "source_info", "split_sizes", "unterminated_last_line"]

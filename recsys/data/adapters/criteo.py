@@ -18,7 +18,9 @@ columns). The file is read in blocks (``pyarrow.csv.open_csv``), so a file of ma
 memory. Rows keep file order and split by position: the line count comes first (a fast byte count),
 then the last ``test_fraction`` of lines go to test and the ``valid_fraction`` before them to
 valid. A line with the wrong number of fields, an empty label or a value that is not an integer
-(hex string) is a DataError naming the file, line and column.
+(hex string) is a DataError naming the file, line and column (and saying when that line is the last
+one and has no final newline: a file cut short). An empty file, or one that is not UTF-8 text
+(UTF-16, NUL bytes), is refused.
 
 Example:
     >>> from recsys.data.adapters import prepare
@@ -37,7 +39,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as csv
 
-from recsys.data.adapters import PositionalSplitWriter, column, label_threshold
+from recsys.data.adapters import (
+    PositionalSplitWriter,
+    check_text,
+    column,
+    hint_cut_short,
+    label_threshold,
+)
 from recsys.data.schema import ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
 from recsys.spec import PrepareSpec, Side
@@ -140,24 +148,26 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
     """
     if not input.is_file():
         raise DataError(str(input), "expected a Criteo TSV file, found a directory")
+    check_text(input)
     threshold = label_threshold(options, DEFAULT_LABEL_THRESHOLD)
     columns = describe_columns(options.hash_size, threshold)
     by_name = {c.name: c for c in columns}
     out_rows = PositionalSplitWriter("criteo", input, out, options, columns, ARROW_SCHEMA,
                                      config_hash, progress)
-    reader = _open(input, block_size)
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            break
-        except pa.ArrowInvalid as e:
-            _raise_located(input, out_rows.done, e)
-        table = transform(batch, options.hash_size, threshold, input, out_rows.done + 1)
-        for c in BUCKET_COLUMNS:
-            top = int(np.max(table.column(c).to_numpy(), initial=0)) + 1
-            by_name[c].cardinality = max(by_name[c].cardinality or 1, top)
-        out_rows.write(table)
+    with hint_cut_short(input):
+        reader = _open(input, block_size)
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as e:
+                _raise_located(input, out_rows.done, e)
+            table = transform(batch, options.hash_size, threshold, input, out_rows.done + 1)
+            for c in BUCKET_COLUMNS:
+                top = int(np.max(table.column(c).to_numpy(), initial=0)) + 1
+                by_name[c].cardinality = max(by_name[c].cardinality or 1, top)
+            out_rows.write(table)
     return out_rows.finish()
 
 

@@ -16,7 +16,8 @@ columns. The file is read in byte blocks cut at line ends; each block becomes on
 array of lines that is split into tokens and converted column-wise, so there is no Python loop over
 lines. Rows keep file order and split by position like Criteo (last ``test_fraction`` of lines test,
 the ``valid_fraction`` before them valid). A blank line or a malformed token is a DataError naming
-the file, line and token.
+the file, line and token (and says when that line is the last one and has no final newline: a file
+cut short). An empty file, or one that is not UTF-8 text (UTF-16, NUL bytes), is refused.
 
 Example:
     >>> from recsys.data.adapters import prepare
@@ -36,8 +37,10 @@ import pyarrow.compute as pc
 
 from recsys.data.adapters import (
     PositionalSplitWriter,
+    check_text,
     column,
     first_bad_cast,
+    hint_cut_short,
     label_threshold,
 )
 from recsys.data.schema import ColumnInfo, ColumnRole, DatasetManifest
@@ -98,16 +101,18 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
     """
     if not input.is_file():
         raise DataError(str(input), "expected a libFM text file, found a directory")
+    check_text(input)
     threshold = label_threshold(options, DEFAULT_LABEL_THRESHOLD)
     columns = describe_columns(threshold)
     features = next(c for c in columns if c.name == "features")
     out_rows = PositionalSplitWriter("libfm", input, out, options, columns, ARROW_SCHEMA,
                                      config_hash, progress)
-    for lines in read_lines(input, block_size):
-        _check_utf8(lines, input, out_rows.done + 1)
-        table, top = parse_block(lines, threshold, input, out_rows.done + 1)
-        features.cardinality = max(features.cardinality or 1, top + 1)
-        out_rows.write(table)
+    with hint_cut_short(input):
+        for lines in read_lines(input, block_size):
+            _check_utf8(lines, input, out_rows.done + 1)
+            table, top = parse_block(lines, threshold, input, out_rows.done + 1)
+            features.cardinality = max(features.cardinality or 1, top + 1)
+            out_rows.write(table)
     return out_rows.finish()
 
 

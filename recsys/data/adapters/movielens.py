@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
 
-from recsys.data.adapters import VIEW, column, first_bad_cast, source_info, split_sizes
+from recsys.data.adapters import (
+    VIEW,
+    check_text,
+    column,
+    first_bad_cast,
+    hint_cut_short,
+    source_info,
+    split_sizes,
+)
 from recsys.data.parquet import DatasetWriter
 from recsys.data.schema import REQUEST_ID, USER_ID, ColumnInfo, ColumnRole, DatasetManifest
 from recsys.errors import DataError
@@ -137,10 +146,12 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
         ...         config_hash="0123456789abcdef")
     """
     layout = detect_layout(input)
-    if layout == "classic":
-        ratings, movies, users = read_classic(input)
-    else:
-        (ratings, movies), users = read_latest(input), None
+    files = CLASSIC_FILES if layout == "classic" else LATEST_FILES
+    with hint_cut_short(*(input / f for f in files)):
+        if layout == "classic":
+            ratings, movies, users = read_classic(input)
+        else:
+            (ratings, movies), users = read_latest(input), None
     threshold = options.label_threshold
     threshold = DEFAULT_LABEL_THRESHOLD if threshold is None else threshold
     table, columns = build_table(ratings, movies, users, threshold)
@@ -228,13 +239,19 @@ def read_classic(directory: Path) -> tuple[Ratings, Movies, Users]:
 def _read_csv(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
               types: dict[str, pa.DataType], *, header: bool = False) -> pa.Table:
     """Read a whole CSV with the given column types; any problem is a DataError naming the
-    file, and a value that does not convert also names its line and column."""
+    file, and a row with the wrong number of fields or a value that does not convert also names
+    its line (and column)."""
+    check_text(path, utf8=read.encoding.lower().replace("-", "") == "utf8")
     convert = csv.ConvertOptions(column_types=types, include_columns=list(types),
                                  null_values=[""], strings_can_be_null=True)
     try:
         return csv.read_csv(path, read_options=read, parse_options=parse,
                             convert_options=convert)
     except pa.ArrowInvalid as e:
+        if "invalid UTF8" in str(e):
+            _raise_not_utf8(path)
+        if "Expected" in str(e) and "columns" in str(e):
+            _raise_bad_row(path, read, parse, convert)
         if "conversion error" in str(e):
             as_text = csv.ConvertOptions(column_types={c: pa.string() for c in types},
                                          include_columns=list(types), strings_can_be_null=True)
@@ -244,6 +261,41 @@ def _read_csv(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
         raise DataError(str(path), f"cannot read: {e}") from None
     except (OSError, pa.ArrowException) as e:
         raise DataError(str(path), f"cannot read: {e}") from None
+
+
+def _raise_bad_row(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
+                   convert: csv.ConvertOptions) -> None:
+    """Name the line of the first row with the wrong number of fields: read again on one thread,
+    where Arrow knows each row's line number (the error path only)."""
+    rows: list[csv.InvalidRow] = []
+
+    def keep(row: csv.InvalidRow) -> str:
+        rows.append(row)
+        return "error"
+
+    read.use_threads = False
+    parse.invalid_row_handler = keep
+    with contextlib.suppress(pa.ArrowInvalid):
+        csv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    if rows:
+        row = rows[0]
+        where = f"{path}:{row.number}" if row.number is not None else str(path)
+        shown = row.text if len(row.text) <= 80 else row.text[:80] + "..."
+        raise DataError(where, f"expected {row.expected_columns} {parse.delimiter!r}-separated "
+                        f"fields, found {row.actual_columns}: {shown!r}")
+
+
+def _raise_not_utf8(path: Path) -> None:
+    """Name the first line that is not UTF-8 (a Python scan, on the error path only)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}", f"is not UTF-8 text (byte "
+                                f"0x{line[e.start]:02x} in column {e.start + 1}); convert it "
+                                "to UTF-8") from None
+    raise DataError(str(path), "is not UTF-8 text; convert it to UTF-8")
 
 
 def _raise_first_bad_value(path: Path, text: pa.Table, types: dict[str, pa.DataType],
@@ -260,7 +312,14 @@ def _raise_first_bad_value(path: Path, text: pa.Table, types: dict[str, pa.DataT
 def _ratings(t: pa.Table, path: Path, names: list[str], header: bool = False) -> Ratings:
     if t.num_rows == 0:
         raise DataError(str(path), "holds no ratings")
-    return Ratings(*(_required(t, path, c, header) for c in names))
+    ratings = Ratings(*(_required(t, path, c, header) for c in names))
+    # "nan" and "inf" parse as floats; a NaN rating would compare false and become a silent 0
+    bad = ~np.isfinite(ratings.rating)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{path}:{row + 1 + header}", f"column '{names[2]}' holds "
+                        f"{ratings.rating[row]}; a rating must be a finite number")
+    return ratings
 
 
 def _required(t: pa.Table, path: Path, name: str, header: bool = False) -> np.ndarray:
