@@ -221,9 +221,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if "parity" in info:
         p = info["parity"]
         print(f"\nparity on {p['rows']:,} {p['split']} rows (eager PyTorch vs exported):")
-        print(format_table(["task", "max |diff|", "AUC eager", "AUC exported", "AUC change"],
-                           [[t, v["max_abs_diff"], v["auc_eager"], v["auc_exported"],
-                             v["auc_change"]] for t, v in p["tasks"].items()]))
+        recorded = p.get("recorded", {})
+        rec = recorded.get("tasks", {}) if recorded.get("available") else {}
+        print(format_table(
+            ["task", "max |diff|", "AUC eager", "AUC exported", "AUC the run recorded"],
+            [[t, v["max_abs_diff"], v["auc_eager"], v["auc_exported"],
+              rec[t]["auc_recorded"] if t in rec else float("nan")]
+             for t, v in p["tasks"].items()]))
+        if not rec:
+            print(f"(not compared with the run's metrics: {recorded.get('why', 'none recorded')})")
     return 0
 
 

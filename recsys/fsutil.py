@@ -144,3 +144,14 @@ def _read_holder(fd: int) -> str:
     with contextlib.suppress(OSError, ValueError):
         return os.pread(fd, 32, 0).decode().strip()
     return ""
+
+
+def staging_dir(target: str | Path) -> Path:
+    """A new, uniquely named folder beside ``target`` to build it in before publishing it by a
+    rename, with the permissions a plain ``mkdir`` would give (mkdtemp's are owner-only)."""
+    target = Path(target)
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o777 & ~mask)
+    return path

@@ -89,5 +89,5 @@ print("ok")
 def test_export_cli_prints_parity(mlp_run: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", str(mlp_run), "--out", str(tmp_path / "e"), "--quantize", "int8"]) == 0
     out = capsys.readouterr().out
-    assert "parity on" in out and "AUC change" in out and "conversion" in out
+    assert "parity on" in out and "AUC the run recorded" in out and "conversion" in out
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

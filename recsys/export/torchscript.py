@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys import __version__
 from recsys.errors import RunError
-from recsys.fsutil import sibling_lock, writing
+from recsys.fsutil import sibling_lock, staging_dir, writing
 from recsys.models.ranker import Ranker, RankerConfig
 from recsys.models.tables import pooled_in_order
 from recsys.spec import Arch, Spec, spec_hash, validate_spec
@@ -185,7 +184,7 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
     with sibling_lock(out, f"export {out}"), writing(out.parent):
         spec, ranker, path = _trained_ranker(run_dir)
         exported = script_ranker(spec, ranker, quantize)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        staging = staging_dir(out)
         try:
             exported.module.save(str(staging / MODEL_FILE))
             info = {**exported.manifest, "run": str(run_dir), "checkpoint": path.name,
