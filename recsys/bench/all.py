@@ -104,7 +104,8 @@ def bench_hgr(cfg: AllConfig) -> tuple[dict[str, Any], str]:
         spec = spec.model_copy(update={
             "train": spec.train.model_copy(update={"max_steps": steps}),
             "data": spec.data.model_copy(update={"request_batches": True})})
-        metrics = run_training(spec, cfg.out / "runs" / f"hgr-{name}", progress=False)
+        metrics = run_training(spec, cfg.out / "runs" / f"hgr-{name}", progress=False,
+                               overwrite=True)  # the benchmark's own run: a rerun replaces it
         times[name] = metrics["timing"]["seconds_per_step"]
     ratio = times["bce+hierarchical"] / times["bce"]
     table = format_table(["objective", "ms / step", "vs bce"],
@@ -170,7 +171,7 @@ def bench_scaling(cfg: AllConfig) -> tuple[dict[str, Any], str]:
         run_dir = cfg.out / "runs" / f"scaling-{world}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", "-m", "recsys.cli", "train", str(path),
-               "--run-dir", str(run_dir), "--no-progress"]
+               "--run-dir", str(run_dir), "--no-progress", "--overwrite"]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode != 0:

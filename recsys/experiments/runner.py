@@ -127,7 +127,9 @@ def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Seque
             spec = validate_spec(raw, f"{base.get('name', 'base')} + variant '{variant.name}'")
             started = time.perf_counter()
             log.info("[%d/%d] %s, seed %d", done + 1, total, variant.name, seed)
-            metrics = train(spec, out_dir / f"{variant.name}-seed{seed}", progress=False)
+            # the report owns its run directories: a rerun replaces them
+            metrics = train(spec, out_dir / f"{variant.name}-seed{seed}", progress=False,
+                            overwrite=True)
             runs.metrics.setdefault(variant.name, []).append(metrics)
             runs.seconds.setdefault(variant.name, []).append(time.perf_counter() - started)
             runs.hashes[variant.name] = spec_hash(spec)
