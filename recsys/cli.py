@@ -389,7 +389,10 @@ def _add_bench_options(p: argparse.ArgumentParser, name: str, all_cores_help: st
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from recsys import __version__
+
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"recsys {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     spec = sub.add_parser("spec", help="inspect experiment specs").add_subparsers(

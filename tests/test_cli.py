@@ -117,3 +117,14 @@ def test_every_optional_spec_field_defaults_to_none() -> None:
         return bad
 
     assert walk(Spec, "") == []
+
+
+def test_python_dash_m_recsys_and_version() -> None:
+    import subprocess
+    import sys
+
+    from recsys import __version__
+
+    done = subprocess.run([sys.executable, "-m", "recsys", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"recsys {__version__}", done.stderr

@@ -83,8 +83,9 @@ def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) 
     whole = _torchx("1x2", spec, tmp_path / "whole")
     run = tmp_path / "killed"
     # a restarted worker whose gloo peers never connect gives up after 60 s (not torch's 30 min)
-    # and the agent restarts the group again
-    proc = _torchx("1x2", spec, run, "--max_restarts", "3", "--env", "RECSYS_PG_TIMEOUT_S=60",
+    # and the agent restarts the group again; on 2 busy cores a restarted group fails to connect
+    # now and then (about half the runs lose one restart to it), so allow several
+    proc = _torchx("1x2", spec, run, "--max_restarts", "6", "--env", "RECSYS_PG_TIMEOUT_S=60",
                    wait=False)
     assert isinstance(proc, subprocess.Popen)
     deadline = time.time() + 600
@@ -97,6 +98,8 @@ def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) 
         time.sleep(0.2)
     assert killed is not None, "no checkpoint appeared"
     out, _ = proc.communicate(timeout=900)
+    if proc.returncode != 0:  # keep the whole log: restarts are hard to read from its tail
+        (tmp_path / "torchx.log").write_text(out)
     assert proc.returncode == 0 and "SUCCEEDED" in out, out[-3000:]
     log = (run / "train.log").read_text()
     assert "restarted the worker group" in log and "resumed from" in log

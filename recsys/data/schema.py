@@ -8,7 +8,6 @@ the teacher score, an oracle probability, or per-id weights.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from pathlib import Path
@@ -261,8 +260,3 @@ def check_spec_against_manifest(spec: Spec, manifest: DatasetManifest) -> None:
             raise DataError(where, f"data.labels: '{lab}' is not a label column of the dataset "
                             f"(labels: {labels})")
 
-
-def write_json(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)

@@ -28,10 +28,6 @@ from recsys.spec import Arch, Spec
 # methods spell it out because TorchScript cannot read a str global
 AUX_LOSS = "_aux_loss"
 
-# archs that work on stacked fields (B, m, D) rather than on the concatenated features
-FIELD_ARCHS = (Arch.PIN, Arch.XDEEPINT, Arch.DYNINT, Arch.MOE)
-
-
 class FieldStack(nn.Module):
     """Pooled embeddings (and dense features) as stacked fields ``(B, m, D)``.
 

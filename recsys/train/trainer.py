@@ -330,13 +330,3 @@ def _short(m: dict[str, Any]) -> str:
     keys = ("auc", "gauc_impressions", "logloss", "calibration")
     return ", ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
 
-
-def train_and_evaluate(spec: Spec, ctx: DistContext, progress: bool = True,
-                       ) -> tuple[Trainer, dict[str, Any]]:
-    """Fit, then evaluate valid and test; returns the trainer and the metrics.json content."""
-    trainer = Trainer(spec, ctx, progress)
-    trainer.fit()
-    results: dict[str, Any] = {}
-    for split in ("valid", "test"):
-        results[split] = trainer.evaluate(split)
-    return trainer, results
