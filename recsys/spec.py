@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recsys.errors import SpecError
+from recsys.errors import RunError, SpecError
 
 # --------------------------------------------------------------------------------------------------
 # enums (string choices in the TOML)
@@ -780,6 +780,20 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     spec = validate_spec(raw, str(path))
     check_paths(spec, str(path))
     return spec
+
+
+def load_run_spec(run_dir: str | Path) -> Spec:
+    """The resolved spec a run directory was trained with (its ``spec.toml``); a RunError if the
+    directory holds none.
+
+    Example:
+        >>> load_run_spec("runs/quickstart-demo").model.arch
+        'dcn'
+    """
+    path = Path(run_dir) / "spec.toml"
+    if not path.is_file():
+        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
+    return validate_spec(read_raw_spec(path), str(path))
 
 
 def read_raw_spec(path: str | Path) -> dict[str, Any]:

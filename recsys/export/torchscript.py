@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from recsys.errors import RunError
 from recsys.fsutil import sibling_lock, staging_dir, writing
 from recsys.models.ranker import Ranker, RankerConfig
 from recsys.models.tables import pooled_in_order
-from recsys.spec import Arch, Spec, spec_hash, validate_spec
+from recsys.spec import Arch, Spec, load_run_spec, spec_hash
 from recsys.train import checkpoint
 
 QUANTIZE = {"none": None, "fp16": torch.float16, "int8": torch.qint8}
@@ -80,13 +79,6 @@ class ServingRanker(nn.Module):
         return probs
 
 
-def run_spec(run_dir: Path) -> Spec:
-    path = run_dir / "spec.toml"
-    if not path.is_file():
-        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
-    return validate_spec(tomllib.loads(path.read_text()), str(path))
-
-
 def load_trained_ranker(run_dir: str | Path) -> tuple[Spec, Ranker]:
     """The run's ranker, unsharded on CPU, with the weights of its latest complete checkpoint
     (``torch.distributed.checkpoint`` reshards one written by any number of processes).
@@ -99,7 +91,7 @@ def load_trained_ranker(run_dir: str | Path) -> tuple[Spec, Ranker]:
 
 
 def _trained_ranker(run_dir: Path) -> tuple[Spec, Ranker, Path]:
-    spec = run_spec(run_dir)
+    spec = load_run_spec(run_dir)
     path = checkpoint.latest(run_dir)
     if path is None:
         raise RunError(str(run_dir), "no complete checkpoint to export")

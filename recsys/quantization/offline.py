@@ -30,7 +30,7 @@ from recsys.errors import DataError, RunError
 from recsys.fsutil import writing
 from recsys.progress import progress_bar
 from recsys.quantization.rvq import ResidualVQ, code_perplexity, fit_offline
-from recsys.spec import RVQSpec, Side, Spec, read_raw_spec, validate_spec
+from recsys.spec import RVQSpec, Side, Spec, load_run_spec
 
 log = logging.getLogger("recsys.rvq")
 
@@ -98,10 +98,7 @@ def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = No
         [24.1, 19.7, 15.2]
     """
     run_dir, out = Path(run_dir), Path(out)
-    spec_path = run_dir / "spec.toml"
-    if not spec_path.is_file():
-        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
-    spec = validate_spec(read_raw_spec(spec_path), str(spec_path))
+    spec = load_run_spec(run_dir)
     try:
         f = spec.features.field(field)
     except KeyError as e:

@@ -15,7 +15,6 @@ import platform
 import shutil
 import sys
 import time
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,8 @@ from recsys.errors import RunError
 from recsys.evaluate import plots
 from recsys.evaluate.accumulator import flatten_for_report
 from recsys.fsutil import ExclusiveLock, atomic_write_text, writing
-from recsys.spec import Spec, dump_toml, spec_hash, validate_spec
+from recsys.spec import Spec, dump_toml, load_run_spec, spec_hash
 from recsys.tables import format_table
-from recsys.train import checkpoint
 from recsys.train.checkpoint import checkpoint_dir
 from recsys.train.distributed import init_distributed, on_main, shutdown
 from recsys.train.sharded import sparsity
@@ -151,14 +149,14 @@ def _start_run_directory(out: Path, spec: Spec, replace: bool) -> None:
 
 
 def _describe_run(out: Path) -> str:
-    parts = []
+    """What the run in ``out`` is, for an error message (no checkpoint is read or verified)."""
     try:
         info = json.loads((out / "run.json").read_text())
-        parts.append(f"spec {info.get('spec')}, {info.get('steps')} steps, finished")
+        return f"spec {info.get('spec')}, {info.get('steps')} steps, finished"
     except (OSError, ValueError):
-        latest = checkpoint.latest(out)
-        parts.append(f"checkpoint {latest.name}" if latest else "unfinished")
-    return ", ".join(parts)
+        steps = sorted(p.name for p in checkpoint_dir(out).glob("step-*")
+                       if not p.name.endswith(".partial"))
+        return f"unfinished, newest checkpoint {steps[-1]}" if steps else "unfinished"
 
 
 def evaluate_run(run_dir: str | Path, progress: bool = True,
@@ -173,7 +171,7 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
         >>> evaluate_run("runs/quickstart-5d5ee98d")["test"]["auc"]
     """
     out = Path(run_dir)
-    spec = _run_spec(out)
+    spec = load_run_spec(out)
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
     lock: list[ExclusiveLock] = []
     try:
@@ -271,15 +269,8 @@ def _log_sparsity(s: dict[str, Any]) -> None:
         log.info("interaction weights exactly zero: %.4f", s["interaction_weights_zero"])
 
 
-def _run_spec(run_dir: Path) -> Spec:
-    path = run_dir / "spec.toml"
-    if not path.is_file():
-        raise RunError(str(run_dir), "not a run directory (spec.toml is missing)")
-    return validate_spec(tomllib.loads(path.read_text()), str(path))
-
-
 def _check_same_spec(run_dir: Path, spec: Spec) -> None:
-    before = _run_spec(run_dir)
+    before = load_run_spec(run_dir)
     if spec_hash(before) != spec_hash(spec):
         raise RunError(str(run_dir / "spec.toml"),
                        f"--resume: the run was started from spec hash {spec_hash(before)}, this "
