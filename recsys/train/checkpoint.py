@@ -224,11 +224,7 @@ def load_weights(path: Path, module: nn.Module, prefix: str = "model.") -> None:
 
 def _write_error(e: BaseException, where: Path) -> BaseException:
     """A failed checkpoint write as one line when the disk is the cause (full, read-only)."""
-    causes = [e]
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict):
-        causes += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    for cause in causes:
+    for cause in [e, *_rank_failures(e)]:
         while cause is not None:
             if isinstance(cause, OSError) and (err := output_error(cause, where)) is not None:
                 reason = err.message.removeprefix("cannot write: ")
@@ -238,11 +234,16 @@ def _write_error(e: BaseException, where: Path) -> BaseException:
     return e
 
 
-def _cause(e: BaseException) -> str:
-    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+def _rank_failures(e: BaseException) -> list[BaseException]:
+    """The per-rank exceptions that DCP's CheckpointException gathers (``[e]`` for any other)."""
+    failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        e = first[0] if isinstance(first, tuple) else first
+        return [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return [e]
+
+
+def _cause(e: BaseException) -> str:
+    e = _rank_failures(e)[0]
     text = " ".join(str(e).split())
     return text[:300] + ("..." if len(text) > 300 else "") or type(e).__name__
 
