@@ -51,3 +51,8 @@ class RunError(_Located):
 class OutputError(_Located):
     """Writing an output failed (no space left, read-only, permission denied); nothing half-written
     was published."""
+
+
+class UsageError(RecsysError):
+    """Command-line options that the command cannot use: a value out of range, or options that
+    exclude each other. The message is one line, naming the options."""

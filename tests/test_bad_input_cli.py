@@ -15,7 +15,7 @@ import pytest
 from conftest import tiny_spec_dict
 from test_cli import QUICKSTART, TINY  # the tiny world (a few seconds to generate)
 
-import recsys.cli as cli
+from recsys.cli import data as cli_data
 from recsys.cli import main
 from recsys.data.schema import DatasetManifest
 from recsys.errors import DataError, RunError, SpecError
@@ -168,15 +168,15 @@ def test_rvq_encode_without_a_checkpoint_keeps_the_old_output(
     (out / "keep.txt").write_text("old")
     code, _, err = run_cli(capsys, "rvq", "encode", str(fake_run), "--out", str(out), "--force")
     assert code == 2
-    assert one_error_line(err) == (f"error: {fake_run}: no checkpoint to read the user embeddings "
-                                   "from (checkpoints/ is empty)")
+    assert one_error_line(err) == (f"error: {fake_run}: no complete checkpoint to read the "
+                                   "embeddings from")
     assert (out / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".coded.lock", "coded", "run"]
 
 
 def test_rvq_codes_for_ids_outside_the_table_are_a_data_error(tiny_dataset: DatasetManifest,
                                                               tmp_path: Path) -> None:
-    from recsys.quantization.offline import _write_dataset
+    from recsys.rvq_encode import _write_dataset
 
     ids = np.zeros((10, 3), dtype=np.int64)  # codes for 10 users; the data has 300
     with pytest.raises(DataError) as info:
@@ -188,7 +188,7 @@ def test_rvq_codes_for_ids_outside_the_table_are_a_data_error(tiny_dataset: Data
 
 
 def test_not_a_run_directory_is_a_run_error(tmp_path: Path) -> None:
-    from recsys.quantization.offline import encode_run
+    from recsys.rvq_encode import encode_run
 
     with pytest.raises(RunError):
         encode_run(tmp_path, tmp_path / "out", progress=False)
@@ -347,20 +347,24 @@ def test_an_output_error_is_one_line(monkeypatch: pytest.MonkeyPatch,
     def fails(args: object) -> int:
         raise error
 
-    monkeypatch.setattr(cli, "cmd_data_prepare", fails)
+    monkeypatch.setattr(cli_data, "cmd_data_prepare", fails)
     code, _, err = run_cli(capsys, "data", "prepare", "libfm", "--input", "IN", "--out", "OUT")
     assert code == 2
     assert one_error_line(err) == expected
 
 
-def test_other_os_errors_are_not_reported_as_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An OSError that is not about writing is a bug to see in full, not a "cannot write"."""
+def test_other_os_errors_are_not_reported_as_outputs(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError that is not about writing is a bug to see in full (an internal error, exit
+    status 1, with its traceback), not a "cannot write"."""
     def fails(args: object) -> int:
         raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
-    monkeypatch.setattr(cli, "cmd_data_prepare", fails)
-    with pytest.raises(ConnectionRefusedError):
-        main(["data", "prepare", "libfm", "--input", "IN", "--out", "OUT"])
+    monkeypatch.setattr(cli_data, "cmd_data_prepare", fails)
+    code, _, err = run_cli(capsys, "data", "prepare", "libfm", "--input", "IN", "--out", "OUT")
+    assert code == 1
+    assert "Traceback" in err and "cannot write" not in err, err
+    assert "internal error: ConnectionRefusedError: [Errno 111] Connection refused" in err
 
 
 def test_a_rank_whose_peer_failed_prints_one_line(monkeypatch: pytest.MonkeyPatch,
@@ -373,7 +377,7 @@ def test_a_rank_whose_peer_failed_prints_one_line(monkeypatch: pytest.MonkeyPatc
                            "Connection closed by peer [127.0.0.1]:19888. This is typically caused "
                            "by a remote worker crashing. GLHF!")
 
-    monkeypatch.setattr(cli, "cmd_data_prepare", fails)
+    monkeypatch.setattr(cli_data, "cmd_data_prepare", fails)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli(capsys, "data", "prepare", "libfm", "--input", "IN", "--out", "OUT")
@@ -381,9 +385,10 @@ def test_a_rank_whose_peer_failed_prints_one_line(monkeypatch: pytest.MonkeyPatc
     assert one_error_line(err) == ("error: rank 1 of 2: another process of this job stopped "
                                    "(Connection closed by peer [127.0.0.1]:19888); its own error "
                                    "says why")
-    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a peer cannot be the cause
-    with pytest.raises(RuntimeError):
-        main(["data", "prepare", "libfm", "--input", "IN", "--out", "OUT"])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a peer cannot be the cause, a bug is
+    code, _, err = run_cli(capsys, "data", "prepare", "libfm", "--input", "IN", "--out", "OUT")
+    assert code == 1
+    assert "Traceback" in err and "internal error: RuntimeError: " in err, err
 
 
 # ==================================================================================================

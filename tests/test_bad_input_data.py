@@ -25,8 +25,8 @@ from recsys.data.batch import BatchBuilder
 from recsys.data.loader import ParquetLoader
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema, DatasetManifest, SparseColumn
-from recsys.data.source import ensure_dataset, open_split, verify_dataset
 from recsys.data.synthetic import generate
+from recsys.datasets import ensure_dataset, open_split, verify_dataset
 from recsys.errors import DataError, RunError
 from recsys.fsutil import sibling_lock
 from recsys.spec import OOVPolicy, PrepareSpec, Spec, SyntheticSpec, validate_spec

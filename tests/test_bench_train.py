@@ -26,14 +26,14 @@ from recsys.bench.train import (
 )
 from recsys.cli import main
 from recsys.data.batch import Batch
-from recsys.models.over_arch import AUX_LOSS
-from recsys.spec import Spec, validate_spec
+from recsys.models.archs import AUX_LOSS
+from recsys.spec import Spec, only_arch_sections, validate_spec
 from recsys.train.distributed import init_distributed, seed_everything, shutdown
 
 
 def _equivalence_spec(arch: str) -> Spec:
     """Tiny tables, a shared mean-pooled table with id lists, two tasks, SGD on both sides."""
-    return validate_spec({
+    return validate_spec(only_arch_sections({
         "name": "equivalence",
         "data": {"source": "parquet", "path": "<none>", "labels": ["click", "conversion"]},
         "features": {
@@ -55,7 +55,7 @@ def _equivalence_spec(arch: str) -> Spec:
         "train": {"batch_size": 6, "seed": 5,
                   "sparse_optimizer": {"name": "sgd", "lr": 0.5},
                   "dense_optimizer": {"name": "sgd", "lr": 0.5}},
-    })
+    }))
 
 
 def _hand_batch() -> Batch:

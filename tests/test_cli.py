@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from recsys.cli import main
+from recsys.cli import build_parser, main
 from recsys.data.schema import DatasetManifest
 from recsys.spec import dump_toml, load_spec, spec_hash, validate_spec
 
@@ -104,7 +108,8 @@ def test_every_optional_spec_field_defaults_to_none() -> None:
     the field's default."""
     from pydantic import BaseModel
 
-    from recsys.spec import Spec, _model_in
+    from recsys.spec import Spec
+    from recsys.spec.io import _model_in
 
     def walk(model: type[BaseModel], path: str) -> list[str]:
         bad = []
@@ -119,12 +124,123 @@ def test_every_optional_spec_field_defaults_to_none() -> None:
     assert walk(Spec, "") == []
 
 
-def test_python_dash_m_recsys_and_version() -> None:
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("module", ["recsys", "recsys.cli"])
+def test_python_dash_m_recsys_and_version(module: str) -> None:
+    """``python -m recsys`` (users) and ``python -m recsys.cli`` (what torchrun and torchx run)."""
     from recsys import __version__
 
-    done = subprocess.run([sys.executable, "-m", "recsys", "--version"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", module, "--version"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"recsys {__version__}", done.stderr
+
+
+# ==================================================================================================
+# the parser: help texts, the epilog, exit statuses
+
+def _commands(parser: argparse.ArgumentParser, path: str = "recsys"
+              ) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the tree with its command line, the top one first."""
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found += _commands(child, f"{path} {name}")
+    return found
+
+
+def test_every_command_and_option_has_help() -> None:
+    missing = []
+    parsers = _commands(build_parser())
+    for path, parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):  # each command's line in the list
+                missing += [f"{path} {a.dest}" for a in action._choices_actions
+                            if not (a.help or "").strip()]
+        if path != "recsys" and not (parser.description or "").strip():
+            missing.append(f"{path} (no description)")
+    assert missing == []
+    assert len(parsers) > 20  # the walk found the tree: recsys, groups, actions
+
+
+def test_help_documents_exit_statuses_and_ends_with_examples(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    statuses = out[out.index("\nexit status:\n"):out.index("\nexamples:\n")]
+    for line in ("  0 ", "  1 ", "  2 "):
+        assert line in statuses
+    assert "internal error" in statuses and "usage, spec or data error" in statuses
+    examples = out[out.index("\nexamples:\n"):].strip().splitlines()[1:]
+    assert examples and all(line.startswith("  ") for line in examples)  # the last section
+    text = "\n".join(examples)
+    for expected in ("recsys train specs/quickstart.toml", "recsys evaluate ", "recsys export ",
+                     "recsys predict ", "recsys spec show specs/quickstart.toml --set ",
+                     "recsys data prepare ", "recsys bench ", "torchx run "):
+        assert expected in text
+    # each `recsys ...` example is a command line the parser takes, on specs that exist
+    parser = build_parser()
+    for line in examples:
+        argv = shlex.split(line.strip().rstrip("\\"))
+        if argv[0] != "recsys":
+            continue
+        args = parser.parse_args(argv[1:])
+        assert callable(args.func), line
+        if getattr(args, "spec", None):
+            assert (ROOT / args.spec).is_file(), line
+
+
+def test_help_does_not_import_torch() -> None:
+    """``recsys --help`` stays fast: handlers import torch when they run, not when parsed."""
+    code = ("import sys; from recsys.cli import build_parser; build_parser().parse_args("
+            "['train', 'x.toml']); assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", QUICKSTART, "--resume", "--overwrite"],
+     "error: --resume and --overwrite exclude each other"),
+    (["data", "synth", QUICKSTART, "--set", "data.source=parquet"],
+     f"error: {QUICKSTART}: data.source is 'parquet', not 'synthetic'"),
+])
+def test_a_usage_error_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], args: list[str],
+                                             expected: str) -> None:
+    capsys.readouterr()
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [expected]
+
+
+@pytest.mark.parametrize("args", [["train"], ["nosuchcommand"], ["export", "RUN"],
+                                  ["plan", QUICKSTART, "--device", "tpu"], []])
+def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_an_internal_error_exits_1_with_its_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception that is not a RecsysError is a bug: its traceback and one line; status 1."""
+    import recsys.cli.spec
+
+    def fails(args: object) -> int:
+        print("partial output")
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(recsys.cli.spec, "cmd_spec_show", fails)
+    capsys.readouterr()
+    assert main(["spec", "show", QUICKSTART]) == 1
+    out, err = capsys.readouterr()
+    assert out == "partial output\n"
+    assert err.startswith("Traceback (most recent call last):") and "in fails" in err, err
+    assert "internal error: RuntimeError: boom\n" in err
+    assert not any(line.startswith("error: ") for line in err.splitlines())  # not a user's error

@@ -1,4 +1,4 @@
-"""DynInt (DynamicPIN) against numpy oracles of the equations in METHODS.md section 2.
+"""DynInt (DynamicPIN) against numpy oracles of the equations in docs/methods.md section 2.
 
 The oracles materialise the per-instance matrix W_l(x) of shape (B, M, M); the module must not
 (test_never_materialises_b_m_m checks every intermediate tensor)."""
@@ -13,13 +13,12 @@ import torch
 from test_pin import np_merge, np_split
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from recsys.modules.dynint import DynamicPIN
+from recsys.modules.dynint import ACTIVATION_MODES, PARAMETER_MODES, DynamicPIN
 from recsys.modules.pin import PolynomialInteractionNetwork
-from recsys.spec import DynamicActivation, DynamicParameter, DynIntSpec, PINSpec
 
 B, M_FIELDS, DIM, H, LAYERS, RANK, BASIS = 5, 3, 8, 2, 3, 2, 3
-A_MODES = list(DynamicActivation)
-B_MODES = list(DynamicParameter)
+A_MODES = list(ACTIVATION_MODES)
+B_MODES = list(PARAMETER_MODES)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -31,13 +30,12 @@ def _x0(seed: int = 0) -> torch.Tensor:
     return torch.randn(B, M_FIELDS, DIM, dtype=torch.float64, generator=g)
 
 
-def _make(a: DynamicActivation, p: DynamicParameter, stop_gradient: bool = False,
-          activation: str = "linear", dropout: float = 0.0, randomize: bool = True) -> DynamicPIN:
-    spec = DynIntSpec(activation_mode=a, parameter_mode=p, rank=RANK, num_basis=BASIS,
-                      stop_gradient_gate=stop_gradient)
-    pin = PINSpec(num_layers=LAYERS, subspaces=H, activation=activation, dropout=dropout)
+def _make(a: str, p: str, stop_gradient: bool = False, activation: str = "linear",
+          dropout: float = 0.0, randomize: bool = True) -> DynamicPIN:
     torch.manual_seed(0)
-    dyn = DynamicPIN(spec, pin, M_FIELDS, DIM).double().eval()
+    dyn = DynamicPIN(M_FIELDS, DIM, num_layers=LAYERS, subspaces=H, activation=activation,
+                     dropout=dropout, activation_mode=a, parameter_mode=p, rank=RANK,
+                     num_basis=BASIS, stop_gradient_gate=stop_gradient).double().eval()
     if randomize:  # move B1's zero-initialised generators away from r = c = 1
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -59,33 +57,32 @@ def np_mlp(flat: np.ndarray, seq: torch.nn.Sequential) -> np.ndarray:
     return np.maximum(flat @ w1.T + b1, 0.0) @ w2.T + b2
 
 
-def np_w_of_x(layer: torch.nn.Module, p: DynamicParameter, flat: np.ndarray, m: int) -> np.ndarray:
+def np_w_of_x(layer: torch.nn.Module, p: str, flat: np.ndarray, m: int) -> np.ndarray:
     """The per-instance matrix W_l(x), (B, M, M), acting as (W X0)[u] = Σ_i W[u, i] X0[i]."""
     mix = layer.mix
     n = flat.shape[0]
-    if p in (DynamicParameter.NONE, DynamicParameter.B1, DynamicParameter.B2):
+    if p in ("none", "B1", "B2"):
         w_static = _np(mix.dense.weight).T  # VectorDense stores (in, out)
-    if p == DynamicParameter.NONE:
+    if p == "none":
         return np.broadcast_to(w_static, (n, m, m))
-    if p == DynamicParameter.B1:
+    if p == "B1":
         rc = 2.0 * np_sigmoid(np_mlp(flat, mix.gen))
         r, c = rc[:, :m], rc[:, m:]
         # diag(r) W diag(c)
         return np.stack([np.diag(r[b]) @ w_static @ np.diag(c[b]) for b in range(n)])
-    if p in (DynamicParameter.B2, DynamicParameter.B3):
+    if p in ("B2", "B3"):
         uv = np_mlp(flat, mix.gen)
         u = uv[:, : m * RANK].reshape(n, m, RANK)
         v = uv[:, m * RANK:].reshape(n, m, RANK)
         low = u @ v.transpose(0, 2, 1)  # U Vᵀ
-        return w_static[None] + low if p == DynamicParameter.B2 else low
+        return w_static[None] + low if p == "B2" else low
     pi = np.exp(np_mlp(flat, mix.gen))
     pi = pi / pi.sum(axis=1, keepdims=True)
     bases = _np(mix.basis).transpose(0, 2, 1)  # (J, out, in)
     return np.einsum("bj,juv->buv", pi, bases)
 
 
-def np_dynint(dyn: DynamicPIN, x0: np.ndarray, a: DynamicActivation,
-              p: DynamicParameter, act=lambda z: z) -> np.ndarray:
+def np_dynint(dyn: DynamicPIN, x0: np.ndarray, a: str, p: str, act=lambda z: z) -> np.ndarray:
     n = x0.shape[0]
     flat = x0.reshape(n, -1)
     x0s = np_split(x0, H)
@@ -95,13 +92,13 @@ def np_dynint(dyn: DynamicPIN, x0: np.ndarray, a: DynamicActivation,
         w = np_w_of_x(layer, p, flat, m)
         assert w.shape == (n, m, m)
         term = act(np.einsum("buv,bvd->bud", w, x0s))  # φ(W_l(x) X0)
-        if a == DynamicActivation.NONE:
+        if a == "none":
             x = x * (1.0 + term)
             continue
         g = 2.0 * np_sigmoid(np_mlp(flat, layer.gate))
-        if a == DynamicActivation.A1:
+        if a == "A1":
             x = x * (1.0 + g[:, :, None] * term)
-        elif a == DynamicActivation.A2:
+        elif a == "A2":
             x = g[:, :, None] * x * (1.0 + term)
         else:
             x = x * (1.0 + g.reshape(n, m, d) * term)
@@ -112,7 +109,7 @@ def np_dynint(dyn: DynamicPIN, x0: np.ndarray, a: DynamicActivation,
 
 
 @pytest.mark.parametrize(("a", "p"), list(itertools.product(A_MODES, B_MODES)))
-def test_matches_numpy_oracle(a: DynamicActivation, p: DynamicParameter) -> None:
+def test_matches_numpy_oracle(a: str, p: str) -> None:
     dyn = _make(a, p)
     x0 = _x0()
     out = dyn(x0)
@@ -121,16 +118,16 @@ def test_matches_numpy_oracle(a: DynamicActivation, p: DynamicParameter) -> None
 
 
 def test_activation_phi_and_eval_dropout() -> None:
-    dyn = _make(DynamicActivation.A1, DynamicParameter.B1, activation="tanh", dropout=0.3)
+    dyn = _make("A1", "B1", activation="tanh", dropout=0.3)
     x0 = _x0(2)
-    expected = np_dynint(dyn, _np(x0), DynamicActivation.A1, DynamicParameter.B1, act=np.tanh)
+    expected = np_dynint(dyn, _np(x0), "A1", "B1", act=np.tanh)
     np.testing.assert_allclose(_np(dyn(x0)), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_b1_at_init_is_static_pin() -> None:
     # r = c = 2·sigmoid(0) = 1 exactly (zero-initialised last layer): B1 == static PIN
-    dyn = _make(DynamicActivation.NONE, DynamicParameter.B1, randomize=False)
-    pin = PolynomialInteractionNetwork(PINSpec(num_layers=LAYERS, subspaces=H), M_FIELDS, DIM)
+    dyn = _make("none", "B1", randomize=False)
+    pin = PolynomialInteractionNetwork(M_FIELDS, DIM, num_layers=LAYERS, subspaces=H)
     pin = pin.double()
     with torch.no_grad():
         for w_pin, w_dyn in zip(pin.interaction_weights(), dyn.interaction_weights(), strict=True):
@@ -145,11 +142,11 @@ def test_b1_at_init_is_static_pin() -> None:
 def test_interaction_weights_per_mode() -> None:
     m = M_FIELDS * H
     for p in B_MODES:
-        ws = _make(DynamicActivation.A1, p).interaction_weights()
+        ws = _make("A1", p).interaction_weights()
         shapes = {tuple(w.shape) for w in ws}
-        if p == DynamicParameter.B3:
+        if p == "B3":
             assert ws == []
-        elif p == DynamicParameter.B4:
+        elif p == "B4":
             assert len(ws) == LAYERS and shapes == {(BASIS, m, m)}
         else:
             assert len(ws) == LAYERS and shapes == {(m, m)}
@@ -157,11 +154,22 @@ def test_interaction_weights_per_mode() -> None:
 
 def test_rejects_plain_or_multi_head_pin() -> None:
     with pytest.raises(ValueError, match="residual=False"):
-        DynamicPIN(DynIntSpec(), PINSpec(residual=False), 3, 8)
-    with pytest.raises(ValueError, match="heads=2"):
-        DynamicPIN(DynIntSpec(), PINSpec(heads=2), 3, 8)
+        DynamicPIN(3, 8, residual=False)
+    with pytest.raises(TypeError, match="heads"):  # single-head only: there is no such option
+        DynamicPIN(3, 8, heads=2)
     with pytest.raises(ValueError, match=r"h=3 must divide the embedding dim D=8"):
-        DynamicPIN(DynIntSpec(), PINSpec(subspaces=3), 3, 8)
+        DynamicPIN(3, 8, subspaces=3)
+
+
+def test_unknown_modes_are_named_with_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match=r"activation_mode 'A4'.*none, A1, A2, A3"):
+        DynamicPIN(3, 8, activation_mode="A4")
+    with pytest.raises(ValueError, match=r"parameter_mode 'b1'.*none, B1, B2, B3, B4"):
+        DynamicPIN(3, 8, parameter_mode="b1")
+    with pytest.raises(ValueError, match="'swish'"):
+        DynamicPIN(3, 8, activation="swish")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        DynamicPIN(3, 8, parameter_mode="B2", rank=0)
 
 
 # ---- gradients ---------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def test_stop_gradient_gate_blocks_gradient_into_x0() -> None:
     # is detached, and differs when it is not
     grads = {}
     for stop in (True, False):
-        dyn = _make(DynamicActivation.A2, DynamicParameter.NONE, stop_gradient=stop)
+        dyn = _make("A2", "none", stop_gradient=stop)
         with torch.no_grad():
             for w in dyn.interaction_weights():
                 w.zero_()
@@ -191,8 +199,8 @@ def test_stop_gradient_gate_blocks_gradient_into_x0() -> None:
 
 
 @pytest.mark.parametrize("p", B_MODES)
-def test_gradients_flow(p: DynamicParameter) -> None:
-    dyn = _make(DynamicActivation.A3, p, dropout=0.1).train()
+def test_gradients_flow(p: str) -> None:
+    dyn = _make("A3", p, dropout=0.1).train()
     x0 = _x0(5).requires_grad_(True)
     dyn(x0).pow(2).sum().backward()
     assert x0.grad is not None and torch.isfinite(x0.grad).all()
@@ -217,12 +225,11 @@ class _Shapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("p", B_MODES)
-def test_never_materialises_b_m_m(p: DynamicParameter) -> None:
+def test_never_materialises_b_m_m(p: str) -> None:
     # h = D: M = 8·4 = 32 fields of dim 1, so B·M·M = 5120 dwarfs every legitimate intermediate
     # (B·J·M·d = 480, the J×M×M basis = 3072)
-    spec = DynIntSpec(activation_mode=DynamicActivation.A3, parameter_mode=p, rank=RANK,
-                      num_basis=BASIS)
-    dyn = DynamicPIN(spec, PINSpec(num_layers=2, subspaces=8), 4, 8)
+    dyn = DynamicPIN(4, 8, num_layers=2, subspaces=8, activation_mode="A3", parameter_mode=p,
+                     rank=RANK, num_basis=BASIS)
     x0 = torch.randn(B, 4, 8)
     with _Shapes() as rec:
         dyn(x0)
@@ -231,7 +238,7 @@ def test_never_materialises_b_m_m(p: DynamicParameter) -> None:
 
 
 @pytest.mark.parametrize(("a", "p"), list(itertools.product(A_MODES, B_MODES)))
-def test_script_parity(a: DynamicActivation, p: DynamicParameter) -> None:
+def test_script_parity(a: str, p: str) -> None:
     dyn = _make(a, p, stop_gradient=True, activation="gelu", dropout=0.2).float().eval()
     x0 = _x0(6).float()
     torch.testing.assert_close(torch.jit.script(dyn)(x0), dyn(x0), rtol=0, atol=1e-6)

@@ -11,7 +11,7 @@ from recsys.optim.ftrl import FTRL, GroupFTRL, zero_fraction, zero_row_fraction
 
 def gftrl_oracle(w: np.ndarray, g: np.ndarray, n: np.ndarray, z: np.ndarray, alpha: float,
                  beta: float, l1: float, l2: float) -> tuple[np.ndarray, ...]:
-    """One group-lasso FTRL step on the touched rows (METHODS.md section 1), row by row."""
+    """One group-lasso FTRL step on the touched rows (docs/methods.md section 1), row by row."""
     w, n, z = w.copy(), n.copy(), z.copy()
     dim = w.shape[1]
     for i in range(w.shape[0]):

@@ -14,7 +14,7 @@ from conftest import tiny_spec_dict
 from test_train import _torchrun
 
 from recsys.data.schema import RVQ_CODE, DatasetManifest, num_nodes
-from recsys.quantization.offline import encode_run
+from recsys.rvq_encode import encode_run
 from recsys.spec import dump_toml, validate_spec
 from recsys.train.distributed import init_distributed, shutdown
 from recsys.train.run import run_training

@@ -425,7 +425,7 @@ def test_request_batches_keep_each_request_whole(tiny_spec, tiny_dataset) -> Non
     """Shuffling whole requests: every request lies in one batch except those cut by a window's
     or a row group's edges, the batch count is unchanged, every row is read once, and the order
     still follows the seed."""
-    from recsys.data.source import open_split
+    from recsys.datasets import open_split
 
     split = open_split(tiny_spec, tiny_dataset, "train")
     plain = ParquetLoader(split, batch_size=50, seed=3, window_batches=4)
@@ -452,7 +452,7 @@ def test_request_batches_keep_each_request_whole(tiny_spec, tiny_dataset) -> Non
 
 
 def test_group_column_must_be_a_group(tiny_spec, tiny_dataset) -> None:
-    from recsys.data.source import open_split
+    from recsys.datasets import open_split
 
     with pytest.raises(ValueError, match="group_column 'click'"):
         ParquetLoader(open_split(tiny_spec, tiny_dataset, "train"), batch_size=8,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from recsys.bench.moe import MoEBenchConfig, run, table
 from recsys.modules.moe import (
+    EXPERTS,
     AdaEnsemble,
     AttentionExpert,
     CNN1DExpert,
@@ -27,7 +28,6 @@ from recsys.modules.moe import (
     router_z_loss,
     top_k_gates,
 )
-from recsys.spec import Expert, MoESpec
 
 M, D = 8, 8  # fields, dim: n = 64, so routers get a hidden width of n // 16 = 4
 N = M * D
@@ -68,13 +68,9 @@ def np_top_k_gates(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return gates / gates.sum(axis=1, keepdims=True), keep
 
 
-def spec(**kw: object) -> MoESpec:
-    return MoESpec(**kw)
-
-
 def model(seed: int = 0, **kw: object) -> AdaEnsemble:
     torch.manual_seed(seed)
-    return AdaEnsemble(spec(**kw), num_fields=M, dim=D, num_outputs=2)
+    return AdaEnsemble(M, D, num_outputs=2, **kw)
 
 
 # ---- router, annealing, losses -------------------------------------------------------------------
@@ -118,7 +114,7 @@ def test_annealing_schedule() -> None:
 
 
 def test_step_counter_drives_k_and_is_checkpointed() -> None:
-    net = model(experts=list(Expert), top_k=1, anneal_steps=4)
+    net = model(experts=list(EXPERTS), top_k=1, anneal_steps=4)
     net.force_exit_depth(0)
     x = torch.randn(6, M, D)
     seen = []
@@ -130,7 +126,7 @@ def test_step_counter_drives_k_and_is_checkpointed() -> None:
     assert int(net.step) == 6 and int(net.expert_load[0].sum()) == 6
     state = net.state_dict()
     assert "step" in state and "rows_per_depth" not in state  # diagnostics are not checkpointed
-    fresh = model(experts=list(Expert), top_k=1, anneal_steps=4)
+    fresh = model(experts=list(EXPERTS), top_k=1, anneal_steps=4)
     fresh.load_state_dict(state)
     assert fresh.current_k() == 1
 
@@ -234,7 +230,7 @@ def _spread(router: Router) -> None:
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sparse_dispatch_equals_dense_reference(weighted: bool) -> None:
     torch.manual_seed(2)
-    moe = SparseMoE(list(Expert), M, D, top_k=2, weight_by_gates=weighted).eval()
+    moe = SparseMoE(list(EXPERTS), M, D, top_k=2, weight_by_gates=weighted).eval()
     x, x0 = torch.randn(11, N), torch.randn(11, N)
     seen = [0] * 5
     for e, ex in enumerate(moe.experts):
@@ -251,7 +247,7 @@ def test_sparse_dispatch_equals_dense_reference(weighted: bool) -> None:
 
 def test_sparse_moe_with_idle_experts_and_gradients() -> None:
     torch.manual_seed(4)
-    moe = SparseMoE(list(Expert), M, D, top_k=1).train()
+    moe = SparseMoE(list(EXPERTS), M, D, top_k=1).train()
     x = torch.randn(2, N, requires_grad=True)
     out, logits, mask = moe(x, x.detach())
     assert int((mask.sum(0) == 0).sum()) >= 3  # two rows, five experts
@@ -390,12 +386,23 @@ def test_autocast_bf16_runs() -> None:
     (logits.sum() + aux).backward()
 
 
-def test_expert_subset_from_spec() -> None:
-    net = AdaEnsemble(MoESpec(experts=[Expert.CROSS, Expert.PIN], top_k=1, expert_prior=[0.5, 0.5],
-                              depths=2, exit_prior=[0.5, 0.5]), num_fields=M, dim=D)
+def test_expert_subset() -> None:
+    net = AdaEnsemble(M, D, experts=("cross", "pin"), top_k=1, expert_prior=(0.5, 0.5), depths=2,
+                      exit_prior=(0.5, 0.5))
     assert [type(e).__name__ for e in net.blocks[0].moe.experts] == ["CrossExpert",
                                                                      "PolynomialExpert"]
     assert net(torch.randn(4, M, D))[0].shape == (4, 1)
+
+
+def test_bad_options_are_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown expert 'mlp'.*gated_dense, cross, pin, cnn"):
+        AdaEnsemble(M, D, experts=("cross", "mlp"), top_k=1, expert_prior=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
+        AdaEnsemble(M, D, top_k=6)
+    with pytest.raises(ValueError, match="exit_prior needs 2"):
+        AdaEnsemble(M, D, depths=2)
+    with pytest.raises(ValueError, match="unknown expert"):
+        SparseMoE(["cross", "dcn"], M, D, top_k=1)
 
 
 # ---- benchmark -------------------------------------------------------------------------------------

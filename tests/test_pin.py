@@ -1,4 +1,4 @@
-"""PIN / xDeepInt modules against numpy oracles written from the equations of METHODS.md section 1."""
+"""PIN / xDeepInt modules against numpy oracles written from the equations of docs/methods.md section 1."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from recsys.modules.pin import (
     merge_subspaces,
     split_subspaces,
 )
-from recsys.spec import PINSpec
 
 B = 5
 ACTS = ["linear", "relu", "tanh", "sigmoid", "gelu"]
@@ -106,7 +105,7 @@ def test_split_and_merge_errors_name_the_numbers() -> None:
     with pytest.raises(ValueError, match=r"h=2 must divide the number of fields 5"):
         merge_subspaces(_x(5, 4), 2)
     with pytest.raises(ValueError, match=r"h=3 .*8"):
-        PolynomialInteractionNetwork(PINSpec(subspaces=3), 3, 8)
+        PolynomialInteractionNetwork(3, 8, subspaces=3)
 
 
 # ---- VectorDense, layer, network ---------------------------------------------------------------
@@ -129,7 +128,7 @@ def test_unknown_activation_is_named() -> None:
     with pytest.raises(ValueError, match=r"unknown PIN activation 'softplus'.*gelu"):
         VectorDense(3, 3, activation="softplus")
     with pytest.raises(ValueError, match="'swish'"):
-        PolynomialInteractionNetwork(PINSpec(activation="swish"), 3, 4)
+        PolynomialInteractionNetwork(3, 4, activation="swish")
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -151,7 +150,7 @@ def test_pin_layer_dropout_acts_on_x0_only() -> None:
 
 @pytest.mark.parametrize("h", [1, 2])
 def test_residual_recursion_three_layers(h: int) -> None:
-    pin = PolynomialInteractionNetwork(PINSpec(num_layers=3, subspaces=h), 4, 8).double()
+    pin = PolynomialInteractionNetwork(4, 8, num_layers=3, subspaces=h).double()
     x0 = _x(4, 8)
     out = pin(x0)
     assert out.shape == (B, 4, 8) and (pin.out_fields, pin.out_dim) == (4, 8)
@@ -167,8 +166,8 @@ def test_residual_recursion_three_layers(h: int) -> None:
 
 @pytest.mark.parametrize("act", ACTS)
 def test_plain_form_concatenates_all_layers(act: str) -> None:
-    spec = PINSpec(num_layers=3, subspaces=2, residual=False, activation=act)
-    pin = PolynomialInteractionNetwork(spec, 3, 4).double()
+    spec = dict(num_layers=3, subspaces=2, residual=False, activation=act)
+    pin = PolynomialInteractionNetwork(3, 4, **spec).double()
     x0 = _x(3, 4)
     out = pin(x0)
     assert out.shape == (B, 4 * 3, 4) and (pin.out_fields, pin.out_dim) == (12, 4)
@@ -182,7 +181,7 @@ def test_plain_form_concatenates_all_layers(act: str) -> None:
 def test_residual_linear_pin_is_polynomial_of_degree_l_plus_1(num_layers: int) -> None:
     # m=2, D=1: every output is p(t) = X_L(t·X0) = Σ_{k=1}^{L+1} c_k t^k with c_1 = X0 and
     # c_{L+1} = X0 ⊙ Π_l (W_l X0) (the top-order term)
-    pin = PolynomialInteractionNetwork(PINSpec(num_layers=num_layers), 2, 1).double()
+    pin = PolynomialInteractionNetwork(2, 1, num_layers=num_layers).double()
     x0 = _x(2, 1, seed=3)
     ts = np.linspace(-1.5, 1.5, num_layers + 4)
     values = np.stack([_np(pin(t * x0)).reshape(-1) for t in ts])  # (T, B·2)
@@ -202,8 +201,8 @@ def test_residual_linear_pin_is_polynomial_of_degree_l_plus_1(num_layers: int) -
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_multi_head_matches_numpy(residual: bool) -> None:
-    spec = PINSpec(num_layers=2, subspaces=2, heads=2, residual=residual)
-    pin = PolynomialInteractionNetwork(spec, 3, 8).double()
+    spec = dict(num_layers=2, subspaces=2, heads=2, residual=residual)
+    pin = PolynomialInteractionNetwork(3, 8, **spec).double()
     x0 = _x(3, 8)
     out = pin(x0)
     per_head = 3 if residual else 3 * 3
@@ -217,9 +216,9 @@ def test_multi_head_matches_numpy(residual: bool) -> None:
 
 def test_multi_head_errors() -> None:
     with pytest.raises(ValueError, match=r"heads=3 must divide the embedding dim D=8"):
-        PolynomialInteractionNetwork(PINSpec(heads=3), 3, 8)
+        PolynomialInteractionNetwork(3, 8, heads=3)
     with pytest.raises(ValueError, match=r"h=4 must divide the \(per-head\) embedding dim 2"):
-        PolynomialInteractionNetwork(PINSpec(heads=4, subspaces=4), 3, 8)
+        PolynomialInteractionNetwork(3, 8, heads=4, subspaces=4)
 
 
 def test_xdeepint_readout_matches_numpy() -> None:
@@ -234,7 +233,7 @@ def test_xdeepint_readout_matches_numpy() -> None:
 
 
 def test_interaction_weights_are_the_layer_matrices() -> None:
-    pin = PolynomialInteractionNetwork(PINSpec(num_layers=3, subspaces=2, heads=2), 4, 8)
+    pin = PolynomialInteractionNetwork(4, 8, num_layers=3, subspaces=2, heads=2)
     ws = pin.interaction_weights()
     assert len(ws) == 6 and all(isinstance(w, torch.nn.Parameter) for w in ws)
     ids = {id(p) for p in pin.parameters()}
@@ -250,9 +249,9 @@ def test_interaction_weights_are_the_layer_matrices() -> None:
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("act", ["linear", "gelu"])
 def test_script_parity(residual: bool, heads: int, act: str) -> None:
-    spec = PINSpec(num_layers=3, subspaces=2, heads=heads, residual=residual, activation=act,
-                   dropout=0.2)
-    pin = PolynomialInteractionNetwork(spec, 4, 8).eval()
+    spec = dict(num_layers=3, subspaces=2, heads=heads, residual=residual, activation=act,
+                dropout=0.2)
+    pin = PolynomialInteractionNetwork(4, 8, **spec).eval()
     x = torch.randn(B, 4, 8)
     scripted = torch.jit.script(pin)
     torch.testing.assert_close(scripted(x), pin(x), rtol=0, atol=1e-6)
@@ -261,7 +260,7 @@ def test_script_parity(residual: bool, heads: int, act: str) -> None:
 
 
 def test_wrong_input_width_raises_eager_and_scripted() -> None:
-    pin = PolynomialInteractionNetwork(PINSpec(subspaces=2, heads=2), 3, 8)
+    pin = PolynomialInteractionNetwork(3, 8, subspaces=2, heads=2)
     for module in (pin, torch.jit.script(pin)):
         with pytest.raises(Exception, match="expected embedding dim 8"):
             module(torch.randn(B, 3, 10))
@@ -269,8 +268,8 @@ def test_wrong_input_width_raises_eager_and_scripted() -> None:
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_gradients_flow(residual: bool) -> None:
-    spec = PINSpec(num_layers=3, subspaces=2, heads=2, residual=residual, dropout=0.1)
-    pin = PolynomialInteractionNetwork(spec, 4, 8).train()
+    spec = dict(num_layers=3, subspaces=2, heads=2, residual=residual, dropout=0.1)
+    pin = PolynomialInteractionNetwork(4, 8, **spec).train()
     ro = XDeepIntReadout(pin.out_fields, 1)
     x0 = torch.randn(B, 4, 8, requires_grad=True)
     ro(pin(x0)).sum().backward()

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import tiny_spec_dict
 
-from recsys.export.torchscript import export_run, flat_inputs, load_trained_ranker
+from recsys.export.inputs import flat_inputs
+from recsys.export.torchscript import export_run
+from recsys.run_dir import RunDir
 from recsys.spec import validate_spec
 from recsys.train.run import run_training
 
@@ -73,12 +75,12 @@ def test_scoring_from_the_item_cache_equals_the_joint_model(ranktower_run: Path,
     info = export_run(ranktower_run, out, "none")
     split = info["serving_split"]
     assert split["items_cached"] > 0 and split["score_1000_cached"]["p50_ms"] > 0
-    spec, ranker = load_trained_ranker(ranktower_run)
+    spec = RunDir(ranktower_run).spec()
     joint = torch.jit.load(str(out / "model.pt"))
     user_tower = torch.jit.load(str(out / "user_tower.pt"))
     scorer = torch.jit.load(str(out / "scorer.pt"))
     cache = torch.load(out / "item_cache.pt", weights_only=True)
-    from recsys.data.source import ensure_dataset, make_loader
+    from recsys.datasets import ensure_dataset, make_loader
 
     dense_names = [f.source_column for f in spec.features.dense_fields()]
     user_cols = [dense_names.index(c) for c in split["user_dense"]]

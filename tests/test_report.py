@@ -20,8 +20,8 @@ def test_report_quick_writes_every_table(tmp_path: Path) -> None:
         assert "±" in (tmp_path / f"{name}.md").read_text()
     interactions = json.loads((tmp_path / "interactions.json").read_text())
     synthetic = interactions["datasets"]["synthetic"]
-    assert {r["variant"] for r in synthetic["rows"]} == {"mlp", "dcn", "pin", "xdeepint",
-                                                          "dynint", "adaensemble"}
+    assert {r["variant"] for r in synthetic["rows"]} == {"mlp", "dcn", "dlrm", "deepfm", "pin",
+                                                          "xdeepint", "dynint", "adaensemble"}
     assert 0.5 < synthetic["oracle_auc"] < 1.0
     sparsity = json.loads((tmp_path / "sparsity.json").read_text())["rows"]
     assert sparsity[0]["embedding_rows_zero"] == 0.0  # λ1 = 0: no exact zeros

@@ -25,9 +25,10 @@ from recsys.errors import RunError
 from recsys.export.predictor import Predictor
 from recsys.export.torchscript import export_run
 from recsys.fsutil import ExclusiveLock
+from recsys.run_dir import RunDir
 from recsys.spec import dump_toml, validate_spec
 from recsys.train import checkpoint
-from recsys.train.run import LOCK_FILE, evaluate_run, run_training
+from recsys.train.run import evaluate_run, run_training
 
 
 def _raw(root: Path, **train: Any) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def test_a_second_writer_of_a_run_directory_gets_a_clear_error(finished, tiny_da
                                                                tmp_path: Path) -> None:
     run = _copy(finished, tmp_path)
     spec = validate_spec(_raw(tiny_dataset.root))
-    with ExclusiveLock(run / LOCK_FILE, "held by the test"):  # another training, still running
+    with ExclusiveLock(run / RunDir.LOCK, "held by the test"):  # another training, still running
         with pytest.raises(RunError, match="in use by another process"):
             run_training(spec, run, progress=False, resume=True)
         with pytest.raises(RunError, match="in use by another process"):

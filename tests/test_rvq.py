@@ -7,6 +7,7 @@ import io
 import itertools
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,17 +25,16 @@ from recsys.quantization import (
     num_nodes,
     prefix_ids,
 )
-from recsys.spec import RVQSpec
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _with_codebooks(spec: RVQSpec, books: torch.Tensor, count: torch.Tensor | None = None,
-                    **kwargs: object) -> ResidualVQ:
+def _with_codebooks(spec: dict[str, Any], books: torch.Tensor,
+                    count: torch.Tensor | None = None, **kwargs: Any) -> ResidualVQ:
     """An RVQ already 'initialised' with the given codebooks (and counts, default 1)."""
-    rvq = ResidualVQ(spec, books.shape[-1], **kwargs)  # type: ignore[arg-type]
+    rvq = ResidualVQ(books.shape[-1], **spec, **kwargs)
     rvq.codebooks.copy_(books)
     rvq.ema_count.copy_(torch.ones(books.shape[:2]) if count is None else count)
     rvq.ema_sum.copy_(books * rvq.ema_count.unsqueeze(-1))
@@ -52,7 +52,7 @@ def _clusters(centres: torch.Tensor, rows: int, gen: torch.Generator, noise: flo
 # ---- encoding ------------------------------------------------------------------------------------
 
 def test_each_level_takes_the_nearest_codeword_of_its_residual() -> None:
-    spec = RVQSpec(levels=3, codes=5, normalize=False)
+    spec = dict(levels=3, codes=5, normalize=False)
     g = _gen(0)
     rvq = _with_codebooks(spec, torch.randn(3, 5, 4, generator=g))
     x = torch.randn(64, 4, generator=g)
@@ -77,21 +77,21 @@ def test_normalize_flag_and_input_dtypes() -> None:
     books = torch.randn(2, 4, 6, generator=g)
     x = torch.randn(32, 6, generator=g) * 5
 
-    on = _with_codebooks(RVQSpec(levels=2, codes=4, normalize=True), books)
+    on = _with_codebooks(dict(levels=2, codes=4, normalize=True), books)
     out = on.quantize(x)
     torch.testing.assert_close(out.residuals[:, 0].norm(dim=1), torch.ones(32))
     assert torch.equal(on.encode(3.7 * x), out.codes)  # scale-free once normalised
     assert on.encode(x.double()).dtype == torch.int64
     assert on.quantize(x.bfloat16()).residuals.dtype == torch.float32
 
-    off = _with_codebooks(RVQSpec(levels=2, codes=4, normalize=False), books)
+    off = _with_codebooks(dict(levels=2, codes=4, normalize=False), books)
     assert torch.equal(off.quantize(x).residuals[:, 0], x)
     with pytest.raises(ValueError, match=r"expects \(B, 6\)"):
         off.encode(torch.randn(3, 5))
 
 
 def test_encode_and_prefix_ids_are_scriptable() -> None:
-    rvq = _with_codebooks(RVQSpec(levels=2, codes=4), torch.randn(2, 4, 8, generator=_gen(2)))
+    rvq = _with_codebooks(dict(levels=2, codes=4), torch.randn(2, 4, 8, generator=_gen(2)))
     scripted = torch.jit.script(rvq)
     x = torch.randn(10, 8, generator=_gen(3))
     assert torch.equal(scripted.encode(x), rvq.encode(x))
@@ -117,7 +117,7 @@ def test_prefix_ids_nest_and_are_unique_across_levels() -> None:
             assert bool(ids[i, level] == ids[j, level]) == same_prefix
             if ids[i, level] == ids[j, level]:  # nesting
                 assert torch.equal(ids[i, :level], ids[j, :level])
-    rvq = ResidualVQ(RVQSpec(levels=levels, codes=k), dim=2)
+    rvq = ResidualVQ(2, levels=levels, codes=k)
     assert torch.equal(rvq.prefix_ids(codes), ids) and rvq.num_nodes == 39
     assert num_nodes(3, 32) == 32 + 32**2 + 32**3
     with pytest.raises(ValueError, match="int64"):
@@ -127,7 +127,7 @@ def test_prefix_ids_nest_and_are_unique_across_levels() -> None:
 # ---- EMA step ------------------------------------------------------------------------------------
 
 def test_update_uses_the_pre_update_assignment_and_follows_the_ema_formula() -> None:
-    spec = RVQSpec(levels=2, codes=3, ema_decay=0.9, dead_code_threshold=0.0, normalize=False)
+    spec = dict(levels=2, codes=3, ema_decay=0.9, dead_code_threshold=0.0, normalize=False)
     g = _gen(4)
     count0 = torch.rand(2, 3, generator=g) * 5 + 0.5
     rvq = _with_codebooks(spec, torch.randn(2, 3, 4, generator=g), count0)
@@ -161,7 +161,7 @@ def test_update_uses_the_pre_update_assignment_and_follows_the_ema_formula() -> 
 
 
 def test_empty_batch_update_only_decays() -> None:
-    rvq = _with_codebooks(RVQSpec(levels=2, codes=3, ema_decay=0.5, dead_code_threshold=0.0),
+    rvq = _with_codebooks(dict(levels=2, codes=3, ema_decay=0.5, dead_code_threshold=0.0),
                           torch.randn(2, 3, 4, generator=_gen(5)))
     out = rvq.update(torch.zeros(0, 4))
     assert out.codes.shape == (0, 2)
@@ -174,8 +174,8 @@ def test_kmeans_init_recovers_well_separated_centres() -> None:
     k, dim = 8, 16
     g = _gen(6)
     centres = torch.randn(k, dim, generator=g) * 5
-    spec = RVQSpec(levels=2, codes=k, kmeans_init_batches=3, normalize=False)
-    rvq = ResidualVQ(spec, dim)
+    spec = dict(levels=2, codes=k, kmeans_init_batches=3, normalize=False)
+    rvq = ResidualVQ(dim, **spec)
     for step in range(3):
         out = rvq.update(_clusters(centres, 200, g))
         if step < 2:  # collecting: nothing initialised, codes are placeholders
@@ -196,7 +196,7 @@ def test_kmeans_init_recovers_well_separated_centres() -> None:
 
 
 def test_init_sample_is_bounded_and_spread_over_the_init_batches() -> None:
-    rvq = ResidualVQ(RVQSpec(levels=1, codes=2, kmeans_init_batches=3, normalize=False), dim=1,
+    rvq = ResidualVQ(1, levels=1, codes=2, kmeans_init_batches=3, normalize=False,
                      init_sample_size=60)
     batches = [torch.arange(200, dtype=torch.float32).unsqueeze(1) + 1000 * b for b in range(3)]
     for b in batches:
@@ -216,7 +216,7 @@ def test_kmeans_with_fewer_distinct_rows_than_codes() -> None:
 # ---- dead codes ----------------------------------------------------------------------------------
 
 def test_unused_code_expires_and_is_reseeded_from_batch_residuals() -> None:
-    spec = RVQSpec(levels=2, codes=4, ema_decay=0.5, dead_code_threshold=1.0, normalize=False)
+    spec = dict(levels=2, codes=4, ema_decay=0.5, dead_code_threshold=1.0, normalize=False)
     g = _gen(7)
     level0 = torch.cat([torch.randn(3, 6, generator=g) * 3, torch.full((1, 6), 100.0)])
     books = torch.stack([level0, 0.1 * torch.randn(4, 6, generator=g)])
@@ -241,9 +241,9 @@ def test_unused_code_expires_and_is_reseeded_from_batch_residuals() -> None:
 # ---- state and offline fitting -------------------------------------------------------------------
 
 def test_state_dict_round_trip_encodes_and_continues_identically() -> None:
-    spec = RVQSpec(levels=2, codes=4, kmeans_init_batches=2, ema_decay=0.5, dead_code_threshold=3.0)
+    spec = dict(levels=2, codes=4, kmeans_init_batches=2, ema_decay=0.5, dead_code_threshold=3.0)
     g = _gen(8)
-    rvq = ResidualVQ(spec, 8, init_sample_size=256)
+    rvq = ResidualVQ(8, **spec, init_sample_size=256)
     for _ in range(5):
         rvq.update(torch.randn(40, 8, generator=g))
     expected = {"codebooks", "ema_count", "ema_sum", "initialized", "num_updates", "init_sample",
@@ -254,7 +254,7 @@ def test_state_dict_round_trip_encodes_and_continues_identically() -> None:
     buf = io.BytesIO()
     torch.save(rvq.state_dict(), buf)
     buf.seek(0)
-    fresh = ResidualVQ(spec, 8, init_sample_size=256)
+    fresh = ResidualVQ(8, **spec, init_sample_size=256)
     fresh.load_state_dict(torch.load(buf))
     assert fresh.is_initialized
     x = torch.randn(30, 8, generator=g)
@@ -266,15 +266,15 @@ def test_state_dict_round_trip_encodes_and_continues_identically() -> None:
     for name, value in rvq.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
     # the k-means sample size is a collection knob: another size still loads
-    other = ResidualVQ(spec, 8)
+    other = ResidualVQ(8, **spec)
     other.load_state_dict(rvq.state_dict())
     assert other.init_sample.shape == (256, 8) and torch.equal(other.encode(x), rvq.encode(x))
 
 
 def test_update_ignores_autocast() -> None:
-    rvq = _with_codebooks(RVQSpec(levels=2, codes=4, dead_code_threshold=0.0),
+    rvq = _with_codebooks(dict(levels=2, codes=4, dead_code_threshold=0.0),
                           torch.randn(2, 4, 8, generator=_gen(11)))
-    twin = _with_codebooks(RVQSpec(levels=2, codes=4, dead_code_threshold=0.0),
+    twin = _with_codebooks(dict(levels=2, codes=4, dead_code_threshold=0.0),
                            rvq.codebooks.clone())
     x = torch.randn(64, 8, generator=_gen(12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -289,10 +289,10 @@ def test_fit_offline_is_deterministic_and_levels_reduce_the_error() -> None:
     g = _gen(9)
     coarse = torch.randn(8, 8, generator=g) * 4
     x = _clusters(coarse, 1000, g, noise=1.0)
-    spec = RVQSpec(levels=3, codes=8, normalize=False)
-    a = fit_offline(x, spec, iters=2, batch_size=200, seed=3)
-    b = fit_offline(x, spec, iters=2, batch_size=200, seed=3)
-    c = fit_offline(x, spec, iters=2, batch_size=200, seed=4)
+    spec = dict(levels=3, codes=8, normalize=False)
+    a = fit_offline(x, iters=2, batch_size=200, seed=3, **spec)
+    b = fit_offline(x, iters=2, batch_size=200, seed=3, **spec)
+    c = fit_offline(x, iters=2, batch_size=200, seed=4, **spec)
     assert torch.equal(a.codebooks, b.codebooks) and torch.equal(a.ema_count, b.ema_count)
     assert not torch.equal(a.codebooks, c.codebooks)
     assert a.is_initialized and int(a.num_updates) == 2 * 5
@@ -306,8 +306,8 @@ def test_fit_offline_is_deterministic_and_levels_reduce_the_error() -> None:
 
 # ---- two ranks -----------------------------------------------------------------------------------
 
-DIST_SPEC = RVQSpec(levels=2, codes=4, ema_decay=0.5, dead_code_threshold=2.0,
-                    kmeans_init_batches=2, normalize=True)
+DIST_SPEC: dict[str, Any] = dict(levels=2, codes=4, ema_decay=0.5, dead_code_threshold=2.0,
+                                  kmeans_init_batches=2, normalize=True)
 DIST_SIZES = ([30, 17, 25, 40, 22, 31, 28, 19], [50, 44, 9, 0, 36, 41, 27, 33])
 DIST_CENTRES = torch.randn(4, 8, generator=_gen(10)) * 3
 
@@ -335,7 +335,7 @@ def _rank_main(rank: int, store_path: str, out_dir: str) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     try:
-        rvq = ResidualVQ(DIST_SPEC, 8, init_sample_size=64)
+        rvq = ResidualVQ(8, **DIST_SPEC, init_sample_size=64)
         reseeds: list[int] = []
         _count_reseeds(rvq, reseeds)
         codes = [rvq.update(batch).codes for batch in _dist_batches(rank)]
@@ -359,7 +359,7 @@ def test_two_ranks_hold_identical_codebooks_equal_to_one_process_on_the_union(
 
     # one process fed the concatenated batches: same sample, same k-means, same re-seed rows;
     # the EMA sums differ only by the order of float additions
-    ref = ResidualVQ(DIST_SPEC, 8, init_sample_size=64)
+    ref = ResidualVQ(8, **DIST_SPEC, init_sample_size=64)
     reseeds: list[int] = []
     _count_reseeds(ref, reseeds)
     both = zip(_dist_batches(0), _dist_batches(1), strict=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.data.source import ensure_dataset, make_loader
+from recsys.datasets import ensure_dataset, make_loader
 from recsys.errors import SpecError
 from recsys.spec import Spec
 

@@ -116,29 +116,10 @@ def bench_hgr(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     return {"seconds_per_step": times, "ratio": ratio, "steps": steps}, table
 
 
-def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
-    """One request's user representation against 1,000 cached item representations through the
-    scripted online scorer (RankTower: gated cross-attention + max-sim; DSSM: a dot product),
-    with untrained weights (the cost does not depend on their values)."""
-    from recsys.export.two_tower import ScorerModule, time_scoring
-    from recsys.modules.ranktower import DSSMNet, RankTowerNet
-    from recsys.spec import RankTowerSpec
-
-    spec = RankTowerSpec()
-    torch.manual_seed(0)
-    results = {}
-    for name, net in (("ranktower", RankTowerNet(7, 5, 16, spec)),
-                      ("dssm", DSSMNet(7, 5, 16, list(spec.hidden), spec.head_dim))):
-        scorer = torch.jit.script(ScorerModule(net).eval())
-        with torch.no_grad():
-            user = net.user_tower(torch.randn(1, 7, 16))[0]
-            items = net.item_tower(torch.randn(1000, 5, 16))
-        results[name] = time_scoring(scorer, user, items, repeats)
-    return results
-
-
 def bench_ranktower(cfg: AllConfig) -> tuple[dict[str, Any], str]:
-    """RankTower's online part (see :func:`ranktower_scoring`)."""
+    """RankTower's online part (see :func:`recsys.bench.ranktower.ranktower_scoring`)."""
+    from recsys.bench.ranktower import ranktower_scoring
+
     results = ranktower_scoring(20 if cfg.quick else 200)
     table = format_table(["model", "p50 ms", "p99 ms"],
                          [[n, r["p50_ms"], r["p99_ms"]] for n, r in results.items()])
@@ -194,14 +175,12 @@ def bench_scaling(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 def bench_rvq(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     """Vectors per second through ResidualVQ.encode and through a training update (EMA)."""
     from recsys.quantization.rvq import ResidualVQ
-    from recsys.spec import RVQSpec
 
     n = 4096 if cfg.quick else 65_536
     rows = []
     out: dict[str, Any] = {}
     for dim, codes in ((64, 32), (64, 256)):
-        spec = RVQSpec(levels=3, codes=codes, kmeans_init_batches=1)
-        rvq = ResidualVQ(spec, dim, distributed=False)
+        rvq = ResidualVQ(dim, levels=3, codes=codes, kmeans_init_batches=1, distributed=False)
         x = torch.randn(n, dim)
         rvq.update(x)  # k-means initialisation
         calls: dict[str, Callable[[], Any]] = {

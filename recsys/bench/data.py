@@ -21,7 +21,7 @@ import torch
 from recsys.data.loader import ParquetLoader
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema
-from recsys.data.source import ensure_dataset
+from recsys.datasets import ensure_dataset
 from recsys.spec import Spec
 from recsys.tables import format_table
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from recsys.models.archs.moe import MoESpec
 from recsys.modules.moe import AdaEnsemble
-from recsys.spec import MoESpec
 from recsys.tables import format_table
 
 NAME = "moe"
@@ -81,7 +81,8 @@ def count_layer_calls(model: AdaEnsemble, x0: torch.Tensor) -> tuple[list[int], 
 def run(cfg: MoEBenchConfig) -> dict[str, Any]:
     """Time the cases and return the result (JSON-ready; ``table(result)`` renders it)."""
     torch.manual_seed(cfg.seed)
-    model = AdaEnsemble(cfg.moe, cfg.num_fields, cfg.dim, num_outputs=1).eval()
+    model = AdaEnsemble(cfg.num_fields, cfg.dim, num_outputs=1, **cfg.moe.model_dump(mode="json")
+                        ).eval()
     x0 = torch.randn(cfg.batch_size, cfg.num_fields, cfg.dim)
     depths = cfg.moe.depths
     cases = {f"depth {d + 1}": d for d in range(depths)} | {"router": -1}

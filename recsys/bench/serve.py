@@ -123,11 +123,12 @@ def random_inputs(feature_rows: list[int], n_dense: int, batch: int, n: int,
 def build_model(cfg: ServeBenchConfig) -> tuple[Any, Any]:
     """(spec, eval-mode ranker): a trained run's, or random weights on the stress spec."""
     from recsys.bench.train import stress_spec
-    from recsys.export.torchscript import load_trained_ranker
     from recsys.models.ranker import Ranker, RankerConfig
+    from recsys.run_dir import RunDir
 
     if cfg.run_dir:
-        return load_trained_ranker(cfg.run_dir)
+        run = RunDir(cfg.run_dir)
+        return run.spec(), run.trained_ranker("cpu")[0]
     torch.manual_seed(cfg.seed)
     spec = stress_spec(tables=cfg.tables, rows=cfg.rows, dim=cfg.dim, dense=cfg.dense,
                        batch_size=max(cfg.batch_sizes))
@@ -248,8 +249,8 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
 
 def _ranktower_scoring(cfg: ServeBenchConfig) -> dict[str, dict[str, float]]:
     """The two-tower pre-rankers' online cost: 1,000 cached candidates for one request."""
-    from recsys.bench.all import ranktower_scoring
     from recsys.bench.data import one_core
+    from recsys.bench.ranktower import ranktower_scoring
 
     with one_core(not cfg.all_cores):
         return ranktower_scoring(max(10, cfg.repeats * 10))

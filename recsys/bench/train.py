@@ -58,9 +58,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.errors import DataError
+from recsys.models.archs import AUX_LOSS, build_over_arch
 from recsys.models.objective import ranker_loss
-from recsys.models.over_arch import AUX_LOSS, build_over_arch
-from recsys.models.tables import embedding_bag_configs
+from recsys.models.tables import embedding_bag_configs, over_arch_fields
 from recsys.spec import (
     DenseOptimizer,
     SparseOptimizer,
@@ -74,7 +74,7 @@ from recsys.tables import format_table
 from recsys.train.optim import TrainOptimizer
 from recsys.train.sharded import build_sharded_model
 
-GOAL_RATIO = 5.0  # sharded / plain samples/s on a Criteo-like width (DESIGN.md measured ~12x)
+GOAL_RATIO = 5.0  # sharded / plain samples/s on a Criteo-like width (~12x measured at that width)
 SIDES = ("sharded", "plain")
 MIB = 2**20
 
@@ -138,7 +138,7 @@ def stress_spec(tables: int, rows: int, dim: int = 16, dense: int = 13, batch_si
     :func:`random_batches`). ``overrides`` are ``--set`` items applied before validation.
 
     Example:
-        >>> spec = stress_spec(26, 100_000)            # DESIGN.md's measurement
+        >>> spec = stress_spec(26, 100_000)            # the Criteo-like width of GOAL_RATIO
         >>> len(spec.features.sparse_fields()), spec.train.batch_size
         (26, 2048)
     """
@@ -199,7 +199,7 @@ def loader_batches(spec: Spec, n: int, progress: bool = False) -> list[Batch]:
     Example:
         >>> batches = loader_batches(load_spec("specs/quickstart.toml"), n=55)
     """
-    from recsys.data.source import ensure_dataset, make_loader
+    from recsys.datasets import ensure_dataset, make_loader
 
     manifest = ensure_dataset(spec, progress=progress)
     loader = make_loader(spec, manifest, "train")
@@ -271,8 +271,8 @@ class PlainRanker(nn.Module):
             nn.init.uniform_(bag.weight, -bound, bound)
             self.embedding_bags[c.name] = bag
         self._lookups = [(c.name, f) for c in configs for f in c.feature_names]
-        field_dims = [c.embedding_dim for c in configs for _ in c.feature_names]
-        self.over = build_over_arch(spec, field_dims)  # the very module the sharded ranker uses
+        # the very module the sharded ranker uses
+        self.over = build_over_arch(spec.model, over_arch_fields(spec.features))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         kjt = batch.sparse

@@ -24,7 +24,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recsys.data.batch import Batch, BatchBuilder, Columns
 from recsys.data.parquet import ParquetSplit, RowGroupRef
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, SpecError
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """Each rank's share of a global batch (``train.batch_size`` is the global batch, so that a
+    spec is one experiment whatever the number of processes).
+
+    Example:
+        >>> per_rank_batch(2048, 2)
+        1024
+    """
+    if global_batch % world_size:
+        raise SpecError("spec", [f"train.batch_size: {global_batch} is the global batch and must "
+                                 f"split evenly over {world_size} processes (use a multiple of "
+                                 f"{world_size})"])
+    return global_batch // world_size
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ the teacher score, an oracle probability, or per-id weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from recsys.errors import DataError
+from recsys.losses.stages import Stage as Stage  # defined with the losses; re-exported here
+from recsys.quantization.rvq import num_nodes as num_nodes  # defined with the RVQ; re-exported
 from recsys.spec import CodeSource, FeatureKind, FeatureSpec, OOVPolicy, Side, Spec
 
 MANIFEST = "dataset.json"
@@ -27,31 +29,6 @@ USER_ID = "user_id"
 STAGE = "stage"
 TEACHER = "teacher"
 RVQ_CODE = "rvq_code"  # the auxiliary sparse feature: L trie-node ids per row
-
-
-def num_nodes(levels: int, codes: int) -> int:
-    """The number of nodes ``K + K² + … + K^L`` of the user-code trie: the range of the ids in
-    ``rvq_code`` (see recsys.quantization.rvq.prefix_ids).
-
-    Example:
-        >>> num_nodes(3, 32)
-        33824
-    """
-    total = sum(codes**level for level in range(1, levels + 1))
-    if total >= 2**63:
-        raise ValueError(f"K={codes}, L={levels}: {total} trie nodes do not fit in int64")
-    return total
-
-
-class Stage(IntEnum):
-    """The deepest cascade stage a candidate reached (what a row's ``stage`` column holds)."""
-
-    RETRIEVED = 0  # retrieved, dropped by the pre-ranker
-    PRERANKED = 1  # passed the pre-ranker, dropped by the ranker
-    RANKED = 2  # in the ranker's top list, not shown
-    EXPOSED = 3  # shown, not clicked
-    CLICKED = 4
-    CONVERTED = 5
 
 
 class ColumnRole(StrEnum):

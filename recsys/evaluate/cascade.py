@@ -1,4 +1,4 @@
-"""Pre-ranking metrics on whole candidate sets (RankTower's evaluation, METHODS.md section 4).
+"""Pre-ranking metrics on whole candidate sets (RankTower's evaluation, docs/methods.md section 4).
 
 For each request, the pre-ranker's top-K of all retrieved candidates is compared with (a) the
 ranking stage's top-K (the K candidates with the highest ranker score, the ``teacher``) and (b) the

@@ -10,6 +10,7 @@ spec file, so the table measures what ``specs/*.toml`` train.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from recsys.experiments.runner import (
 )
 from recsys.tables import format_table
 
-MODELS = ("mlp", "dcn", "pin", "xdeepint", "dynint", "adaensemble")
+MODELS = ("mlp", "dcn", "dlrm", "deepfm", "pin", "xdeepint", "dynint", "adaensemble")
 KEYS = ("auc", "logloss", "calibration", "ece")
 LABELS = ("AUC", "log-loss", "calibration", "ECE")
 _OPTIMIZERS = ("sparse_optimizer", "dense_optimizer", "interaction_optimizer")
@@ -42,23 +43,36 @@ class InteractionsConfig(DataConfig):
     sparsity_requests: int = 30_000  # the λ1 sweep's world (xDeepInt on replicated tables)
 
 
+# the models of the study: a plain arch (with settings), or a method's spec file whose model section
+# is taken, with the train sections that belong to the method (xDeepInt's optimizers: its feature
+# and interaction selection)
+_PATCHES: dict[str, dict[str, Any]] = {
+    "mlp": {"model": {"arch": "mlp"}},
+    "dcn": {"model": {"arch": "dcn"}},
+    "dlrm": {"model": {"arch": "dlrm"}},
+    "deepfm": {"model": {"arch": "deepfm"}},
+    "pin": {"model": {"arch": "pin", "pin": {"num_layers": 3, "subspaces": 4}}},
+}
+_SPEC_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "xdeepint": ("specs/xdeepint.toml", _OPTIMIZERS),
+    "dynint": ("specs/dynint.toml", ()),
+    "adaensemble": ("specs/adaensemble.toml", ()),
+}
+
+
 def model_patch(model: str) -> dict[str, Any]:
-    """The partial spec that makes ``model``: the method's spec file's model section (and, for
-    xDeepInt, its GFTRL / FTRL optimizers), or a plain arch."""
-    files = {"xdeepint": "specs/xdeepint.toml", "dynint": "specs/dynint.toml",
-             "adaensemble": "specs/adaensemble.toml"}
-    if model in files:
-        full = read_spec_file(files[model])
-        patch: dict[str, Any] = {"model": {k: v for k, v in full["model"].items()
-                                           if k != "tasks"}}
-        if model == "xdeepint":  # its optimizers are part of the method (feature selection)
-            patch["train"] = {k: v for k, v in full["train"].items() if k in _OPTIMIZERS}
-        return patch
-    if model == "pin":
-        return {"model": {"arch": "pin", "pin": {"num_layers": 3, "subspaces": 4}}}
-    if model in ("mlp", "dcn"):
-        return {"model": {"arch": model}}
-    raise ValueError(f"unknown model '{model}'; expected one of {', '.join(MODELS)}")
+    """The partial spec that makes ``model``: a plain arch, or the method's spec file's model
+    section (and the train settings that are part of the method)."""
+    if model in _PATCHES:
+        return copy.deepcopy(_PATCHES[model])
+    if model not in _SPEC_FILES:
+        raise ValueError(f"unknown model '{model}'; expected one of {', '.join(MODELS)}")
+    file, train_keys = _SPEC_FILES[model]
+    full = read_spec_file(file)
+    patch: dict[str, Any] = {"model": {k: v for k, v in full["model"].items() if k != "tasks"}}
+    if train_keys:
+        patch["train"] = {k: v for k, v in full["train"].items() if k in train_keys}
+    return patch
 
 
 def run_interactions(cfg: InteractionsConfig, out: Path) -> tuple[dict[str, Any], str]:

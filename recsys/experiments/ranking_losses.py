@@ -1,5 +1,5 @@
 """BCE alone against BCE + in-batch listwise against BCE + hierarchical group-wise listwise
-(`recsys report --only ranking-losses`, METHODS.md section 5).
+(`recsys report --only ranking-losses`, docs/methods.md section 5).
 
 The same model (the dataset's default spec: DCN-v2), data, batches (whole requests per batch) and
 seeds for the three objectives; λ is the same for both listwise terms. Reported on the test split:

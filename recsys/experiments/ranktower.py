@@ -1,5 +1,5 @@
 """RankTower against the DSSM baseline and the full ranker, with an ablation of each loss term
-(`recsys report --only ranktower`, METHODS.md section 4).
+(`recsys report --only ranktower`, docs/methods.md section 4).
 
 Synthetic data only (the cascade simulator logs every stage; the real datasets have exposures
 only). Every model is evaluated the same way: all retrieved candidates of each test request are

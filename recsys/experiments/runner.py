@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.spec import spec_hash, validate_spec
+from recsys.spec import only_arch_sections, spec_hash, validate_spec
 from recsys.tables import format_table
 
 log = logging.getLogger("recsys.experiments")
@@ -123,7 +123,8 @@ def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Seque
     total, done = len(variants) * len(seeds), 0
     for variant in variants:
         for seed in seeds:
-            raw = deep_merge(deep_merge(base, variant.patch), {"train": {"seed": seed}})
+            raw = only_arch_sections(deep_merge(deep_merge(base, variant.patch),
+                                                {"train": {"seed": seed}}))
             spec = validate_spec(raw, f"{base.get('name', 'base')} + variant '{variant.name}'")
             started = time.perf_counter()
             log.info("[%d/%d] %s, seed %d", done + 1, total, variant.name, seed)

@@ -37,11 +37,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys import __version__
 from recsys.errors import RunError
+from recsys.export.inputs import flat_inputs
+from recsys.export.two_tower import export_split, time_cached_scoring
 from recsys.fsutil import sibling_lock, staging_dir, writing
-from recsys.models.ranker import Ranker, RankerConfig
+from recsys.models.archs import arch_of
+from recsys.models.ranker import Ranker
 from recsys.models.tables import pooled_in_order
-from recsys.spec import Arch, Spec, load_run_spec, spec_hash
-from recsys.train import checkpoint
+from recsys.run_dir import RunDir
+from recsys.spec import Spec, spec_hash
 
 QUANTIZE = {"none": None, "fp16": torch.float16, "int8": torch.qint8}
 MODEL_FILE, MANIFEST_FILE = "model.pt", "manifest.json"
@@ -77,28 +80,6 @@ class ServingRanker(nn.Module):
         if self.esmm:
             probs["conversion"] = probs["click"] * probs["conversion"]
         return probs
-
-
-def load_trained_ranker(run_dir: str | Path) -> tuple[Spec, Ranker]:
-    """The run's ranker, unsharded on CPU, with the weights of its latest complete checkpoint
-    (``torch.distributed.checkpoint`` reshards one written by any number of processes).
-
-    Example:
-        >>> spec, ranker = load_trained_ranker("runs/quickstart-demo")
-    """
-    spec, ranker, _ = _trained_ranker(Path(run_dir))
-    return spec, ranker
-
-
-def _trained_ranker(run_dir: Path) -> tuple[Spec, Ranker, Path]:
-    spec = load_run_spec(run_dir)
-    path = checkpoint.latest(run_dir)
-    if path is None:
-        raise RunError(str(run_dir), "no complete checkpoint to export")
-    ranker = Ranker(RankerConfig(spec, device="cpu"))
-    # the checkpoint holds DistributedModelParallel's state: the ranker sits under "model."
-    checkpoint.load_weights(path, ranker, prefix="model.")
-    return spec, ranker.eval(), path
 
 
 @dataclass
@@ -174,7 +155,9 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
     run_dir, out = Path(run_dir), Path(out)
     _check_replaceable(out)
     with sibling_lock(out, f"export {out}"), writing(out.parent):
-        spec, ranker, path = _trained_ranker(run_dir)
+        run = RunDir(run_dir)
+        spec = run.spec()
+        ranker, path = run.trained_ranker("cpu", purpose="export")
         exported = script_ranker(spec, ranker, quantize)
         staging = staging_dir(out)
         try:
@@ -185,9 +168,7 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
                 info["parity"] = parity(spec, ranker, exported.module)
                 info["parity"]["recorded"] = _against_recorded(run_dir, path, info["parity"])
                 _require_parity(out, info["parity"], quantize)
-            if spec.model.arch in (Arch.RANKTOWER, Arch.DSSM):
-                from recsys.export.two_tower import export_split, time_cached_scoring
-
+            if arch_of(spec.model).two_tower:
                 info["serving_split"] = export_split(spec, ranker, staging)
                 info["serving_split"]["score_1000_cached"] = time_cached_scoring(staging)
             (staging / MANIFEST_FILE).write_text(json.dumps(info, indent=2))
@@ -260,20 +241,12 @@ def _require_parity(out: Path, result: dict[str, Any], quantize: str) -> None:
                        + "; ".join(problems))
 
 
-def flat_inputs(batch: Any, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Batch as the exported module's inputs: ``(dense, values, lengths)`` in ``keys`` order."""
-    jagged = [batch.sparse[k] for k in keys]
-    values = torch.cat([j.values() for j in jagged]).to(torch.int64)
-    lengths = torch.cat([j.lengths() for j in jagged]).to(torch.int32)
-    return batch.dense, values, lengths
-
-
 @torch.no_grad()
 def parity(spec: Spec, ranker: Ranker, module: torch.jit.ScriptModule, split: str = "test",
            max_rows: int | None = None) -> dict[str, Any]:
     """Eager (the trained ranker in PyTorch) against the exported module on a split of the run's
     data: the largest absolute difference of the probabilities and the AUC of both, per task."""
-    from recsys.data.source import ensure_dataset, make_loader
+    from recsys.datasets import ensure_dataset, make_loader
     from recsys.evaluate.metrics import auc
 
     eager = ServingRanker(ranker, list(spec.model.tasks), spec.model.esmm).eval()

@@ -27,6 +27,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.export.inputs import flat_inputs
 from recsys.models.ranker import Ranker
 from recsys.models.tables import feature_order, pooled_in_order
 from recsys.spec import Side, Spec
@@ -105,8 +106,7 @@ def split_modules(spec: Spec, ranker: Ranker) -> dict[str, Any]:
 def item_cache(spec: Spec, item_tower: torch.jit.ScriptModule, keys: list[str],
                dense_columns: list[str]) -> dict[str, torch.Tensor]:
     """Representations of every item that appears in the run's data (first row of each item)."""
-    from recsys.data.source import ensure_dataset, make_loader
-    from recsys.export.torchscript import flat_inputs
+    from recsys.datasets import ensure_dataset, make_loader
 
     manifest = ensure_dataset(spec, progress=False)
     all_dense = [f.source_column for f in spec.features.dense_fields()]

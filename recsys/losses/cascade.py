@@ -1,4 +1,4 @@
-"""RankTower's hybrid cascade objective (METHODS.md section 4, arXiv 2407.12385).
+"""RankTower's hybrid cascade objective (docs/methods.md section 4, arXiv 2407.12385).
 
 A pre-ranker sees every retrieved candidate, so its training rows come from the *full* cascade; each
 sample space gets its own objective, all computed within a request (``request (B,)`` ids):
@@ -22,9 +22,12 @@ from collections.abc import Sequence
 
 import torch
 
-from recsys.data.schema import Stage
 from recsys.losses.listwise import segment_listwise_loss
-from recsys.spec import CascadeSpec, Distillation
+from recsys.losses.stages import Stage as Stage  # re-exported: the stages these losses read
+
+# distillation methods: the teacher's in-request distribution (KL), or its order through a
+# differentiable sort (NeuralSort, SoftSort)
+DISTILLATIONS = ("kl", "neuralsort", "softsort")
 
 # The cascade cuts of the coarse loss: passed the pre-ranker, passed the ranker, shown. Clicks and
 # conversions are left to the fine-grained loss, which weighs them within the exposed rows only.
@@ -67,7 +70,7 @@ def fine_grained_loss(scores: torch.Tensor, click: torch.Tensor, request: torch.
         scores: ``(B,)`` pre-ranker logits.
         click: ``(B,)`` labels (0/1 or graded).
         request: ``(B,)`` integer request ids.
-        stage: ``(B,)`` the deepest :class:`~recsys.data.schema.Stage` reached.
+        stage: ``(B,)`` the deepest :class:`~recsys.losses.stages.Stage` reached.
         temperature: softmax temperature.
 
     Example:
@@ -97,7 +100,7 @@ def coarse_grained_loss(scores: torch.Tensor, stage: torch.Tensor, request: torc
 
     Args:
         scores: ``(B,)`` logits.
-        stage: ``(B,)`` the deepest :class:`~recsys.data.schema.Stage` reached.
+        stage: ``(B,)`` the deepest :class:`~recsys.losses.stages.Stage` reached.
         request: ``(B,)`` integer request ids.
         temperature: softmax temperature.
         stages: the cuts (default: passed the pre-ranker, passed the ranker, exposed).
@@ -236,11 +239,18 @@ def softsort(s: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def _check_distill(method: str) -> str:
+    if not isinstance(method, str) or method not in DISTILLATIONS:
+        raise ValueError(f"unknown distill method {method!r}; expected one of: "
+                         f"{', '.join(DISTILLATIONS)}")
+    return str(method)  # a StrEnum member becomes its value
+
+
 def _sort_distillation(s: torch.Tensor, t: torch.Tensor, seg: torch.Tensor, num_seg: int,
-                       tau: float, method: Distillation) -> torch.Tensor:
+                       tau: float, method: str) -> torch.Tensor:
     s_pad, mask = pad_by_segment(s, seg, num_seg, 0.0)
     t_pad, _ = pad_by_segment(t, seg, num_seg, float("-inf"))
-    relax = neuralsort if method == Distillation.NEURALSORT else softsort
+    relax = neuralsort if method == "neuralsort" else softsort
     log_p = relax(s_pad, mask, tau)  # (G, N, N)
     # the teacher's hard permutation: row i is one-hot on the teacher's rank-i item; padding (-inf)
     # sorts last, so the valid ranks 1..n point at valid items
@@ -255,8 +265,7 @@ def _sort_distillation(s: torch.Tensor, t: torch.Tensor, seg: torch.Tensor, num_
 
 
 def distillation_loss(scores: torch.Tensor, teacher: torch.Tensor, request: torch.Tensor,
-                      temperature: float = 1.0, method: Distillation | str = Distillation.KL,
-                      ) -> torch.Tensor:
+                      temperature: float = 1.0, method: str = "kl") -> torch.Tensor:
     """Distil the ranker (teacher) into the pre-ranker within each request.
 
     Only rows with a finite ``teacher`` take part (the ranker scored them); requests with fewer than
@@ -273,7 +282,7 @@ def distillation_loss(scores: torch.Tensor, teacher: torch.Tensor, request: torc
         teacher: ``(B,)`` ranker scores, NaN where the ranker did not score the row.
         request: ``(B,)`` integer request ids.
         temperature: ``T`` of the KL, or the sort relaxation's ``τ``.
-        method: a :class:`~recsys.spec.Distillation`.
+        method: one of :data:`DISTILLATIONS`.
 
     Example:
         >>> r = torch.zeros(3, dtype=torch.long)
@@ -283,9 +292,9 @@ def distillation_loss(scores: torch.Tensor, teacher: torch.Tensor, request: torc
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    method = Distillation(method)
+    method = _check_distill(method)
     s, t, seg, num_seg = _teacher_rows(scores, teacher, request)
-    if method == Distillation.KL:
+    if method == "kl":
         loss = _kl_distillation(s, t, seg, num_seg, temperature)
     else:
         loss = _sort_distillation(s, t, seg, num_seg, temperature, method)
@@ -294,7 +303,9 @@ def distillation_loss(scores: torch.Tensor, teacher: torch.Tensor, request: torc
 
 
 def cascade_loss(scores: torch.Tensor, click: torch.Tensor, request: torch.Tensor,
-                 stage: torch.Tensor, teacher: torch.Tensor | None, spec: CascadeSpec,
+                 stage: torch.Tensor, teacher: torch.Tensor | None, *,
+                 distill_weight: float = 1.0, fine_weight: float = 1.0, coarse_weight: float = 1.0,
+                 distill_temperature: float = 1.0, distill: str = "kl",
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``distill_weight·L_distill + fine_weight·L_fine + coarse_weight·L_coarse``.
 
@@ -305,9 +316,13 @@ def cascade_loss(scores: torch.Tensor, click: torch.Tensor, request: torch.Tenso
         scores: ``(B,)`` pre-ranker logits.
         click: ``(B,)`` click labels.
         request: ``(B,)`` integer request ids.
-        stage: ``(B,)`` the deepest :class:`~recsys.data.schema.Stage` reached.
+        stage: ``(B,)`` the deepest :class:`~recsys.losses.stages.Stage` reached.
         teacher: ``(B,)`` ranker scores (NaN where absent), or None when distillation is off.
-        spec: weights, the distillation method and its temperature.
+        distill_weight: α, the weight of :func:`distillation_loss`.
+        fine_weight: β, the weight of :func:`fine_grained_loss`.
+        coarse_weight: γ, the weight of :func:`coarse_grained_loss`.
+        distill_temperature: the distillation's temperature ``T`` (KL) or relaxation ``τ``.
+        distill: the distillation method, one of :data:`DISTILLATIONS`.
 
     Returns:
         ``(total, terms)``: ``total`` keeps the graph; ``terms`` maps ``"distill"`` / ``"fine"`` /
@@ -316,25 +331,26 @@ def cascade_loss(scores: torch.Tensor, click: torch.Tensor, request: torch.Tenso
     Example:
         >>> s, st = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([4, 3, 0])
         >>> t, r = torch.tensor([2.0, 1.0, float("nan")]), torch.zeros(3, dtype=torch.long)
-        >>> total, terms = cascade_loss(s, (st == 4).float(), r, st, t, CascadeSpec(fine_weight=0))
+        >>> total, terms = cascade_loss(s, (st == 4).float(), r, st, t, fine_weight=0)
         >>> sorted(terms)
         ['coarse', 'distill']
     """
+    distill = _check_distill(distill)
     total = _float(scores).sum() * 0.0
     terms: dict[str, torch.Tensor] = {}
-    if spec.distill_weight:
+    if distill_weight:
         if teacher is None:
             raise ValueError("distill_weight > 0 needs teacher scores (the ranker's, NaN where "
                              "absent); set distill_weight to 0 to train without them")
-        loss = distillation_loss(scores, teacher, request, spec.distill_temperature, spec.distill)
-        total = total + spec.distill_weight * loss
+        loss = distillation_loss(scores, teacher, request, distill_temperature, distill)
+        total = total + distill_weight * loss
         terms["distill"] = loss.detach()
-    if spec.fine_weight:
+    if fine_weight:
         loss = fine_grained_loss(scores, click, request, stage)
-        total = total + spec.fine_weight * loss
+        total = total + fine_weight * loss
         terms["fine"] = loss.detach()
-    if spec.coarse_weight:
+    if coarse_weight:
         loss = coarse_grained_loss(scores, stage, request)
-        total = total + spec.coarse_weight * loss
+        total = total + coarse_weight * loss
         terms["coarse"] = loss.detach()
     return total, terms

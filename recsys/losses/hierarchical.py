@@ -1,4 +1,4 @@
-"""Hierarchical group-wise listwise loss (METHODS.md section 5, arXiv 2506.12756).
+"""Hierarchical group-wise listwise loss (docs/methods.md section 5, arXiv 2506.12756).
 
 Users carry RVQ codes ``[c_1..c_L]``; the level-l column of ``codes`` holds the trie-node id of
 the prefix ``(c_1..c_l)``, so samples sharing that value form a level-l group (shallow levels:

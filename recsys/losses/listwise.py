@@ -1,4 +1,4 @@
-"""Group-wise listwise losses (METHODS.md section 5): label-normalised softmax cross-entropy over the
+"""Group-wise listwise losses (docs/methods.md section 5): label-normalised softmax cross-entropy over the
 samples of each group, fully vectorised with segment (scatter) operations.
 
 Per group ``g`` with logits ``s`` and labels ``y >= 0`` (binary or graded)::

@@ -1,6 +1,6 @@
 """The training objective of the ranker, and the online user codes it groups by.
 
-Total loss (METHODS.md section 5)::
+Total loss (docs/methods.md section 5)::
 
     bce_weight · Σ_tasks BCE  +  over-arch auxiliary loss (AdaEnsemble's routers)
       + listwise.weight · L_listwise(groups: batch | request | user)
@@ -26,9 +26,9 @@ from recsys.losses.cascade import cascade_loss
 from recsys.losses.hierarchical import gather_for_groups, hierarchical_listwise_loss
 from recsys.losses.listwise import in_batch_listwise_loss, segment_listwise_loss
 from recsys.losses.pointwise import bce, esmm_bce
-from recsys.models.over_arch import AUX_LOSS
+from recsys.models.archs import AUX_LOSS, arch_of
 from recsys.quantization.rvq import ResidualVQ, code_perplexity
-from recsys.spec import Arch, CodeSource, ListwiseGroup, RVQSpec, Spec
+from recsys.spec import CodeSource, ListwiseGroup, RVQSpec, Spec
 
 # keys of the model's output dict that are not tasks start with "_" (never evaluated as metrics)
 RVQ_CODES = "_rvq_codes"
@@ -72,7 +72,11 @@ class OnlineUserCodes(nn.Module):
         super().__init__()
         self.register_buffer("columns", torch.tensor(user_columns, dtype=torch.long),
                              persistent=False)
-        self.rvq = ResidualVQ(spec, len(user_columns))
+        self.rvq = ResidualVQ(len(user_columns), levels=spec.levels, codes=spec.codes,
+                              ema_decay=spec.ema_decay,
+                              dead_code_threshold=spec.dead_code_threshold,
+                              kmeans_init_batches=spec.kmeans_init_batches,
+                              normalize=spec.normalize)
         self.levels, self.num_codes = spec.levels, spec.codes
 
     def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,8 +117,10 @@ class RankingObjective(nn.Module):
         self.esmm = spec.model.esmm
         self.loss = spec.loss
         self.first = self.tasks[0]
-        # RankTower learns from the whole cascade (METHODS.md section 4)
-        self.cascade = spec.model.arch == Arch.RANKTOWER
+        # archs such as RankTower learn from the whole cascade (docs/methods.md section 4)
+        self.cascade = arch_of(spec.model).cascade_view
+        self.arch = spec.model.arch
+        self.cascade_label = spec.train.cascade_label
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -127,10 +133,15 @@ class RankingObjective(nn.Module):
         logits, labels = outputs[self.first], batch.labels[self.first]
         if self.cascade:
             if batch.stage is None or "request" not in batch.groups:
-                raise ValueError("model.arch 'ranktower' trains on the cascade view: the data "
+                raise ValueError(f"model.arch '{self.arch}' trains on the cascade view: the data "
                                  "needs stage and request_id columns (data.view = 'cascade')")
-            term, parts = cascade_loss(logits, batch.labels["click"], batch.groups["request"],
-                                       batch.stage, batch.teacher, spec.cascade)
+            c = spec.cascade
+            term, parts = cascade_loss(logits, batch.labels[self.cascade_label],
+                                       batch.groups["request"], batch.stage, batch.teacher,
+                                       distill_weight=c.distill_weight,
+                                       fine_weight=c.fine_weight, coarse_weight=c.coarse_weight,
+                                       distill_temperature=c.distill_temperature,
+                                       distill=c.distill)
             loss = loss + term
             stats.update({f"loss/cascade_{k}": v for k, v in parts.items()})
         if spec.listwise.weight > 0:

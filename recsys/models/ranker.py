@@ -8,14 +8,15 @@ the conversion head is the CVR tower and :func:`probabilities` returns pCTCVR = 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from recsys.data.batch import Batch
+from recsys.models.archs import build_over_arch
 from recsys.models.objective import OnlineUserCodes, RankingObjective
-from recsys.models.over_arch import build_over_arch
-from recsys.models.tables import build_ebc, feature_order, pooled_in_order
+from recsys.models.tables import build_ebc, feature_order, over_arch_fields, pooled_in_order
 from recsys.spec import CodeSource, Side, Spec
 
 
@@ -28,7 +29,8 @@ class RankerConfig:
 
 
 class Ranker(nn.Module):
-    """EBC -> over-arch (dense arch, interaction arch, heads; see recsys.models.over_arch).
+    """EBC -> over-arch (dense arch, interaction arch, heads: the arch's file in
+    recsys/models/archs/).
 
     ``forward`` returns one logit per task and, under :data:`AUX_LOSS`, the over-arch's auxiliary
     loss (a scalar; zero except for AdaEnsemble).
@@ -46,13 +48,12 @@ class Ranker(nn.Module):
         if self.esmm and self.tasks != ["click", "conversion"]:
             raise ValueError("model.esmm needs tasks = ['click', 'conversion']")
         self.ebc = build_ebc(spec.features, config.device)
-        configs = self.ebc.embedding_bag_configs()
-        field_dims = [c.embedding_dim for c in configs for _ in c.feature_names]
         # the over-arch's input order, fixed by the spec (never by a sharding plan)
         self.feature_order: list[str] = feature_order(self.ebc)
-        field_names = self.feature_order
+        fields = over_arch_fields(spec.features)
+        assert fields.names == self.feature_order
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
-        self.over = build_over_arch(spec, field_dims, field_names)
+        self.over = build_over_arch(spec.model, fields)
         h = spec.loss.hierarchical
         self.user_codes: OnlineUserCodes | None = None
         if h.weight > 0 and h.codes == CodeSource.ONLINE:
@@ -99,19 +100,33 @@ def probabilities(logits: dict[str, torch.Tensor], esmm: bool) -> dict[str, torc
     return probs
 
 
+class StepOutput(NamedTuple):
+    """What :class:`TrainWrapper` returns beside the loss, by name: the loss (detached), the logit
+    per task (detached), the labels, and ``stats``, detached scalars of the objective's terms and
+    diagnostics for the log."""
+
+    loss: torch.Tensor
+    logits: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+
+
 class TrainWrapper(nn.Module):
-    """What TrainPipelineSparseDist drives: ``batch -> (loss, (loss, logits, labels, stats))``
-    (``stats``: detached scalars of the objective's terms and diagnostics, for the log)."""
+    """What TrainPipelineSparseDist drives: ``batch -> (loss, StepOutput)``.
+
+    Example:
+        >>> loss, out = TrainWrapper(model, spec)(batch)
+        >>> out.logits["click"].shape, sorted(out.stats)[:1]
+        (torch.Size([2048]), ['loss/aux'])
+    """
 
     def __init__(self, model: Ranker, spec: Spec) -> None:
         super().__init__()
         self.model = model
         self.objective = RankingObjective(spec)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[
-            torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor],
-            dict[str, torch.Tensor]]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         outputs = self.model(batch)
         loss, stats = self.objective(outputs, batch)
         logits = {t: outputs[t].detach() for t in self.model.tasks}
-        return loss, (loss.detach(), logits, batch.labels, stats)
+        return loss, StepOutput(loss.detach(), logits, batch.labels, stats)

@@ -7,6 +7,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from recsys.models.archs import Fields
 from recsys.spec import FeaturesSpec, Pooling
 
 _POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
@@ -28,6 +29,22 @@ def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
                            feature_names=users[t.name], pooling=_POOLING[t.pooling or Pooling.SUM])
         for t in features.resolved_tables() if t.name in users
     ]
+
+
+def over_arch_fields(features: FeaturesSpec) -> Fields:
+    """What the over-arch sees: the pooled features in the model's order (:func:`feature_order`)
+    with their widths and sides, and the dense features' sides.
+
+    Example:
+        >>> over_arch_fields(spec.features).names[:2]
+        ['user_id', 'user_age']
+    """
+    configs = embedding_bag_configs(features)
+    side = {f.name: f.side.value for f in features.fields}
+    names = [f for c in configs for f in c.feature_names]
+    return Fields(dims=[c.embedding_dim for c in configs for _ in c.feature_names], names=names,
+                  sides=[side[n] for n in names],
+                  dense_sides=[f.side.value for f in features.dense_fields()])
 
 
 def build_ebc(features: FeaturesSpec, device: str | torch.device = "meta"

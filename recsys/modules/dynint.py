@@ -1,4 +1,4 @@
-"""DynInt: PIN with instance-dependent interactions (Yan et al., DLP-KDD 2022; METHODS.md section 2).
+"""DynInt: PIN with instance-dependent interactions (Yan et al., DLP-KDD 2022; docs/methods.md section 2).
 
 The static recursion (residual PIN, on subspace-split fields, ``M = h·m`` fields of dim ``d = D/h``)
 is ``X_l = X_{l-1} ⊙ (1 + φ(W_l X0))``. ``W_l`` is written as a matrix acting on the field axis,
@@ -29,7 +29,21 @@ import torch
 from torch import nn
 
 from recsys.modules.pin import VectorDense, make_activation, merge_subspaces, split_subspaces
-from recsys.spec import DynamicActivation, DynamicParameter, DynIntSpec, PINSpec
+
+# the dynamic activation modes: none = the static PIN activation, A1 = gate the new interaction
+# term per row (default), A2 = gate the layer output, A3 = per-bit gate in the A1 position
+ACTIVATION_MODES = ("none", "A1", "A2", "A3")
+# the dynamic parameter modes: none = static W, B1 = row/column scaling of W (default), B2 = static
+# plus generated low rank, B3 = generated low rank only, B4 = mixture of basis matrices
+PARAMETER_MODES = ("none", "B1", "B2", "B3", "B4")
+
+
+def _check_mode(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    # a StrEnum member (e.g. from a config) is a str equal to its value: keep the plain string
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"unknown DynInt {option} {value!r}; expected one of: "
+                         f"{', '.join(allowed)}")
+    return str(value)
 
 
 def _generator(in_features: int, out_features: int, zero_last: bool = False) -> nn.Sequential:
@@ -111,39 +125,45 @@ class _BasisMix(nn.Module):
         return torch.einsum("bj,bjud->bud", pi, per_basis)
 
 
-def _make_mix(spec: DynIntSpec, num_fields: int, numel: int) -> nn.Module:
-    mode = spec.parameter_mode
-    if mode == DynamicParameter.NONE:
+def _make_mix(mode: str, num_fields: int, numel: int, rank: int, num_basis: int) -> nn.Module:
+    mode = _check_mode("parameter_mode", mode, PARAMETER_MODES)
+    if mode == "none":
         return _StaticMix(num_fields)
-    if mode == DynamicParameter.B1:
+    if mode == "B1":
         return _ScaledMix(num_fields, numel)
-    if mode in (DynamicParameter.B2, DynamicParameter.B3):
-        return _LowRankMix(num_fields, numel, spec.rank, static=mode == DynamicParameter.B2)
-    if mode == DynamicParameter.B4:
-        return _BasisMix(num_fields, numel, spec.num_basis)
-    raise ValueError(f"unknown DynInt parameter_mode '{mode}'")
+    if mode in ("B2", "B3"):
+        return _LowRankMix(num_fields, numel, rank, static=mode == "B2")
+    return _BasisMix(num_fields, numel, num_basis)  # B4
 
 
 class _DynamicLayer(nn.Module):
-    """One DynInt layer: ``A = φ(W_l(x) dropout(X0))``, then the gated residual update."""
+    """One DynInt layer: ``A = φ(W_l(x) dropout(X0))``, then the gated residual update.
 
-    def __init__(self, spec: DynIntSpec, pin: PINSpec, num_fields: int, dim: int) -> None:
+    ``num_fields`` and ``dim`` are M and d, i.e. after the subspace split.
+
+    Example:
+        >>> layer = _DynamicLayer(6, 4, activation_mode="A3", parameter_mode="B2")
+        >>> x0 = torch.randn(2, 6, 4)
+        >>> layer(x0, x0, x0.flatten(1)).shape
+        torch.Size([2, 6, 4])
+    """
+
+    def __init__(self, num_fields: int, dim: int, *, activation: str = "linear",
+                 dropout: float = 0.0, activation_mode: str = "A1", parameter_mode: str = "B1",
+                 rank: int = 4, num_basis: int = 4, stop_gradient_gate: bool = False) -> None:
         super().__init__()
         numel = num_fields * dim
         self.num_fields = num_fields
-        self.dropout = nn.Dropout(pin.dropout)
-        self.act = make_activation(pin.activation)
-        self.mix = _make_mix(spec, num_fields, numel)
-        mode = spec.activation_mode
-        if mode not in (DynamicActivation.NONE, DynamicActivation.A1, DynamicActivation.A2,
-                        DynamicActivation.A3):
-            raise ValueError(f"unknown DynInt activation_mode '{mode}'")
+        self.dropout = nn.Dropout(dropout)
+        self.act = make_activation(activation)
+        mode = _check_mode("activation_mode", activation_mode, ACTIVATION_MODES)
+        self.mix = _make_mix(parameter_mode, num_fields, numel, rank, num_basis)
         # default nn.Linear init for the gate, as the AdaEnsemble gated layers: 2·sigmoid keeps it
         # near 1 at start
-        gate_width = numel if mode == DynamicActivation.A3 else num_fields
-        self.gate = None if mode == DynamicActivation.NONE else _generator(numel, gate_width)
-        self.gate_output = mode == DynamicActivation.A2
-        self.stop_gradient = spec.stop_gradient_gate
+        gate_width = numel if mode == "A3" else num_fields
+        self.gate = None if mode == "none" else _generator(numel, gate_width)
+        self.gate_output = mode == "A2"
+        self.stop_gradient = stop_gradient_gate
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         a = self.act(self.mix(self.dropout(x0), flat))
@@ -164,30 +184,54 @@ class DynamicPIN(nn.Module):
     single-head :class:`~recsys.modules.pin.PolynomialInteractionNetwork`.
 
     Args:
-        spec: the DynIntSpec (activation_mode, parameter_mode, rank, num_basis, stop_gradient_gate).
-        pin: the PINSpec for num_layers, subspaces, activation φ and dropout; it must be residual
-            and single-head (DynInt is defined on that recursion).
         num_fields: m.
         dim: D.
+        num_layers: L (>= 1).
+        subspaces: h, must divide ``D``.
+        residual: must be True (DynInt is defined on the residual recursion); the argument exists
+            so that a PIN configuration passes through unchanged and a plain one is refused.
+        activation: φ, one of :data:`~recsys.modules.pin.ACTIVATIONS`.
+        dropout: dropout on X0 before each layer's field mix, in [0, 1).
+        activation_mode: one of :data:`ACTIVATION_MODES`.
+        parameter_mode: one of :data:`PARAMETER_MODES`.
+        rank: k of the low-rank modes B2 and B3 (>= 1).
+        num_basis: J, basis matrices of mode B4 (>= 1).
+        stop_gradient_gate: the gates read a detached ``flatten(X0)``.
 
     Example:
-        >>> dyn = DynamicPIN(DynIntSpec(), PINSpec(num_layers=2, subspaces=2), 5, 8)
+        >>> dyn = DynamicPIN(5, 8, num_layers=2, subspaces=2, activation_mode="A2",
+        ...                  parameter_mode="B4")
         >>> dyn(torch.randn(4, 5, 8)).shape, (dyn.out_fields, dyn.out_dim)
         (torch.Size([4, 5, 8]), (5, 8))
     """
 
-    def __init__(self, spec: DynIntSpec, pin: PINSpec, num_fields: int, dim: int) -> None:
+    def __init__(self, num_fields: int, dim: int, *, num_layers: int = 4, subspaces: int = 1,
+                 residual: bool = True, activation: str = "linear", dropout: float = 0.0,
+                 activation_mode: str = "A1", parameter_mode: str = "B1", rank: int = 4,
+                 num_basis: int = 4, stop_gradient_gate: bool = False) -> None:
         super().__init__()
-        if not pin.residual or pin.heads != 1:
+        if not residual:
             raise ValueError("DynamicPIN implements the residual single-head PIN; got "
-                             f"residual={pin.residual}, heads={pin.heads}")
-        h = pin.subspaces
+                             f"residual={residual}")
+        h = subspaces
         if h <= 0 or dim % h != 0:
             raise ValueError(f"subspaces h={h} must divide the embedding dim D={dim}")
+        for name, value in (("num_fields", num_fields), ("num_layers", num_layers),
+                            ("rank", rank), ("num_basis", num_basis)):
+            if value < 1:
+                raise ValueError(f"DynInt {name} must be >= 1, got {value}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"DynInt dropout must be in [0, 1), got {dropout}")
+        _check_mode("activation_mode", activation_mode, ACTIVATION_MODES)
+        _check_mode("parameter_mode", parameter_mode, PARAMETER_MODES)
+        make_activation(activation)
         self.h = h
         self.dim = dim
         self.layers = nn.ModuleList(
-            _DynamicLayer(spec, pin, h * num_fields, dim // h) for _ in range(pin.num_layers))
+            _DynamicLayer(h * num_fields, dim // h, activation=activation, dropout=dropout,
+                          activation_mode=activation_mode, parameter_mode=parameter_mode,
+                          rank=rank, num_basis=num_basis, stop_gradient_gate=stop_gradient_gate)
+            for _ in range(num_layers))
         self.out_fields: int = num_fields
         self.out_dim: int = dim
 

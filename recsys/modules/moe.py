@@ -1,5 +1,5 @@
 """AdaEnsemble (Yan & Li, AdKDD 2023): a sparse mixture of heterogeneous interaction experts,
-stacked with per-example early exit (METHODS.md section 3, following the released TF2 code).
+stacked with per-example early exit (docs/methods.md section 3, following the released TF2 code).
 
 Layout: the reference works on the "bit-level" tensor ``(B, n, 1)`` with ``n = m·D``; here it is
 the flat ``(B, n)``. The math is the same: the reference's ``EmbedDense`` (a dense layer across the
@@ -14,13 +14,15 @@ training loss (``AdaEnsemble.forward`` returns them summed and weighted).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.spec import Expert, MoESpec
+# the expert kinds, in the reference's order (the default router order)
+EXPERTS = ("gated_dense", "cross", "pin", "cnn", "attention")
 
 REDUCTION = 16  # hidden width of routers and gates = n // 16, as in the reference
 PROJECTION = 16  # width of the router's sample embedding h and of the expert embeddings e_e
@@ -220,21 +222,38 @@ class AttentionExpert(nn.Module):
         return self.out(h.flatten(1))
 
 
-def build_expert(kind: Expert | str, num_fields: int, dim: int) -> nn.Module:
-    """The expert of one ``Expert`` kind for m = num_fields fields of dim D."""
+def _check_experts(experts: Sequence[str]) -> list[str]:
+    """The expert names as plain strings; a ValueError names an unknown one and the known ones."""
+    if isinstance(experts, str):  # a lone name would otherwise be split into letters
+        experts = [experts]
+    out = []
+    for kind in experts:
+        if not isinstance(kind, str) or kind not in EXPERTS:
+            raise ValueError(f"unknown expert {kind!r}; expected one of: {', '.join(EXPERTS)}")
+        out.append(str(kind))  # a StrEnum member becomes its value
+    if not out:
+        raise ValueError(f"experts must name at least one of: {', '.join(EXPERTS)}")
+    return out
+
+
+def build_expert(kind: str, num_fields: int, dim: int) -> nn.Module:
+    """The expert of one kind (one of :data:`EXPERTS`) for m = num_fields fields of dim D.
+
+    Example:
+        >>> type(build_expert("cross", 4, 2)).__name__
+        'CrossExpert'
+    """
     width = num_fields * dim
-    kind = Expert(kind)
-    if kind == Expert.GATED_DENSE:
+    (kind,) = _check_experts([kind])
+    if kind == "gated_dense":
         return GatedDenseExpert(width)
-    if kind == Expert.CROSS:
+    if kind == "cross":
         return CrossExpert(width)
-    if kind == Expert.PIN:
+    if kind == "pin":
         return PolynomialExpert(width)
-    if kind == Expert.CNN:
+    if kind == "cnn":
         return CNN1DExpert(num_fields, width)
-    if kind == Expert.ATTENTION:
-        return AttentionExpert(num_fields, dim)
-    raise ValueError(f"unknown expert {kind!r}")
+    return AttentionExpert(num_fields, dim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +310,7 @@ class SparseMoE(nn.Module):
     released) or gate-weighted. No residual here: the stack adds it.
 
     Args:
-        experts: expert kinds, in router order.
+        experts: expert kinds (names from :data:`EXPERTS`), in router order.
         num_fields: m.
         dim: D.
         top_k: default k when forward gets k <= 0.
@@ -305,14 +324,15 @@ class SparseMoE(nn.Module):
         (torch.Size([3, 8]), [1, 1, 1])
     """
 
-    def __init__(self, experts: list[Expert] | list[str], num_fields: int, dim: int, top_k: int,
+    def __init__(self, experts: Sequence[str], num_fields: int, dim: int, top_k: int,
                  init_temperature: float = 1.0, noise_eps: float = 0.5,
                  weight_by_gates: bool = False) -> None:
         super().__init__()
         width = num_fields * dim
         self.top_k = top_k
         self.weight_by_gates = weight_by_gates
-        self.experts = nn.ModuleList(build_expert(e, num_fields, dim) for e in experts)
+        self.experts = nn.ModuleList(build_expert(e, num_fields, dim)
+                                     for e in _check_experts(experts))
         self.router = Router(width, len(self.experts), init_temperature, noise_eps)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor,
@@ -350,10 +370,21 @@ class AdaEnsemble(nn.Module):
     ran, each over the rows it saw).
 
     Args:
-        spec: the MoESpec (experts, top_k, annealing, depths, router settings, loss weights).
         num_fields: m.
         dim: D (every field the same dim).
         num_outputs: logits per row.
+        experts: the expert kinds of every layer (names from :data:`EXPERTS`), in router order.
+        top_k: experts per row, in [1, len(experts)].
+        anneal_steps: top-k annealing: k starts at the number of experts and falls linearly to
+            top_k over this many training forwards (0 = top_k from the first step).
+        depths: the number of SparseMoE layers (and exit choices).
+        init_temperature: the routers' initial cosine temperature T (> 0; learned).
+        noise_eps: ε of the routers' multiplicative input noise in training (0 = none).
+        weight_by_gates: multiply each expert's output by its gate (default: unweighted sum).
+        load_balance_weight: α of the load-balance losses.
+        z_loss_weight: weight of the router z-losses.
+        expert_prior: target dispatch share of each expert (len(experts) values summing to 1).
+        exit_prior: target share of rows exiting at each depth (depths values summing to 1).
 
     Attributes:
         blocks: ModuleList of ExitBlock (``.moe`` SparseMoE, ``.estimator`` Linear(n, num_outputs)).
@@ -366,39 +397,65 @@ class AdaEnsemble(nn.Module):
             to each expert of each depth.
 
     Example:
-        >>> model = AdaEnsemble(MoESpec(), num_fields=4, dim=4, num_outputs=1)
+        >>> model = AdaEnsemble(4, 4, num_outputs=1)
         >>> logits, aux = model(torch.randn(8, 4, 4))
         >>> logits.shape, aux.shape, int(model.exits_per_depth.sum())
         (torch.Size([8, 1]), torch.Size([]), 8)
+        >>> small = AdaEnsemble(4, 4, experts=("cross", "pin"), top_k=1, expert_prior=(0.5, 0.5),
+        ...                     depths=2, exit_prior=(0.5, 0.5))
+        >>> small(torch.randn(8, 4, 4))[0].shape
+        torch.Size([8, 1])
     """
 
-    def __init__(self, spec: MoESpec, num_fields: int, dim: int, num_outputs: int = 1) -> None:
+    def __init__(self, num_fields: int, dim: int, num_outputs: int = 1, *,
+                 experts: Sequence[str] = EXPERTS, top_k: int = 3, anneal_steps: int = 0,
+                 depths: int = 4, init_temperature: float = 1.0, noise_eps: float = 0.5,
+                 weight_by_gates: bool = False, load_balance_weight: float = 1.0,
+                 z_loss_weight: float = 1e-3,
+                 expert_prior: Sequence[float] = (0.2, 0.2, 0.4, 0.1, 0.1),
+                 exit_prior: Sequence[float] = (0.1, 0.2, 0.6, 0.1)) -> None:
         super().__init__()
+        experts = _check_experts(experts)
+        if not 1 <= top_k <= len(experts):
+            raise ValueError(f"top_k must be in [1, {len(experts)}] (the number of experts), "
+                             f"got {top_k}")
+        if depths < 1:
+            raise ValueError(f"depths must be >= 1, got {depths}")
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        if anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
+        for name, prior, n in (("expert_prior", expert_prior, len(experts)),
+                               ("exit_prior", exit_prior, depths)):
+            if len(prior) != n or min(prior) < 0 or abs(sum(prior) - 1.0) > 1e-6:
+                raise ValueError(f"{name} needs {n} non-negative weights summing to 1, "
+                                 f"got {list(prior)}")
         width = num_fields * dim
         self.width = width
         self.num_outputs = num_outputs
-        self.num_experts = len(spec.experts)
-        self.depths = spec.depths
-        self.top_k = spec.top_k
-        self.anneal_steps = spec.anneal_steps
-        self.load_balance_weight = spec.load_balance_weight
-        self.z_loss_weight = spec.z_loss_weight
+        self.num_experts = len(experts)
+        self.depths = depths
+        self.top_k = top_k
+        self.anneal_steps = anneal_steps
+        self.load_balance_weight = load_balance_weight
+        self.z_loss_weight = z_loss_weight
         self.forced_exit: int = -1
         self.blocks = nn.ModuleList(
-            ExitBlock(SparseMoE(list(spec.experts), num_fields, dim, spec.top_k,
-                                spec.init_temperature, spec.noise_eps, spec.weight_by_gates),
+            ExitBlock(SparseMoE(experts, num_fields, dim, top_k, init_temperature, noise_eps,
+                                weight_by_gates),
                       width, num_outputs)
-            for _ in range(spec.depths))
-        self.exit_router = Router(width, spec.depths, spec.init_temperature, spec.noise_eps)
+            for _ in range(depths))
+        self.exit_router = Router(width, depths, init_temperature, noise_eps)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        # priors are configuration, not state: not checkpointed, so the spec in force wins on resume
-        self.register_buffer("expert_prior", torch.tensor(spec.expert_prior), persistent=False)
-        self.register_buffer("exit_prior", torch.tensor(spec.exit_prior), persistent=False)
-        self.register_buffer("rows_per_depth", torch.zeros(spec.depths, dtype=torch.long),
+        # priors are configuration, not state: not checkpointed, so the settings in force win on
+        # resume
+        self.register_buffer("expert_prior", torch.tensor(list(expert_prior)), persistent=False)
+        self.register_buffer("exit_prior", torch.tensor(list(exit_prior)), persistent=False)
+        self.register_buffer("rows_per_depth", torch.zeros(depths, dtype=torch.long),
                              persistent=False)
-        self.register_buffer("exits_per_depth", torch.zeros(spec.depths, dtype=torch.long),
+        self.register_buffer("exits_per_depth", torch.zeros(depths, dtype=torch.long),
                              persistent=False)
-        self.register_buffer("expert_load", torch.zeros(spec.depths, self.num_experts,
+        self.register_buffer("expert_load", torch.zeros(depths, self.num_experts,
                                                         dtype=torch.long), persistent=False)
 
     @torch.jit.export

@@ -1,11 +1,11 @@
-"""xDeepInt's Polynomial Interaction Network (Yan et al., DLP-KDD 2020; METHODS.md section 1).
+"""xDeepInt's Polynomial Interaction Network (Yan et al., DLP-KDD 2020; docs/methods.md section 1).
 
 Shapes: ``B`` batch, ``m`` fields, ``D`` embedding dim, ``h`` subspaces, ``M = h·m`` fields after the
 subspace split, ``d = D/h`` their dim. ``X0`` is the stacked field embeddings ``(B, m, D)``.
 
 Subspace order: :func:`split_subspaces` is a plain reshape, so rows are *field-major* (row ``i·h + s``
 is subspace ``s`` of field ``i``). The reference concatenates subspace-major; the two differ only by
-a permutation of the rows and columns of every ``W_l`` (METHODS.md says either is fine).
+a permutation of the rows and columns of every ``W_l`` (docs/methods.md says either is fine).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recsys.spec import PINSpec
-
 ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "gelu")
 
 
 def make_activation(name: str) -> nn.Module:
-    """The activation module for a PINSpec.activation name (``linear`` = identity)."""
+    """The activation module for a PIN activation name, one of :data:`ACTIVATIONS` (``linear`` =
+    identity)."""
     modules = {"linear": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
                "gelu": nn.GELU}
     if name not in modules:
@@ -120,16 +119,16 @@ class _PINHead(nn.Module):
     """One PIN stack: subspace split -> L layers -> merge. ``(B, m, D)`` ->
     ``(B, m, D)`` (residual) or ``(B, (L+1)·m, D)`` (plain)."""
 
-    def __init__(self, spec: PINSpec, num_fields: int, dim: int) -> None:
+    def __init__(self, num_fields: int, dim: int, *, num_layers: int, subspaces: int,
+                 residual: bool, activation: str, dropout: float) -> None:
         super().__init__()
-        h = spec.subspaces
+        h = subspaces
         if dim % h != 0:
             raise ValueError(f"subspaces h={h} must divide the (per-head) embedding dim {dim}")
         self.h = h
-        self.residual = spec.residual
+        self.residual = residual
         self.layers = nn.ModuleList(
-            PINLayer(h * num_fields, spec.activation, spec.dropout, spec.residual)
-            for _ in range(spec.num_layers))
+            PINLayer(h * num_fields, activation, dropout, residual) for _ in range(num_layers))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x0 = split_subspaces(x0, self.h)
@@ -156,29 +155,45 @@ class PolynomialInteractionNetwork(nn.Module):
       ``(B, H·m, D/H)`` residual or ``(B, H·(L+1)·m, D/H)`` plain.
 
     Args:
-        spec: the PINSpec (num_layers, subspaces, residual, activation, dropout, heads).
         num_fields: m.
         dim: D.
+        num_layers: L, the number of PIN layers (>= 1).
+        subspaces: h, the subspace split of each field (must divide ``D``, or ``D/H`` per head).
+        residual: residual form ``X_l = X_{l-1} ⊙ (1 + A)`` (the reference default) or plain
+            ``X_l = X_{l-1} ⊙ A`` (then every ``X_0..X_L`` is output).
+        activation: φ, one of :data:`ACTIVATIONS`.
+        dropout: dropout on X0 before each layer's field mix, in [0, 1).
+        heads: H, the number of heads (must divide ``D``).
 
     Example:
-        >>> pin = PolynomialInteractionNetwork(PINSpec(num_layers=3, subspaces=2), 5, 8)
+        >>> pin = PolynomialInteractionNetwork(5, 8, num_layers=3, subspaces=2)
         >>> pin(torch.randn(4, 5, 8)).shape, (pin.out_fields, pin.out_dim)
         (torch.Size([4, 5, 8]), (5, 8))
     """
 
-    def __init__(self, spec: PINSpec, num_fields: int, dim: int) -> None:
+    def __init__(self, num_fields: int, dim: int, *, num_layers: int = 4, subspaces: int = 1,
+                 residual: bool = True, activation: str = "linear", dropout: float = 0.0,
+                 heads: int = 1) -> None:
         super().__init__()
-        heads = spec.heads
+        for name, value in (("num_fields", num_fields), ("dim", dim), ("num_layers", num_layers),
+                            ("subspaces", subspaces)):
+            if value < 1:
+                raise ValueError(f"PIN {name} must be >= 1, got {value}")
         if heads <= 0 or dim % heads != 0:
             raise ValueError(f"heads={heads} must divide the embedding dim D={dim}")
-        make_activation(spec.activation)  # fail early, naming the bad value
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"PIN dropout must be in [0, 1), got {dropout}")
+        make_activation(activation)  # fail early, naming the bad value
         head_dim = dim // heads
         self.dim = dim
         self.head_dim = head_dim
         # the pure (single-head) xDeepInt has no projection
         self.proj = nn.Linear(dim, dim, bias=False) if heads > 1 else nn.Identity()
-        self.stacks = nn.ModuleList(_PINHead(spec, num_fields, head_dim) for _ in range(heads))
-        per_head = num_fields if spec.residual else (spec.num_layers + 1) * num_fields
+        self.stacks = nn.ModuleList(
+            _PINHead(num_fields, head_dim, num_layers=num_layers, subspaces=subspaces,
+                     residual=residual, activation=activation, dropout=dropout)
+            for _ in range(heads))
+        per_head = num_fields if residual else (num_layers + 1) * num_fields
         self.out_fields: int = heads * per_head
         self.out_dim: int = head_dim
 

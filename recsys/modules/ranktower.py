@@ -1,4 +1,4 @@
-"""RankTower pre-ranker (METHODS.md section 4, arXiv 2407.12385) and the DSSM two-tower baseline.
+"""RankTower pre-ranker (docs/methods.md section 4, arXiv 2407.12385) and the DSSM two-tower baseline.
 
 Both nets share one serving split::
 
@@ -16,13 +16,13 @@ The towers never see the other side, so item representations can be computed off
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recsys.modules.mlp import MLP
-from recsys.spec import RankTowerSpec
 
 # CLIP's bound on the logit scale (1/τ <= 100): a learnable τ may otherwise collapse towards 0,
 # which blows up the logits and the loss early in training
@@ -34,6 +34,12 @@ def _head_mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequ
     or a gate logit, both need the full real line)."""
     body = MLP(in_features, hidden)
     return nn.Sequential(body, nn.Linear(body.out_features, out_features))
+
+
+def _check_heads(heads: int, head_dim: int) -> None:
+    for name, value in (("heads", heads), ("head_dim", head_dim)):
+        if value < 1:
+            raise ValueError(f"RankTower {name} must be >= 1, got {value}")
 
 
 class _GatedHead(nn.Module):
@@ -58,25 +64,29 @@ class MultiHeadGatedTower(nn.Module):
     Args:
         num_fields: number of input fields ``m`` of this side.
         dim: the field embedding dim ``D``.
-        spec: ``heads`` H, ``head_dim`` d, ``hidden`` the layers of ``MLP_h``; the gate has one
-            hidden layer of ``hidden[0]`` units (a single linear when ``hidden`` is empty).
+        heads: H.
+        head_dim: d, the width of each head's output.
+        hidden: the hidden layers of ``MLP_h``; the gate has one hidden layer of ``hidden[0]``
+            units (a single linear when ``hidden`` is empty).
 
     Example:
-        >>> tower = MultiHeadGatedTower(3, 8, RankTowerSpec(heads=2, head_dim=4, hidden=[16]))
+        >>> tower = MultiHeadGatedTower(3, 8, heads=2, head_dim=4, hidden=(16,))
         >>> tower(torch.randn(5, 3, 8)).shape
         torch.Size([5, 2, 4])
     """
 
-    def __init__(self, num_fields: int, dim: int, spec: RankTowerSpec) -> None:
+    def __init__(self, num_fields: int, dim: int, *, heads: int = 4, head_dim: int = 32,
+                 hidden: Sequence[int] = (128,)) -> None:
         super().__init__()
+        _check_heads(heads, head_dim)
         width = num_fields * dim
-        hidden = list(spec.hidden)
+        hidden = list(hidden)
         gate_hidden = hidden[:1]
-        self.heads = nn.ModuleList(_GatedHead(width, hidden, gate_hidden, spec.head_dim)
-                                   for _ in range(spec.heads))
+        self.heads = nn.ModuleList(_GatedHead(width, hidden, gate_hidden, head_dim)
+                                   for _ in range(heads))
         self.in_features = width
-        self.num_heads = spec.heads
-        self.head_dim = spec.head_dim
+        self.num_heads = heads
+        self.head_dim = head_dim
 
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
         """``(B, m, D)`` (or already flat ``(B, m·D)``) -> ``(B, H, d)``."""
@@ -197,10 +207,15 @@ class RankTowerNet(nn.Module):
         num_user_fields: ``m_u`` (user and context fields).
         num_item_fields: ``m_i``.
         dim: the field embedding dim ``D`` (the same on both sides).
-        spec: the :class:`~recsys.spec.RankTowerSpec`.
+        heads: H, head vectors per tower.
+        head_dim: d, the width of each head vector.
+        hidden: the hidden layers of each head's MLP (see :class:`MultiHeadGatedTower`).
+        late_interaction: score with ``Σ_i max_j cos`` instead of ``max_{i,j} cos`` (see
+            :func:`max_sim`).
+        init_temperature: the initial τ of the max-sim (> 0; learned, floored at 0.01).
 
     Example:
-        >>> net = RankTowerNet(3, 2, 8, RankTowerSpec(heads=2, head_dim=4, hidden=[16]))
+        >>> net = RankTowerNet(3, 2, 8, heads=2, head_dim=4, hidden=(16,))
         >>> u, v = torch.randn(5, 3, 8), torch.randn(5, 2, 8)
         >>> net(u, v).shape
         torch.Size([5])
@@ -208,15 +223,20 @@ class RankTowerNet(nn.Module):
         torch.Size([5])
     """
 
-    def __init__(self, num_user_fields: int, num_item_fields: int, dim: int,
-                 spec: RankTowerSpec) -> None:
+    def __init__(self, num_user_fields: int, num_item_fields: int, dim: int, *, heads: int = 4,
+                 head_dim: int = 32, hidden: Sequence[int] = (128,),
+                 late_interaction: bool = False, init_temperature: float = 0.07) -> None:
         super().__init__()
-        self.user_tower = MultiHeadGatedTower(num_user_fields, dim, spec)
-        self.item_tower = MultiHeadGatedTower(num_item_fields, dim, spec)
-        self.cross = GatedCrossAttention(spec.head_dim, spec.heads)
-        self.sim = MaxSimilarity(spec.init_temperature, spec.late_interaction)
-        self.heads = spec.heads
-        self.head_dim = spec.head_dim
+        if not init_temperature > 0:  # before any parameter is drawn
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        self.user_tower = MultiHeadGatedTower(num_user_fields, dim, heads=heads,
+                                              head_dim=head_dim, hidden=hidden)
+        self.item_tower = MultiHeadGatedTower(num_item_fields, dim, heads=heads,
+                                              head_dim=head_dim, hidden=hidden)
+        self.cross = GatedCrossAttention(head_dim, heads)
+        self.sim = MaxSimilarity(init_temperature, late_interaction)
+        self.heads = heads
+        self.head_dim = head_dim
 
     @torch.jit.export
     def score(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ itself is a closed-form function of ``(z, n)``, which is why L1 produces exact z
       σ = (sqrt(n + g²) − sqrt(n)) / lr ;  n += g² ;  z += g − σ w
       w = 0 if |z| ≤ l1 else (sign(z) l1 − z) / ((β + sqrt(n)) / lr + 2 l2)
 
-- group-lasso FTRL (xDeepInt's embedding optimizer, METHODS.md section 1), row i of a table of
+- group-lasso FTRL (xDeepInt's embedding optimizer, docs/methods.md section 1), row i of a table of
   width D::
 
       σ, n, z as above (elementwise)

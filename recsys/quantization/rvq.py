@@ -1,8 +1,8 @@
-"""Residual vector quantisation (RVQ) of user embeddings into hierarchical codes (METHODS.md section 5).
+"""Residual vector quantisation (RVQ) of user embeddings into hierarchical codes (docs/methods.md section 5).
 
 Shapes: ``B`` batch, ``L`` levels, ``K`` codes per level, ``D`` embedding dim.
 
-Encoding is greedy: ``r_1 = x`` (L2-normalised when ``spec.normalize``), ``c_l = argmin_k ||r_l − C_l[k]||²``,
+Encoding is greedy: ``r_1 = x`` (L2-normalised when ``normalize``), ``c_l = argmin_k ||r_l − C_l[k]||²``,
 ``r_{l+1} = r_l − C_l[c_l]``; the reconstruction is ``Σ_l C_l[c_l]``. The codebooks are not trained by
 gradient: :meth:`ResidualVQ.update` runs k-means on the first batches, then one EMA step per call
 with re-seeding of dead codes. The code prefix ``(c_1..c_l)`` names a node of the code trie
@@ -45,10 +45,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.data.schema import num_nodes
-from recsys.spec import RVQSpec
-
 LAPLACE_EPS = 1e-5
+
+
+def num_nodes(levels: int, codes: int) -> int:
+    """The number of nodes ``K + K² + … + K^L`` of the user-code trie: the range of the ids that
+    :func:`prefix_ids` gives (and of the ``rvq_code`` column).
+
+    Example:
+        >>> num_nodes(3, 32)
+        33824
+    """
+    total = sum(codes**level for level in range(1, levels + 1))
+    if total >= 2**63:
+        raise ValueError(f"K={codes}, L={levels}: {total} trie nodes do not fit in int64")
+    return total
 
 
 class RVQOutput(NamedTuple):
@@ -201,9 +212,14 @@ class ResidualVQ(nn.Module):
     ``forward``/``encode``/``quantize``/``prefix_ids`` are TorchScript-able; ``update`` is not.
 
     Args:
-        spec: levels L, codes K, EMA decay, dead-code threshold, k-means batches, normalisation.
-            ``kmeans_init_batches = 0`` is taken as 1.
         dim: D, the embedding dim.
+        levels: L, the number of residual levels.
+        codes: K, the codes per level.
+        ema_decay: the EMA decay of the codebook statistics, in [0, 1).
+        dead_code_threshold: codes whose EMA count falls below it are re-seeded.
+        kmeans_init_batches: update calls whose rows are collected for the k-means initialisation
+            (0 is taken as 1).
+        normalize: L2-normalise the inputs first.
         kmeans_iters: Lloyd iterations of the initialisation.
         init_sample_size: S, rows kept for the k-means initialisation (spread evenly over the init
             batches). A state_dict with another S loads (the buffer takes the checkpoint's size).
@@ -213,7 +229,7 @@ class ResidualVQ(nn.Module):
             keeps this instance process-local (e.g. offline fitting).
 
     Example:
-        >>> rvq = ResidualVQ(RVQSpec(levels=2, codes=4, kmeans_init_batches=1), dim=8)
+        >>> rvq = ResidualVQ(8, levels=2, codes=4, kmeans_init_batches=1)
         >>> out = rvq.update(torch.randn(64, 8))      # k-means initialisation
         >>> rvq.is_initialized, rvq.encode(torch.randn(5, 8)).shape
         (True, torch.Size([5, 2]))
@@ -221,28 +237,32 @@ class ResidualVQ(nn.Module):
         tensor(True)
     """
 
-    def __init__(self, spec: RVQSpec, dim: int, *, kmeans_iters: int = 15,
-                 init_sample_size: int = 8192, seed: int = 0, distributed: bool = True) -> None:
+    def __init__(self, dim: int, *, levels: int = 3, codes: int = 32, ema_decay: float = 0.99,
+                 dead_code_threshold: float = 1.0, kmeans_init_batches: int = 4,
+                 normalize: bool = True, kmeans_iters: int = 15, init_sample_size: int = 8192,
+                 seed: int = 0, distributed: bool = True) -> None:
         super().__init__()
-        if spec.levels < 1 or spec.codes < 1 or dim < 1:
-            raise ValueError(f"RVQ needs levels, codes and dim >= 1, got L={spec.levels}, "
-                             f"K={spec.codes}, D={dim}")
-        if not 0.0 <= spec.ema_decay < 1.0:
-            raise ValueError(f"RVQ ema_decay must be in [0, 1), got {spec.ema_decay}")
+        if levels < 1 or codes < 1 or dim < 1:
+            raise ValueError(f"RVQ needs levels, codes and dim >= 1, got L={levels}, "
+                             f"K={codes}, D={dim}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"RVQ ema_decay must be in [0, 1), got {ema_decay}")
+        if kmeans_init_batches < 0:
+            raise ValueError(f"RVQ kmeans_init_batches must be >= 0, got {kmeans_init_batches}")
         if init_sample_size < 1:
             raise ValueError(f"init_sample_size must be >= 1, got {init_sample_size}")
-        self.levels = spec.levels
-        self.num_codes = spec.codes
+        self.levels = levels
+        self.num_codes = codes
         self.dim = dim
-        self.normalize = spec.normalize
-        self.decay = float(spec.ema_decay)
-        self.dead_code_threshold = float(spec.dead_code_threshold)
-        self.kmeans_init_batches = max(1, spec.kmeans_init_batches)
+        self.normalize = normalize
+        self.decay = float(ema_decay)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.kmeans_init_batches = max(1, kmeans_init_batches)
         self.kmeans_iters = kmeans_iters
         self.seed = seed
         self.distributed = distributed
-        self.num_nodes = num_nodes(spec.levels, spec.codes)
-        L, K = spec.levels, spec.codes
+        self.num_nodes = num_nodes(levels, codes)
+        L, K = levels, codes
         self.register_buffer("codebooks", torch.zeros(L, K, dim))
         self.register_buffer("ema_count", torch.zeros(L, K))
         self.register_buffer("ema_sum", torch.zeros(L, K, dim))
@@ -495,24 +515,27 @@ class ResidualVQ(nn.Module):
         return result
 
 
-def fit_offline(x: torch.Tensor, spec: RVQSpec, iters: int, batch_size: int, seed: int = 0, *,
-                sample_size: int = 65536, kmeans_iters: int = 15) -> ResidualVQ:
+def fit_offline(x: torch.Tensor, iters: int, batch_size: int, seed: int = 0, *, levels: int = 3,
+                codes: int = 32, ema_decay: float = 0.99, dead_code_threshold: float = 1.0,
+                normalize: bool = True, sample_size: int = 65536,
+                kmeans_iters: int = 15) -> ResidualVQ:
     """Fit an RVQ to a frozen embedding table: k-means on (a sample of) ``x``, then EMA epochs.
 
     Deterministic given ``seed`` (on a given device). Process-local even under torch.distributed.
 
     Args:
         x: ``(N, D)`` embeddings (any float dtype, any device; the RVQ ends up on that device).
-        spec: the RVQ spec (``kmeans_init_batches`` is not used: the k-means runs on ``x`` directly).
         iters: EMA epochs over ``x`` after the k-means (0 = k-means only).
         batch_size: rows per EMA step; also the batch scale of the initial EMA counts.
         seed: seeds the sample, the epoch shuffles, the k-means and the dead-code draws.
+        levels, codes, ema_decay, dead_code_threshold, normalize: as :class:`ResidualVQ`
+            (there is no ``kmeans_init_batches``: the k-means runs on ``x`` directly).
         sample_size: at most this many random rows of ``x`` go into the k-means.
         kmeans_iters: Lloyd iterations per level.
 
     Example:
-        >>> rvq = fit_offline(torch.randn(500, 8), RVQSpec(levels=2, codes=4), iters=2,
-        ...                   batch_size=100, seed=0)
+        >>> rvq = fit_offline(torch.randn(500, 8), iters=2, batch_size=100, seed=0, levels=2,
+        ...                   codes=4)
         >>> rvq.encode(torch.randn(3, 8)).shape
         torch.Size([3, 2])
     """
@@ -521,7 +544,9 @@ def fit_offline(x: torch.Tensor, spec: RVQSpec, iters: int, batch_size: int, see
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = x.shape[0]
-    rvq = ResidualVQ(spec, x.shape[1], kmeans_iters=kmeans_iters, init_sample_size=1, seed=seed,
+    rvq = ResidualVQ(x.shape[1], levels=levels, codes=codes, ema_decay=ema_decay,
+                     dead_code_threshold=dead_code_threshold, normalize=normalize,
+                     kmeans_iters=kmeans_iters, init_sample_size=1, seed=seed,
                      distributed=False).to(x.device)
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randperm(n, generator=gen)[:sample_size].to(x.device)

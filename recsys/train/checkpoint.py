@@ -1,4 +1,4 @@
-"""Checkpoints of a sharded run with ``torch.distributed.checkpoint``: written atomically, checked
+"""Writing and restoring the checkpoints of a sharded run with ``torch.distributed.checkpoint``: written atomically, checked
 on read, last N kept, resumed exactly, and readable by any number of processes.
 
 A checkpoint is a directory ``RUN/checkpoints/step-0000123`` holding
@@ -13,7 +13,8 @@ A checkpoint is a directory ``RUN/checkpoints/step-0000123`` holding
 It is written as ``step-0000123.partial`` and renamed by rank 0 only after every rank has
 finished, so a run killed mid-write leaves no directory that looks complete. A directory whose
 files do not match its ``COMPLETE.json`` (truncated, corrupted) is skipped by :func:`latest`,
-which falls back to the previous complete checkpoint and says so.
+which falls back to the previous complete checkpoint and says so. (The read side, shared with
+export and evaluation, is in :mod:`recsys.run_dir`.)
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ import io
 import json
 import logging
 import random
-import re
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,17 +36,30 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.optim import Optimizer
 
-from recsys.errors import OutputError, RunError
+from recsys.errors import OutputError
 from recsys.fsutil import atomic_write_text, output_error, writing
+from recsys.run_dir import (  # the read side of the format; re-exported for the trainer
+    COMPLETE,
+    HISTORY,
+    candidates,
+    checkpoint_dir,
+    crc32,
+    latest,
+    load_state,
+    load_weights,
+    rank_failures,
+    read_history,
+    verify,
+    world_size_of,
+)
 from recsys.train.distributed import barrier
+
+__all__ = ["COMPLETE", "HISTORY", "Position", "checkpoint_dir", "latest", "load", "load_weights",
+           "read_history", "save", "verify", "world_size_of"]
 
 log = logging.getLogger("recsys.train")
 
-_NAME = re.compile(r"^step-(\d{7})$")
-COMPLETE = "COMPLETE.json"
-HISTORY = "history.json"
 _FORMAT = 1
-_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -60,73 +72,6 @@ class Position:
     epoch_step: int
     best: float = -float("inf")
     bad_rounds: int = 0
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _candidates(run_dir: str | Path) -> list[Path]:
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run: ``.partial`` ones are ignored, and one whose files
-    do not match its completion record (truncated, corrupted, half-deleted) is skipped with a
-    warning that names it and the checkpoint used instead."""
-    skipped: list[str] = []
-    chosen = None
-    for path in reversed(_candidates(run_dir)):
-        problem = verify(path)
-        if problem is None:
-            chosen = path
-            break
-        skipped.append(f"{path.name} ({problem})")
-    if skipped:
-        log.warning("skipping incomplete checkpoint(s) of %s: %s; %s", run_dir, "; ".join(skipped),
-                    f"using {chosen.name}" if chosen else "no complete checkpoint is left")
-    return chosen
-
-
-def verify(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or None if it is."""
-    record_path = path / COMPLETE
-    if not record_path.is_file():
-        return f"no {COMPLETE}: the write did not finish"
-    try:
-        record = json.loads(record_path.read_text())
-        files: dict[str, list[int]] = record["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{COMPLETE} is unreadable"
-    for name, (size, crc) in sorted(files.items()):
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        actual = f.stat().st_size
-        if actual != size:
-            return f"{name} has {actual:,} bytes, {size:,} were written"
-        if _crc32(f) != crc:
-            return f"{name} is corrupt (checksum mismatch)"
-    return None
-
-
-def world_size_of(path: Path) -> int | None:
-    """The number of processes that wrote a checkpoint (None if unrecorded)."""
-    try:
-        return int(json.loads((path / COMPLETE).read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def read_history(path: Path) -> dict[str, Any] | None:
-    """The training curve saved with a checkpoint (None for checkpoints without one)."""
-    f = path / HISTORY
-    if not f.is_file():
-        return None
-    return json.loads(f.read_text())
 
 
 def save(run_dir: str | Path, model: nn.Module, optimizer: Optimizer, position: Position,
@@ -160,7 +105,7 @@ def save(run_dir: str | Path, model: nn.Module, optimizer: Optimizer, position: 
         with writing(partial):
             if history is not None:
                 (partial / HISTORY).write_text(json.dumps(history))
-            files = {f.name: [f.stat().st_size, _crc32(f)] for f in sorted(partial.iterdir())
+            files = {f.name: [f.stat().st_size, crc32(f)] for f in sorted(partial.iterdir())
                      if f.is_file()}
             atomic_write_text(partial / COMPLETE, json.dumps(
                 {"format": _FORMAT, "step": position.step, "world_size": world, "files": files},
@@ -168,7 +113,7 @@ def save(run_dir: str | Path, model: nn.Module, optimizer: Optimizer, position: 
             if final.exists():  # a rerun reaching the same step again
                 shutil.rmtree(final)
             partial.rename(final)
-        done = [p for p in _candidates(run_dir) if (p / COMPLETE).is_file()]
+        done = [p for p in candidates(run_dir) if (p / COMPLETE).is_file()]
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -202,29 +147,9 @@ def load(path: str | Path, model: nn.Module, optimizer: Optimizer) -> Position:
                     float(local["best"]), int(local["bad_rounds"]))
 
 
-def load_state(path: Path, state: dict[str, Any]) -> None:
-    """``dcp.load`` into ``state`` in place; a checkpoint that does not fit (other tables, other
-    layer sizes, unreadable shards) is one :class:`RunError` naming it, on every rank."""
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    # DCP gathers every rank's failure into a CheckpointException (a BaseException); report the
-    # first cause in one line
-    except (Exception, CheckpointException) as e:
-        raise RunError(str(path), f"cannot load this checkpoint into the model: {_cause(e)} "
-                       "(was it written by a run of another spec?)") from None
-
-
-def load_weights(path: Path, module: nn.Module, prefix: str = "model.") -> None:
-    """Load only the weights of ``module`` (an unsharded model) from a training checkpoint,
-    whose state dict holds it under ``prefix`` (DistributedModelParallel's wrapper)."""
-    state = {"model": {f"{prefix}{k}": v for k, v in module.state_dict().items()}}
-    load_state(path, state)
-    module.load_state_dict({k.removeprefix(prefix): v for k, v in state["model"].items()})
-
-
 def _write_error(e: BaseException, where: Path) -> BaseException:
     """A failed checkpoint write as one line when the disk is the cause (full, read-only)."""
-    for cause in [e, *_rank_failures(e)]:
+    for cause in [e, *rank_failures(e)]:
         while cause is not None:
             if isinstance(cause, OSError) and (err := output_error(cause, where)) is not None:
                 reason = err.message.removeprefix("cannot write: ")
@@ -232,28 +157,6 @@ def _write_error(e: BaseException, where: Path) -> BaseException:
                                    "(the previous checkpoint is kept)")
             cause = cause.__cause__ or cause.__context__
     return e
-
-
-def _rank_failures(e: BaseException) -> list[BaseException]:
-    """The per-rank exceptions that DCP's CheckpointException gathers (``[e]`` for any other)."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        return [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    return [e]
-
-
-def _cause(e: BaseException) -> str:
-    e = _rank_failures(e)[0]
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "") or type(e).__name__
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _local_state(position: Position) -> dict[str, Any]:

@@ -126,18 +126,3 @@ def on_main(fn: Callable[[], T]) -> T:
     if payload[1] is not None:
         raise RecsysError(str(payload[1]))
     return payload[0]  # type: ignore[return-value]
-
-
-def per_rank_batch(global_batch: int, world_size: int) -> int:
-    """Each rank's share of a global batch (``train.batch_size`` is the global batch, so that a
-    spec is one experiment whatever the number of processes).
-
-    Example:
-        >>> per_rank_batch(2048, 2)
-        1024
-    """
-    if global_batch % world_size:
-        raise SpecError("spec", [f"train.batch_size: {global_batch} is the global batch and must "
-                                 f"split evenly over {world_size} processes (use a multiple of "
-                                 f"{world_size})"])
-    return global_batch // world_size

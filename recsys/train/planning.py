@@ -4,7 +4,7 @@ The planner sees the spec's EmbeddingBagCollection built on the ``meta`` device,
 400M-row model for 64 GPUs allocates shapes only and runs on a laptop. The same constraints serve the
 trainer, which plans under DistributedModelParallel with :func:`collective_plan_or_fail`.
 
-Device rules (DESIGN.md, "Facts about the platform"):
+Device rules (facts about the pinned torchrec and fbgemm-gpu-cpu versions):
 
 * ``cpu`` (gloo): data_parallel, table_wise, column_wise and table_column_wise only. Row-wise types
   need reduce-scatter, which gloo lacks, so asking for one is an error and tables without a
@@ -126,7 +126,7 @@ def validate_constraints(spec: Spec, device_type: str) -> None:
     """Raise ``ValueError`` if the spec's sharding constraints cannot run on ``device_type``.
 
     A pure function of the spec and the device type: under DistributedModelParallel every rank calls
-    it before planning and fails identically, with no collective that could hang (DESIGN.md).
+    it before planning and fails identically, with no collective that could hang.
     Every problem is reported at once, each naming the table and the types allowed.
 
     Args:

@@ -27,20 +27,16 @@ from recsys.errors import RunError
 from recsys.evaluate import plots
 from recsys.evaluate.accumulator import flatten_for_report
 from recsys.fsutil import ExclusiveLock, atomic_write_text, writing
-from recsys.spec import Spec, dump_toml, load_run_spec, spec_hash
+from recsys.run_dir import RunDir
+from recsys.spec import Spec, dump_toml, spec_hash
 from recsys.tables import format_table
-from recsys.train.checkpoint import checkpoint_dir
 from recsys.train.distributed import init_distributed, on_main, shutdown
 from recsys.train.sharded import sparsity
 from recsys.train.trainer import Trainer
 
 log = logging.getLogger("recsys")
 
-LOCK_FILE = ".lock"
-EVALUATION_FILE = "evaluation.json"
-# what a run writes besides checkpoints/ (an overwritten run's are removed)
-RUN_FILES = ("spec.toml", "run.json", "metrics.json", "history.json", "train.log",
-             "training_curve.png", "calibration.png", EVALUATION_FILE)
+EVALUATION_FILE = RunDir.EVALUATION
 
 
 def default_run_dir(spec: Spec) -> Path:
@@ -82,11 +78,11 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
     lock: list[ExclusiveLock] = []
     try:
         setup_logging(None, ctx.is_main)
-        on_main(lambda: lock.append(_claim_for_training(out, spec, resume, overwrite)))
+        on_main(lambda: lock.append(_claim_for_training(RunDir(out), spec, resume, overwrite)))
         started = time.time()
         trainer = Trainer(spec, ctx, progress, run_dir=out)
         # the data and the model are ready: only now is an overwritten run's content replaced
-        on_main(lambda: _start_run_directory(out, spec, replace=overwrite))
+        on_main(lambda: _start_run_directory(RunDir(out), spec, replace=overwrite))
         setup_logging(out, ctx.is_main)
         log.info("run %s: spec %s (hash %s) on %d rank(s), %s", out, spec.name, spec_hash(spec),
                  ctx.world_size, ctx.device)
@@ -106,28 +102,23 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         shutdown()
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds something a run made worth keeping (checkpoints or metrics)."""
-    ckpts = checkpoint_dir(run_dir)
-    return (run_dir / "metrics.json").is_file() or (
-        ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()))
-
-
-def _claim_for_training(out: Path, spec: Spec, resume: bool, overwrite: bool) -> ExclusiveLock:
+def _claim_for_training(run: RunDir, spec: Spec, resume: bool, overwrite: bool
+                        ) -> ExclusiveLock:
     """Rank 0: lock the run directory and check that this run may write it."""
+    out = run.path
     if out.exists() and not out.is_dir():
         raise RunError(str(out), "exists and is not a directory")
-    lock = ExclusiveLock(out / LOCK_FILE, f"run directory {out}").acquire()
+    lock = run.lock().acquire()
     try:
-        has_run = holds_run(out)
+        has_run = run.holds_run()
         if resume and has_run:
-            if not (out / "spec.toml").is_file():
+            if not run.file(RunDir.SPEC).is_file():
                 raise RunError(str(out), "holds checkpoints but no spec.toml, so nothing tells "
                                "which model they belong to; refusing to resume (use --overwrite "
                                "to start over)")
-            _check_same_spec(out, spec)
+            _check_same_spec(run, spec)
         elif has_run and not overwrite:
-            raise RunError(str(out), f"already holds a run ({_describe_run(out)}); pass --resume "
+            raise RunError(str(out), f"already holds a run ({run.describe()}); pass --resume "
                            "to continue it, --overwrite to replace it, or choose another "
                            "--run-dir")
     except BaseException:
@@ -136,27 +127,16 @@ def _claim_for_training(out: Path, spec: Spec, resume: bool, overwrite: bool) ->
     return lock
 
 
-def _start_run_directory(out: Path, spec: Spec, replace: bool) -> None:
+def _start_run_directory(run: RunDir, spec: Spec, replace: bool) -> None:
     """Rank 0: clear an overwritten run's files and write this run's spec."""
-    with writing(out):
+    with writing(run.path):
         if replace:
-            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-        elif (out / "train.log").is_file() and not holds_run(out):
-            (out / "train.log").unlink()  # the log of an earlier attempt that trained nothing
-        atomic_write_text(out / "spec.toml", dump_toml(spec))
-
-
-def _describe_run(out: Path) -> str:
-    """What the run in ``out`` is, for an error message (no checkpoint is read or verified)."""
-    try:
-        info = json.loads((out / "run.json").read_text())
-        return f"spec {info.get('spec')}, {info.get('steps')} steps, finished"
-    except (OSError, ValueError):
-        steps = sorted(p.name for p in checkpoint_dir(out).glob("step-*")
-                       if not p.name.endswith(".partial"))
-        return f"unfinished, newest checkpoint {steps[-1]}" if steps else "unfinished"
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
+            for name in RunDir.FILES:
+                run.file(name).unlink(missing_ok=True)
+        elif run.file(RunDir.LOG).is_file() and not run.holds_run():
+            run.file(RunDir.LOG).unlink()  # the log of an earlier attempt that trained nothing
+        atomic_write_text(run.file(RunDir.SPEC), dump_toml(spec))
 
 
 def evaluate_run(run_dir: str | Path, progress: bool = True,
@@ -170,14 +150,14 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
     Example:
         >>> evaluate_run("runs/quickstart-5d5ee98d")["test"]["auc"]
     """
-    out = Path(run_dir)
-    spec = load_run_spec(out)
+    run = RunDir(run_dir)
+    out = run.path
+    spec = run.spec()
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
     lock: list[ExclusiveLock] = []
     try:
         setup_logging(None, ctx.is_main)
-        on_main(lambda: lock.append(ExclusiveLock(out / LOCK_FILE,
-                                                  f"run directory {out}").acquire()))
+        on_main(lambda: lock.append(run.lock().acquire()))
         trainer = Trainer(spec, ctx, progress=False, run_dir=out)
         path = trainer.restore()
         if path is None:
@@ -193,7 +173,7 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
                                   json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
                 if scores is not None:
                     write_scores(Path(scores), results["test"]["arrays"]["probs"])
-            recorded = _recorded_metrics(out)
+            recorded = run.recorded_metrics()
             print(evaluation_table(metrics, recorded), file=sys.stderr)
             log.info("evaluated %s on %d process(es); wrote %s%s", path, ctx.world_size,
                      out / EVALUATION_FILE, f" and {scores}" if scores else "")
@@ -216,13 +196,6 @@ def write_scores(path: Path, probs: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
-
-
-def _recorded_metrics(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def evaluation_table(metrics: dict[str, Any], recorded: dict[str, Any] | None) -> str:
@@ -269,10 +242,10 @@ def _log_sparsity(s: dict[str, Any]) -> None:
         log.info("interaction weights exactly zero: %.4f", s["interaction_weights_zero"])
 
 
-def _check_same_spec(run_dir: Path, spec: Spec) -> None:
-    before = load_run_spec(run_dir)
+def _check_same_spec(run: RunDir, spec: Spec) -> None:
+    before = run.spec()
     if spec_hash(before) != spec_hash(spec):
-        raise RunError(str(run_dir / "spec.toml"),
+        raise RunError(str(run.file(RunDir.SPEC)),
                        f"--resume: the run was started from spec hash {spec_hash(before)}, this "
                        f"spec is {spec_hash(spec)}; resume with the same spec (see recsys spec "
                        "show)")

@@ -14,9 +14,10 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.types import ShardingPlan
 
+from recsys.models.archs import arch_of
 from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper
 from recsys.optim.ftrl import zero_fraction
-from recsys.spec import Arch, Spec
+from recsys.spec import Spec
 from recsys.train import planning
 from recsys.train.optim import (
     EMBEDDING_KEY,
@@ -57,10 +58,11 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
     planner = planning.make_planner(spec, planning.make_topology(world_size, device.type))
     sharders = [EmbeddingBagCollectionSharder()]
     plan = planning.collective_plan_or_fail(planner, wrapper, sharders)  # type: ignore[arg-type]
-    # AdaEnsemble's experts and deeper layers see only the rows routed to them, so some of their
-    # parameters get no gradient in a step: DDP must look for unused parameters (and the graph is
-    # not static); every other arch keeps TorchRec's faster static-graph default
-    dynamic = spec.model.arch == Arch.MOE
+    # in archs with data-dependent routing (AdaEnsemble's experts and deeper layers see only the
+    # rows routed to them) some parameters get no gradient in a step: DDP must look for unused
+    # parameters (and the graph is not static); every other arch keeps TorchRec's faster
+    # static-graph default
+    dynamic = arch_of(spec.model).dynamic_graph
     wrapper_ddp = DefaultDataParallelWrapper(static_graph=not dynamic,
                                              find_unused_parameters=dynamic)
     dmp = DistributedModelParallel(module=wrapper, device=device, plan=plan, sharders=sharders,

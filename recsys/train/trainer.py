@@ -23,15 +23,15 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from recsys.data.batch import Batch
-from recsys.data.loader import ParquetLoader
+from recsys.data.loader import ParquetLoader, per_rank_batch
 from recsys.data.schema import TEACHER, DatasetManifest
-from recsys.data.source import ensure_dataset, make_loader, open_split
+from recsys.datasets import ensure_dataset, make_loader, open_split
 from recsys.errors import DataError, RunError
 from recsys.evaluate.accumulator import EvalAccumulator
 from recsys.evaluate.cascade import prerank_metrics
 from recsys.models.ranker import probabilities
 from recsys.progress import progress_bar
-from recsys.spec import Spec
+from recsys.spec import HEADLINE_METRICS, Spec
 from recsys.train import checkpoint
 from recsys.train.checkpoint import Position
 from recsys.train.distributed import (
@@ -39,7 +39,6 @@ from recsys.train.distributed import (
     all_max,
     barrier,
     on_main,
-    per_rank_batch,
     seed_everything,
 )
 from recsys.train.sharded import build_sharded_model
@@ -180,30 +179,31 @@ class Trainer:
             batches = self._limited(self.train_loader.epoch(epoch, start_step=epoch_step))
             while not stop:
                 try:
-                    loss, _, _, stats = self.pipeline.progress(batches)
+                    out = self.pipeline.progress(batches)
                 except StopIteration:
                     break
                 self.step += 1
                 epoch_step += 1
                 if self.step % 10 == 0 or self.step == 1:
                     self.history.steps.append(self.step)
-                    self.history.loss.append(float(loss))
+                    self.history.loss.append(float(out.loss))
                     self.history.lr.append(self.optimizer.dense_lr)
-                    for key, value in stats.items():
+                    for key, value in out.stats.items():
                         self.history.stats.setdefault(key, []).append(float(value))
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix(loss=f"{float(out.loss):.4f}")
                 bar.update()
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     valid = self.evaluate("valid")["metrics"]
                     self._record_valid(valid)
-                    metric = self._headline(valid)
+                    metric = self._headline(valid)  # higher is better (the sign is flipped)
                     if metric > best:
                         best, bad_rounds = metric, 0
                     else:
                         bad_rounds += 1
                         if patience and bad_rounds >= patience:
-                            log.info("early stopping at step %d: valid auc %.4f did not beat "
-                                     "%.4f for %d evaluations", self.step, metric, best,
+                            log.info("early stopping at step %d: valid %s %.4f did not beat "
+                                     "%.4f for %d evaluations", self.step,
+                                     spec.train.headline_metric, abs(metric), abs(best),
                                      patience)
                             stop = True
                     self.model.train()
@@ -243,7 +243,10 @@ class Trainer:
         log.info("step %d valid: %s", self.step, _short(valid[self.spec.model.tasks[0]]))
 
     def _headline(self, metrics: dict[str, Any]) -> float:
-        return float(metrics[self.spec.model.tasks[0]]["auc"])
+        """train.headline_metric of the first task, signed so that higher is better."""
+        name = self.spec.train.headline_metric
+        value = float(metrics[self.spec.model.tasks[0]][name])
+        return value if HEADLINE_METRICS[name] else -value
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -253,53 +256,41 @@ class Trainer:
         ``{"metrics": {...}, "arrays": {...} or None}`` (arrays: the gathered predictions)."""
         loader = make_loader(self.spec, self.manifest, split, rank=self.ctx.rank,
                              world_size=self.ctx.world_size, training=False)
-        # the pipeline rewrote the sharded modules' forward for pipelined input dists; plain
-        # forwards need the original back (in-flight training batches are kept)
-        self.pipeline.detach()
-        self.model.eval()
         acc = EvalAccumulator()
-        # sharded lookups are collectives: every rank must run as many forwards as the largest
-        steps = all_max(len(loader))
-        for batch, real in _padded(loader, steps):
-            batch = batch.to(self.ctx.device)
-            _, (_, logits, _, _) = self.model(batch)
-            if real:
-                acc.add(probabilities(logits, self.spec.model.esmm), batch.labels, batch.groups,
-                        oracle={t: batch.oracle[t] for t in self.spec.model.tasks
-                                if t in batch.oracle} or None)
+        for batch, logits in self._scored(loader):
+            acc.add(probabilities(logits, self.spec.model.esmm), batch.labels, batch.groups,
+                    oracle={t: batch.oracle[t] for t in self.spec.model.tasks
+                            if t in batch.oracle} or None)
         metrics, arrays = acc.compute_with_arrays()
-        self.pipeline.attach(self.model)
         return {"metrics": metrics, "arrays": arrays if keep_arrays else None}
-
 
     @torch.no_grad()
     def evaluate_cascade(self, split: str = "test", ks: tuple[int, ...] = (1, 3, 5, 10, 20)
                          ) -> dict[str, float] | None:
         """Pre-ranking metrics of this model on every candidate of ``split``'s requests (the
-        cascade view): Recall@K / NDCG@K of its top-K against the ranker's top-K and the clicks
-        (recsys.evaluate.cascade). None when the data has no cascade view with ranker scores.
-        A collective: every rank calls it; the metrics are computed on rank 0 (None elsewhere)."""
+        cascade view): Recall@K / NDCG@K of its top-K against the ranker's top-K and against
+        ``train.cascade_label`` (recsys.evaluate.cascade). None when the data has no cascade view
+        with ranker scores. A collective: every rank calls it; the metrics are computed on rank 0
+        (None elsewhere)."""
         if CASCADE_VIEW not in self.manifest.views or self.manifest.column(TEACHER) is None:
             return None
+        label = self.spec.train.cascade_label
+        if label not in self.spec.data.labels:
+            raise DataError(self.spec.data.path, f"train.cascade_label '{label}' is not among "
+                            f"data.labels {self.spec.data.labels}")
         split_rows = open_split(self.spec, self.manifest, split, view=CASCADE_VIEW)
         loader = ParquetLoader(split_rows, per_rank_batch(
                                    self.spec.train.eval_batch_size or self.spec.train.batch_size,
                                    self.ctx.world_size), rank=self.ctx.rank,
                                world_size=self.ctx.world_size, shuffle=False, drop_last=False)
-        self.pipeline.detach()
-        self.model.eval()
         task = self.spec.model.tasks[0]
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "request", "teacher",
-                                                               "click")}
-        for batch, real in _padded(loader, all_max(len(loader))):
-            batch = batch.to(self.ctx.device)
-            _, (_, logits, _, _) = self.model(batch)
-            if real:
-                parts["score"].append(logits[task].float().cpu().numpy())
-                parts["request"].append(batch.groups["request"].cpu().numpy())
-                parts["teacher"].append(batch.teacher.cpu().numpy())
-                parts["click"].append(batch.labels["click"].cpu().numpy())
-        self.pipeline.attach(self.model)
+                                                               "label")}
+        for batch, logits in self._scored(loader):
+            parts["score"].append(logits[task].float().cpu().numpy())
+            parts["request"].append(batch.groups["request"].cpu().numpy())
+            parts["teacher"].append(batch.teacher.cpu().numpy())
+            parts["label"].append(batch.labels[label].cpu().numpy())
         local = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
@@ -308,7 +299,25 @@ class Trainer:
                 return None
             local = {k: np.concatenate([g[k] for g in gathered]) for k in local}
         return prerank_metrics(local["score"], local["request"], local["teacher"],
-                               local["click"], ks)
+                               local["label"], ks)
+
+    def _scored(self, loader: ParquetLoader) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        """The evaluation loop: every batch of ``loader`` on this rank with the model's logits.
+
+        Sharded lookups are collectives, so every rank runs as many forwards as the largest
+        (padding with its last batch, whose logits are not yielded). The pipeline rewrote the
+        sharded modules' forward for pipelined input dists; plain forwards need the original
+        back while this runs (in-flight training batches are kept)."""
+        self.pipeline.detach()
+        self.model.eval()
+        try:
+            for batch, real in _padded(loader, all_max(len(loader))):
+                batch = batch.to(self.ctx.device)
+                _, out = self.model(batch)
+                if real:
+                    yield batch, out.logits
+        finally:
+            self.pipeline.attach(self.model)
 
 
 def _padded(loader: ParquetLoader, steps: int) -> Iterator[tuple[Batch, bool]]:

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as csv
 
-from recsys.data.adapters import (
+from recsys.data.adapters.common import (
     PositionalSplitWriter,
     check_text,
     column,

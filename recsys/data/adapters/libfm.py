@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.adapters import (
+from recsys.data.adapters.common import (
     PositionalSplitWriter,
     check_text,
     column,

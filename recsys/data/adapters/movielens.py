@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
 
-from recsys.data.adapters import (
+from recsys.data.adapters.common import (
     VIEW,
     check_text,
     column,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsys.data.loader import ParquetLoader
+from recsys.data.loader import ParquetLoader, per_rank_batch
 from recsys.data.parquet import ParquetSplit, open_metadata
 from recsys.data.schema import (
     MANIFEST,
@@ -83,8 +83,6 @@ def make_loader(spec: Spec, manifest: DatasetManifest, split: str, *, rank: int 
         >>> train = make_loader(spec, manifest, "train", rank=0, world_size=2)
         >>> test = make_loader(spec, manifest, "test", training=False)
     """
-    from recsys.train.distributed import per_rank_batch  # torch.distributed: not for data-only use
-
     # train.batch_size (and eval_batch_size) are global: each rank reads its share
     batch_size = per_rank_batch(spec.train.batch_size if training else
                                 (spec.train.eval_batch_size or spec.train.batch_size), world_size)

@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys.data.parquet import dataset_write, partial_path
 from recsys.data.schema import RVQ_CODE, ColumnInfo, ColumnRole, DatasetManifest, num_nodes
@@ -30,51 +29,10 @@ from recsys.errors import DataError, RunError
 from recsys.fsutil import writing
 from recsys.progress import progress_bar
 from recsys.quantization.rvq import ResidualVQ, code_perplexity, fit_offline
-from recsys.spec import RVQSpec, Side, Spec, load_run_spec
+from recsys.run_dir import RunDir
+from recsys.spec import RVQSpec, Side, Spec
 
 log = logging.getLogger("recsys.rvq")
-
-
-def full_table(value: torch.Tensor) -> torch.Tensor:
-    """A table's whole weight from a (process-local) state-dict entry: a tensor, or a
-    ShardedTensor whose shards all live in this process."""
-    if not isinstance(value, ShardedTensor):
-        return value.detach()
-    rows, cols = value.size()
-    out = torch.empty(rows, cols, dtype=value.dtype)
-    covered = 0
-    for shard in value.local_shards():
-        r, c = shard.metadata.shard_offsets
-        t = shard.tensor.detach()
-        out[r:r + t.shape[0], c:c + t.shape[1]] = t
-        covered += t.numel()
-    if covered != rows * cols:
-        raise ValueError("the table's shards are not all in this process; encode in one process")
-    return out
-
-
-def user_table(spec: Spec, run_dir: Path, field: str) -> torch.Tensor:
-    """The trained weight of ``field``'s table, from the run's latest checkpoint."""
-    from recsys.train.distributed import init_distributed, shutdown
-    from recsys.train.trainer import Trainer
-
-    ctx = init_distributed("cpu")
-    try:
-        trainer = Trainer(spec, ctx, progress=False, run_dir=run_dir)
-        if trainer.restore() is None:
-            raise RunError(str(run_dir), "no checkpoint to read the user embeddings from "
-                           "(checkpoints/ is empty)")
-        table = spec.features.table_of(spec.features.field(field)).name
-        key = next((k for k in trainer.model.state_dict()
-                    if k.endswith(f".ebc.embedding_bags.{table}.weight")), None)
-        if key is None:
-            raise RunError(str(run_dir), f"the model has no embedding table '{table}'")
-        try:
-            return full_table(trainer.model.state_dict()[key]).float()
-        except ValueError as e:  # started under torchrun: the table is spread over the ranks
-            raise RunError(str(run_dir), str(e)) from None
-    finally:
-        shutdown()
 
 
 def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = None,
@@ -98,7 +56,8 @@ def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = No
         [24.1, 19.7, 15.2]
     """
     run_dir, out = Path(run_dir), Path(out)
-    spec = load_run_spec(run_dir)
+    run = RunDir(run_dir)
+    spec = run.spec()
     try:
         f = spec.features.field(field)
     except KeyError as e:
@@ -127,8 +86,11 @@ def _encode(spec: Spec, run_dir: Path, dest: Path, user_column: str, rvq: RVQSpe
             source: DatasetManifest, *, field: str, iters: int, batch_size: int, seed: int,
             progress: bool) -> dict[str, Any]:
     """Fit the RVQ and write the coded dataset, the model and its summary into ``dest``."""
-    table = user_table(spec, run_dir, field)
-    model = fit_offline(table, rvq, iters=iters, batch_size=batch_size, seed=seed)
+    table, _ = RunDir(run_dir).table_weight(spec.features.table_of(spec.features.field(field)).name)
+    table = table.float()
+    model = fit_offline(table, iters=iters, batch_size=batch_size, seed=seed, levels=rvq.levels,
+                        codes=rvq.codes, ema_decay=rvq.ema_decay,
+                        dead_code_threshold=rvq.dead_code_threshold, normalize=rvq.normalize)
     codes = model.encode(table)
     ids = model.prefix_ids(codes).numpy()
     summary = {"run": str(run_dir), "field": field, "users": int(table.shape[0]),
