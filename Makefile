@@ -20,8 +20,11 @@ demo: install
 	$(TORCHX):train -j 1x2 --spec specs/quickstart.toml --run_dir $(DEMO_RUN)
 	$(TORCHX):evaluate -j 1x2 --run_dir $(DEMO_RUN)
 
+# two workers, one test file each at a time (a file's shared trained fixtures stay on one worker);
+# the ten slowest tests are listed at the end. Keep the whole run under 10 minutes on 2 cores.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

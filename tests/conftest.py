@@ -164,3 +164,17 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     yield mount
     for where in reversed(mounts):
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# `make test` runs two workers that take whole files (pytest-xdist --dist loadfile). Starting the
+# files with the longest multi-process tests first keeps one of them from being the last thing
+# running on an otherwise idle machine; the rest keep their order.
+LONGEST_FIRST = ("test_torchx_launch.py", "test_report.py", "test_world_size.py",
+                 "test_resume.py", "test_report_ranking.py", "test_train.py", "test_export.py",
+                 "test_interaction_training.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))

@@ -20,7 +20,8 @@ from recsys.train.run import run_training
 ARCHS: dict[str, dict[str, Any]] = {
     "mlp": {}, "dcn": {}, "pin": {"pin": {"num_layers": 2, "subspaces": 2}},
     "xdeepint": {"pin": {"num_layers": 3, "subspaces": 4}}, "dynint": {},
-    "moe": {"moe": {"anneal_steps": 10}},
+    "moe": {"moe": {"anneal_steps": 10}}, "dlrm": {"mlp": {"hidden": [32, 16]}},
+    "deepfm": {"mlp": {"hidden": [32, 16]}},
 }
 
 

@@ -225,3 +225,38 @@ def test_flat_inputs_are_checked(export: Export, tiny_dataset: DatasetManifest) 
 def test_not_an_export(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not an export directory"):
         Predictor.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_predict_from_a_run_directory_matches_its_export(tiny_dataset: DatasetManifest,
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """`recsys predict RUN_DIR` scores with the run's checkpoint in eager PyTorch: the same
+    probabilities as its unquantized export, row for row."""
+    from recsys.cli import main
+    from recsys.export.torchscript import export_run
+    from recsys.train.run import run_training
+
+    raw = tiny_spec_dict(tiny_dataset.root)
+    raw["model"] = {"arch": "dcn", "tasks": ["click", "conversion"], "esmm": True}
+    raw["train"].update({"batch_size": 128, "epochs": 1, "eval_cascade": False})
+    run = tmp_path / "run"
+    run_training(validate_spec(raw), run, progress=False)
+    export_run(run, tmp_path / "export", "none", check=False)
+    data = tiny_dataset.files("impressions", "test")[0]
+    assert main(["predict", str(run), "--data", str(data), "--out", str(tmp_path / "a.parquet"),
+                 "--no-progress"]) == 0
+    assert "scored" in capsys.readouterr().out
+    predict_parquet(tmp_path / "export", data, tmp_path / "b.parquet", progress=False)
+    a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert a.column_names == b.column_names and "conversion_prob" in a.column_names
+    for task in ("click", "conversion"):
+        np.testing.assert_allclose(a[f"{task}_prob"].to_numpy(), b[f"{task}_prob"].to_numpy(),
+                                   rtol=0, atol=1e-6)
+    assert Predictor.open(run).manifest["spec_hash"] == Predictor.open(tmp_path / "export"
+                                                                       ).manifest["spec_hash"]
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not an export directory"):
+        Predictor.open(empty)

@@ -59,8 +59,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_predict(sub: SubParsers) -> None:
     p = add_command(sub, "predict", cmd_predict,
-                    "score a Parquet file (or directory) with an export")
-    p.add_argument("export_dir", help="a directory written by recsys export")
+                    "score a Parquet file (or directory) with an export or a trained run")
+    p.add_argument("export_dir", metavar="EXPORT_OR_RUN_DIR",
+                   help="a directory written by recsys export, or a run directory (its latest "
+                        "checkpoint, scored in eager PyTorch)")
     p.add_argument("--data", required=True, help="Parquet file or directory of part files")
     p.add_argument("--out", required=True, help="output Parquet: ids and <task>_prob columns")
     p.add_argument("--batch-size", type=int, default=8192,

@@ -42,7 +42,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     # --quick: a smoke run of every code path (CI): tiny data, few steps, one seed
     sizes: dict[str, Any] = {"seeds": args.seeds or 3}
     if args.quick:
-        sizes = {"seeds": args.seeds or 1, "synthetic_requests": 3000, "max_steps": 20}
+        sizes = {"seeds": args.seeds or 1, "synthetic_requests": 3000, "eval_requests": 1000,
+                 "max_steps": 20}
     interactions = InteractionsConfig(**sizes, **({"l1_values": (0.0, 0.1)} if args.quick
                                                   else {}))
     runners = {"interactions": lambda out: run_interactions(interactions, out),

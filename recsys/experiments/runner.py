@@ -59,6 +59,9 @@ class DataConfig:
     synthetic_epochs: int = 1
     movielens_epochs: int = 2
     max_steps: int | None = None  # cap per run (the --quick mode)
+    # valid and test requests of the synthetic world (None: the quickstart's); the --quick mode
+    # shrinks them, since every run scores both and the test requests' whole cascade
+    eval_requests: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # merged into every run's spec
 
 
@@ -68,8 +71,13 @@ def dataset_base(name: str, cfg: DataConfig, data_dir: Path) -> dict[str, Any] |
     train: dict[str, Any] = {"checkpoint_every_steps": None, "max_steps": cfg.max_steps}
     if name == "synthetic":
         raw = read_spec_file("specs/quickstart.toml")
-        raw["data"]["path"] = str(data_dir / f"synthetic-{cfg.synthetic_requests}")
-        raw["data"]["synthetic"]["requests"]["train"] = cfg.synthetic_requests
+        requests = raw["data"]["synthetic"]["requests"]
+        requests["train"] = cfg.synthetic_requests
+        name = f"synthetic-{cfg.synthetic_requests}"
+        if cfg.eval_requests:
+            requests.update(valid=cfg.eval_requests, test=cfg.eval_requests)
+            name += f"-eval{cfg.eval_requests}"
+        raw["data"]["path"] = str(data_dir / name)
         train["epochs"] = cfg.synthetic_epochs
     elif name == "movielens":
         raw = read_spec_file("specs/movielens.toml")

@@ -40,7 +40,8 @@ class Predictor:
     """An exported model with its manifest: checks and converts inputs, returns probabilities.
 
     Args:
-        module: the TorchScript module, ``forward(dense, values, lengths) -> {task: probs}``.
+        module: the TorchScript module (or the eager serving module of a run),
+            ``forward(dense, values, lengths) -> {task: probs}``.
         manifest: the export's manifest (``inputs``, ``tables``, ``tasks``).
         where: names the export in errors.
 
@@ -51,7 +52,7 @@ class Predictor:
         (1500,)
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, manifest: dict[str, Any],
+    def __init__(self, module: torch.jit.ScriptModule | torch.nn.Module, manifest: dict[str, Any],
                  where: str = "export") -> None:
         self.module = module.eval()
         self.manifest = manifest
@@ -78,6 +79,33 @@ class Predictor:
             raise DataError(where, f"the manifest's inputs.oov has unknown policies {unknown} "
                             "(expected 'error' or 'hash')")
         self.rows: dict[str, int] = {f: rows[f] for f in self.features}
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> Predictor:
+        """The trained model of a run directory (its latest complete checkpoint), in eager
+        PyTorch, behind the same checks as an export: what ``recsys export`` would write, without
+        writing it.
+
+        Example:
+            >>> Predictor.from_run("runs/quickstart-demo").tasks
+            ['click']
+        """
+        from recsys.export.torchscript import ServingRanker, manifest
+        from recsys.run_dir import RunDir
+
+        run = RunDir(run_dir)
+        spec = run.spec()
+        ranker, _ = run.trained_ranker("cpu", purpose="predict with")
+        serving = ServingRanker(ranker, list(spec.model.tasks), spec.model.esmm).eval()
+        return cls(serving, manifest(spec, ranker, serving.keys, "none"), where=str(run_dir))
+
+    @classmethod
+    def open(cls, path: str | Path) -> Predictor:
+        """An export directory (``manifest.json``) or a run directory (``spec.toml``)."""
+        path = Path(path)
+        if (path / MANIFEST_FILE).is_file() or not (path / "spec.toml").is_file():
+            return cls.load(path)
+        return cls.from_run(path)
 
     @classmethod
     def load(cls, export_dir: str | Path) -> Predictor:
@@ -340,7 +368,8 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
     task; it appears only once complete (written beside it, then renamed).
 
     Args:
-        export_dir: an export directory (or a loaded :class:`Predictor`).
+        export_dir: an export directory, a run directory (its trained model in eager PyTorch),
+            or a loaded :class:`Predictor`.
         data: a Parquet file, or a directory of them.
         out: the output Parquet file.
         batch_size: rows scored at a time (bounds the memory used).
@@ -357,7 +386,7 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    predictor = export_dir if isinstance(export_dir, Predictor) else Predictor.load(export_dir)
+    predictor = export_dir if isinstance(export_dir, Predictor) else Predictor.open(export_dir)
     files = parquet_files(data)
     out = Path(out)
     if out.is_dir():

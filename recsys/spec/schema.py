@@ -95,8 +95,6 @@ class DataSource(StrEnum):
     LIBFM = "libfm"
 
 
-
-
 class ShardingType(StrEnum):
     DATA_PARALLEL = "data_parallel"
     TABLE_WISE = "table_wise"
@@ -126,12 +124,6 @@ class LRSchedule(StrEnum):
     CONSTANT = "constant"
     LINEAR = "linear"
     COSINE = "cosine"
-
-
-
-
-
-
 
 
 class Distillation(StrEnum):
@@ -405,7 +397,6 @@ class FeaturesSpec(StrictModel):
         return [f for f in self.fields if f.kind != FeatureKind.DENSE]
 
 
-
 # --------------------------------------------------------------------------------------------------
 # model: one section per arch (recsys.models.archs), a discriminated union on `arch`
 
@@ -649,6 +640,5 @@ class Spec(StrictModel):
             raise KeyedError("model.tasks",
                               f"{unknown} are not among data.labels {self.data.labels}")
         return self
-
 
 

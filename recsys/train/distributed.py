@@ -63,13 +63,31 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext
             # fails instead of hanging for torch's default 30 minutes, so the agent can restart
             # the group again; RECSYS_PG_TIMEOUT_S bounds every collective, so keep it generous
             timeout = timedelta(seconds=float(os.environ.get("RECSYS_PG_TIMEOUT_S", "600")))
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    store=_attempt_store(world_size, timeout))
         else:
             if world_size != 1:
                 raise RunError("WORLD_SIZE", f"{world_size} without MASTER_ADDR: launch several "
                                "processes with torchrun (or torchx), not by setting WORLD_SIZE")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's agent store, a store whose keys belong to this restart attempt only.
+
+    The elastic agent keeps one store for the whole job, and the process group's keys (each rank's
+    gloo address) have the same names in every attempt: a worker of a restarted group could read a
+    dead worker's address left by the attempt before, connect to nothing, and time out (seen as
+    "Gloo connectFullMesh failed ... Connect timeout"). A prefix per attempt keeps them apart.
+    Elsewhere: None (``init_process_group`` makes its own store from MASTER_ADDR / MASTER_PORT).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"recsys/attempt_{attempt}", store)
 
 
 def shutdown() -> None:
