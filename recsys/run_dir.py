@@ -1,6 +1,6 @@
 """A run directory: its paths, its spec, its checkpoints, and its trained model.
 
-``recsys train`` writes one; ``evaluate``, ``export``, ``rvq encode`` and ``predict --run`` read it,
+``recsys train`` writes one; ``evaluate``, ``export``, ``rvq encode`` and ``predict RUN_DIR`` read it,
 all through :class:`RunDir`. Layout::
 
     RUN/spec.toml           the resolved spec the run was trained with

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,40 @@ def test_a_resolved_spec_holds_only_the_chosen_arch_sections(tmp_path):
 def test_only_arch_sections_drops_other_archs_sections_and_keeps_typos():
     raw = {"model": {"arch": "pin", "dcn": {"num_layers": 2}, "pin": {}, "pni": {}}}
     assert only_arch_sections(raw) == {"model": {"arch": "pin", "pin": {}, "pni": {}}}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "specs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_spec_validates(path: Path) -> None:
+    raw = tomllib.loads(path.read_text())
+    raw_input = raw.get("data", {}).get("prepare", {}).get("input")
+    if raw_input and not Path(raw_input).exists() and not (ROOT / raw_input).exists():
+        pytest.skip(f"raw data {raw_input} is not on this machine")
+    spec = validate_spec(raw, str(path))
+    assert spec.name
+
+
+def test_every_optional_spec_field_defaults_to_none() -> None:
+    """TOML has no null, so a resolved spec leaves None out; that round-trips only when None is
+    the field's default (in every arch's model section too)."""
+    from pydantic import BaseModel
+
+    from recsys.models.archs import ARCHS
+    from recsys.spec import Spec
+    from recsys.spec.io import _model_in
+
+    def walk(model: type[BaseModel], path: str) -> list[str]:
+        bad = []
+        for name, f in model.model_fields.items():
+            if type(None) in getattr(f.annotation, "__args__", ()) and f.default is not None:
+                bad.append(f"{path}{name}")
+            inner = _model_in(f.annotation)
+            if inner is not None:
+                bad += walk(inner, f"{path}{name}.")
+        return bad
+
+    assert walk(Spec, "") == []
+    for name, arch in ARCHS.items():
+        assert walk(arch.model, f"model[{name}].") == []
