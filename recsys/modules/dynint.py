@@ -56,6 +56,15 @@ def _generator(in_features: int, out_features: int, zero_last: bool = False) -> 
     return net
 
 
+# The mixes and layers below take the fields LAST: ``(B, d, M)``, the transpose of PIN's
+# ``(B, M, d)``. A field mix ``W X0`` is then one plain matrix product ``x @ W`` over B·d rows, and
+# the per-row, per-field gates and scales ``(B, 1, M)`` broadcast along a contiguous axis, which
+# CPU kernels vectorise (a ``(B, M, 1)`` broadcast over a short d does not). DynamicPIN transposes
+# once on the way in and once on the way out. VectorDense's weight is ``(in, out)``, so
+# ``x @ dense.weight`` is its forward in this layout (these VectorDenses have no bias and a linear
+# activation).
+
+
 class _StaticMix(nn.Module):
     """``W X0`` with a static W (parameter mode NONE)."""
 
@@ -63,8 +72,10 @@ class _StaticMix(nn.Module):
         super().__init__()
         self.dense = VectorDense(num_fields, num_fields)
 
-    def forward(self, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        return self.dense(x0)
+    def forward(self, x0: torch.Tensor, flat: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        out = x0 @ self.dense.weight
+        return out if scale is None else out * scale
 
 
 class _ScaledMix(nn.Module):
@@ -79,11 +90,14 @@ class _ScaledMix(nn.Module):
         self.dense = VectorDense(num_fields, num_fields)
         self.gen = _generator(numel, 2 * num_fields, zero_last=True)
 
-    def forward(self, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, flat: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
         rc = 2.0 * torch.sigmoid(self.gen(flat))
-        r = rc[:, : self.num_fields, None]
-        c = rc[:, self.num_fields :, None]
-        return r * self.dense(c * x0)
+        r = rc[:, None, : self.num_fields]
+        c = rc[:, None, self.num_fields :]
+        if scale is not None:  # folded into r: (B, 1, M), not another pass over (B, d, M)
+            r = r * scale
+        return r * ((c * x0) @ self.dense.weight)
 
 
 class _LowRankMix(nn.Module):
@@ -96,13 +110,14 @@ class _LowRankMix(nn.Module):
         self.dense = VectorDense(num_fields, num_fields) if static else None
         self.gen = _generator(numel, 2 * num_fields * rank)
 
-    def forward(self, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, flat: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
         uv = self.gen(flat).reshape(flat.shape[0], 2, self.num_fields, self.rank)
         u, v = uv[:, 0], uv[:, 1]
-        out = torch.einsum("bik,bkd->bid", u, torch.einsum("bjk,bjd->bkd", v, x0))
+        out = (x0 @ v) @ u.transpose(1, 2)  # (B, d, M) @ (B, M, k) @ (B, k, M)
         if self.dense is not None:
-            out = out + self.dense(x0)
-        return out
+            out = out + x0 @ self.dense.weight
+        return out if scale is None else out * scale
 
 
 class _BasisMix(nn.Module):
@@ -119,10 +134,16 @@ class _BasisMix(nn.Module):
             nn.init.xavier_uniform_(w)
         self.gen = _generator(numel, num_basis)
 
-    def forward(self, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, flat: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
         pi = torch.softmax(self.gen(flat), dim=-1)
-        per_basis = torch.einsum("bid,jiu->bjud", x0, self.basis)
-        return torch.einsum("bj,bjud->bud", pi, per_basis)
+        b, d, m = x0.shape
+        j = self.basis.shape[0]
+        # every basis in one product: (B·d, M) @ (M, J·M) -> (B, d, J, M), then mixed by π
+        per_basis = (x0.reshape(b * d, m) @ self.basis.permute(1, 0, 2).reshape(m, j * m)
+                     ).view(b, d, j, m)
+        out = (per_basis * pi[:, None, :, None]).sum(dim=2)
+        return out if scale is None else out * scale
 
 
 def _make_mix(mode: str, num_fields: int, numel: int, rank: int, num_basis: int) -> nn.Module:
@@ -143,9 +164,9 @@ class _DynamicLayer(nn.Module):
 
     Example:
         >>> layer = _DynamicLayer(6, 4, activation_mode="A3", parameter_mode="B2")
-        >>> x0 = torch.randn(2, 6, 4)
-        >>> layer(x0, x0, x0.flatten(1)).shape
-        torch.Size([2, 6, 4])
+        >>> x0 = torch.randn(2, 6, 4)                 # (B, M, d)
+        >>> layer(x0.mT, x0.mT, x0.flatten(1)).shape  # fields last: (B, d, M)
+        torch.Size([2, 4, 6])
     """
 
     def __init__(self, num_fields: int, dim: int, *, activation: str = "linear",
@@ -163,18 +184,26 @@ class _DynamicLayer(nn.Module):
         gate_width = numel if mode == "A3" else num_fields
         self.gate = None if mode == "none" else _generator(numel, gate_width)
         self.gate_output = mode == "A2"
+        self.gate_into_mix = mode == "A1" and activation == "linear"
         self.stop_gradient = stop_gradient_gate
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        a = self.act(self.mix(self.dropout(x0), flat))
+        x0 = self.dropout(x0)
         if self.gate is not None:
             gate_in = flat.detach() if self.stop_gradient else flat
-            # (B, M, 1) per row (A1, A2) or (B, M, d) per bit (A3)
-            g = (2.0 * torch.sigmoid(self.gate(gate_in))).reshape(x.shape[0], self.num_fields, -1)
+            g = 2.0 * torch.sigmoid(self.gate(gate_in))
+            # (B, 1, M) per row (A1, A2) or (B, d, M) per bit (A3; the gate's output is in the
+            # (M, d) order of flatten(X0))
+            g = g.view(x.shape[0], self.num_fields, -1).transpose(1, 2)
+            if self.gate_into_mix:
+                # φ is the identity and g one scale per row and field: g ⊙ (W(x) X0) is the mix
+                # scaled (B1 folds it into its own row scale); then x ⊙ (1 + ·) in one pass
+                return torch.addcmul(x, x, self.mix(x0, flat, g))
+            a = self.act(self.mix(x0, flat))
             if self.gate_output:
-                return g * x * (1.0 + a)
-            return x * (1.0 + g * a)
-        return x * (1.0 + a)
+                return g * torch.addcmul(x, x, a)
+            return torch.addcmul(x, x, g * a)
+        return torch.addcmul(x, x, self.act(self.mix(x0, flat)))
 
 
 class DynamicPIN(nn.Module):
@@ -241,11 +270,11 @@ class DynamicPIN(nn.Module):
         # generators and gates read the whole instance; the split is a reshape, so flattening the
         # split X0 gives the same vector as flattening X0
         flat = x0.reshape(x0.shape[0], -1)
-        x0 = split_subspaces(x0, self.h)
+        x0 = split_subspaces(x0, self.h).transpose(1, 2).contiguous()  # fields last
         x = x0
         for layer in self.layers:
             x = layer(x, x0, flat)
-        return merge_subspaces(x, self.h)
+        return merge_subspaces(x.transpose(1, 2), self.h)
 
     def interaction_weights(self) -> list[nn.Parameter]:
         """The static ``W_l`` (modes NONE, B1, B2) and the B4 basis tensors ``(J, M, M)``; B3 has
