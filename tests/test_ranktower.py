@@ -132,6 +132,11 @@ def test_cached_towers_equal_joint_forward(late: bool) -> None:
             got = net.score_candidates(cand_user, items)
             want = net(u[2:3].expand(9, -1, -1), v)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            # the items' user-free part computed once and cached: the same scores
+            prepared = net.prepare_items(items)
+            assert prepared.shape == (9, HEADS, 4 * HEAD_DIM)
+            torch.testing.assert_close(net.score_candidates(cand_user, items, prepared), got,
+                                       rtol=0, atol=1e-12)
         assert float(net.sim.temperature()) == pytest.approx(0.2)
 
 
@@ -164,6 +169,9 @@ def test_torchscript_parity(make) -> None:  # noqa: ANN001
         torch.testing.assert_close(scripted.score(user, items), net.score(user, items),
                                    rtol=0, atol=1e-12)
         torch.testing.assert_close(scripted.score_candidates(user[0], items),
+                                   net.score_candidates(user[0], items), rtol=0, atol=1e-12)
+        prepared = scripted.prepare_items(items)
+        torch.testing.assert_close(scripted.score_candidates(user[0], items, prepared),
                                    net.score_candidates(user[0], items), rtol=0, atol=1e-12)
         torch.testing.assert_close(scripted(u, v), net(u, v), rtol=0, atol=1e-12)
 

@@ -90,6 +90,11 @@ def test_scoring_from_the_item_cache_equals_the_joint_model(ranktower_run: Path,
     users = user_tower(dense[:, user_cols], values, lengths)
     position = {int(i): n for n, i in enumerate(cache["item_id"].tolist())}
     items = batch.sparse["item_id"].values().tolist()
+    assert cache["prepared"].shape[0] == cache["repr"].shape[0]
     for row in range(0, batch.batch_size, 37):
-        logit = scorer(users[row], cache["repr"][position[items[row]]][None])
+        at = position[items[row]]
+        logit = scorer(users[row], cache["repr"][at][None])
         torch.testing.assert_close(torch.sigmoid(logit)[0], expected[row], atol=1e-5, rtol=0)
+        # with the cached user-free projections, as served: the same score
+        cached = scorer(users[row], cache["repr"][at][None], cache["prepared"][at][None])
+        torch.testing.assert_close(cached, logit, atol=1e-6, rtol=0)

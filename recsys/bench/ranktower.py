@@ -7,8 +7,8 @@ import torch
 
 
 def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
-    """One request's user representation against 1,000 cached item representations through the
-    scripted online scorer (RankTower: gated cross-attention + max-sim; DSSM: a dot product),
+    """One request's user representation against 1,000 cached item representations (and what the
+    item cache keeps of them beside: ``prepare``) through the scripted online scorer (RankTower: gated cross-attention + max-sim; DSSM: a dot product),
     with untrained weights (the cost does not depend on their values)."""
     from recsys.export.two_tower import ScorerModule, time_scoring
     from recsys.models.archs.ranktower import RankTowerSpec
@@ -26,5 +26,7 @@ def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
         with torch.no_grad():
             user = net.user_tower(torch.randn(1, 7, 16))[0]
             items = net.item_tower(torch.randn(1000, 5, 16))
-        results[name] = time_scoring(scorer, user, items, repeats)
+            prepared = scorer.prepare(items)  # cached beside the items, as the export does
+        results[name] = time_scoring(lambda u, i, s=scorer, p=prepared: s(u, i, p), user, items,
+                                     repeats)
     return results

@@ -252,22 +252,34 @@ class RankTowerNet(nn.Module):
         return self.sim(u, v)
 
     @torch.jit.export
-    def score_candidates(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def prepare_items(self, items: torch.Tensor) -> torch.Tensor:
+        """What scoring needs of cached items ``(N, H, d)`` that does not depend on the user:
+        ``(N, H, 4d)``, the keys and values of the user's attention, the items' queries and the
+        items' half of their gate. Compute it once with the item cache and pass it to
+        :meth:`score_candidates`."""
+        d = self.head_dim
+        us, it = self.cross.user_side, self.cross.item_side
+        # (TorchScript calls no submodule through a local name: weights and F.linear instead)
+        weights = torch.cat([us.w_k.weight, us.w_v.weight, it.w_q.weight, it.gate.weight[:, :d]])
+        return items @ weights.t()
+
+    @torch.jit.export
+    def score_candidates(self, user: torch.Tensor, items: torch.Tensor,
+                         prepared: torch.Tensor | None = None) -> torch.Tensor:
         """One user ``(H, d)`` or ``(1, H, d)`` against N cached items ``(N, H, d)`` -> ``(N,)``.
 
         The same function as :meth:`score` on N copies of the user (equal up to float rounding),
         arranged for online serving: every projection of the user is computed once, not N times,
-        and the four projections of the items that do not depend on the user (keys and values of
-        the user's attention, queries of the items', the items' half of their gate) are one
-        matrix product.
+        and the items' user-free projections come from ``prepared`` (:meth:`prepare_items` of
+        the same items, cached) or, without it, from one matrix product here.
         """
         h, d = self.heads, self.head_dim
         n = items.shape[0]
         u = user.reshape(h, d)
         us, it = self.cross.user_side, self.cross.item_side
-        # (TorchScript calls no submodule through a local name: weights and F.linear instead)
-        weights = torch.cat([us.w_k.weight, us.w_v.weight, it.w_q.weight, it.gate.weight[:, :d]])
-        flat = items.reshape(n * h, d) @ weights.t()  # one product for the user-free parts
+        if prepared is None:
+            prepared = self.prepare_items(items)
+        flat = prepared.reshape(n * h, 4 * d)
         k_v, v_v, q_v, gate_v = torch.split(flat, d, dim=1)
         # the user's heads attend over each item's heads: (N, H_u, H_v), as plain 2-D products
         logits = (k_v @ (F.linear(u, us.w_q.weight) * us.scale).t()).view(n, h, h)
@@ -342,8 +354,15 @@ class DSSMNet(nn.Module):
         return (user * item).sum(dim=-1) / self.temperature()
 
     @torch.jit.export
-    def score_candidates(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """One user ``(out_dim,)`` or ``(1, out_dim)`` against ``(N, out_dim)`` items -> ``(N,)``."""
+    def prepare_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Nothing to precompute for a dot product: the items themselves."""
+        return items
+
+    @torch.jit.export
+    def score_candidates(self, user: torch.Tensor, items: torch.Tensor,
+                         prepared: torch.Tensor | None = None) -> torch.Tensor:
+        """One user ``(out_dim,)`` or ``(1, out_dim)`` against ``(N, out_dim)`` items -> ``(N,)``
+        (``prepared`` is accepted for the serving code's sake and not needed)."""
         return self.score(user.reshape(1, self.out_dim), items)
 
     def forward(self, user_fields: torch.Tensor, item_fields: torch.Tensor) -> torch.Tensor:
