@@ -30,7 +30,7 @@ from recsys.fsutil import writing
 from recsys.progress import progress_bar
 from recsys.quantization.rvq import ResidualVQ, code_perplexity, fit_offline
 from recsys.run_dir import RunDir
-from recsys.spec import RVQSpec, Side, Spec
+from recsys.spec import RVQSpec, Side
 
 log = logging.getLogger("recsys.rvq")
 
@@ -75,25 +75,25 @@ def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = No
     with writing(out), dataset_write(out):
         if out.exists() and not force:
             raise RunError(str(out), "exists; pass --force to replace it")
-        summary = _encode(spec, run_dir, partial_path(out), f.source_column, rvq, source,
-                          field=field, iters=iters, batch_size=batch_size, seed=seed,
-                          progress=progress)
+        summary = _encode(run, spec.features.table_of(f).name, partial_path(out),
+                          f.source_column, rvq, source, field=field, iters=iters,
+                          batch_size=batch_size, seed=seed, progress=progress)
         _publish(partial_path(out), out)
     return summary
 
 
-def _encode(spec: Spec, run_dir: Path, dest: Path, user_column: str, rvq: RVQSpec,
+def _encode(run: RunDir, table_name: str, dest: Path, user_column: str, rvq: RVQSpec,
             source: DatasetManifest, *, field: str, iters: int, batch_size: int, seed: int,
             progress: bool) -> dict[str, Any]:
-    """Fit the RVQ and write the coded dataset, the model and its summary into ``dest``."""
-    table, _ = RunDir(run_dir).table_weight(spec.features.table_of(spec.features.field(field)).name)
-    table = table.float()
+    """Fit the RVQ to the run's table ``table_name`` and write the coded dataset, the model and
+    its summary into ``dest``."""
+    table = run.table_weight(table_name)[0].float()
     model = fit_offline(table, iters=iters, batch_size=batch_size, seed=seed, levels=rvq.levels,
                         codes=rvq.codes, ema_decay=rvq.ema_decay,
                         dead_code_threshold=rvq.dead_code_threshold, normalize=rvq.normalize)
     codes = model.encode(table)
     ids = model.prefix_ids(codes).numpy()
-    summary = {"run": str(run_dir), "field": field, "users": int(table.shape[0]),
+    summary = {"run": str(run.path), "field": field, "users": int(table.shape[0]),
                "levels": rvq.levels, "codes": rvq.codes,
                "perplexity": [round(float(p), 2) for p in code_perplexity(codes, rvq.codes)],
                "recon_error": _recon_error(model, table), "rows": {}}

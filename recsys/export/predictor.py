@@ -102,8 +102,10 @@ class Predictor:
     @classmethod
     def open(cls, path: str | Path) -> Predictor:
         """An export directory (``manifest.json``) or a run directory (``spec.toml``)."""
+        from recsys.run_dir import RunDir
+
         path = Path(path)
-        if (path / MANIFEST_FILE).is_file() or not (path / "spec.toml").is_file():
+        if (path / MANIFEST_FILE).is_file() or not (path / RunDir.SPEC).is_file():
             return cls.load(path)
         return cls.from_run(path)
 

@@ -72,11 +72,7 @@ class OnlineUserCodes(nn.Module):
         super().__init__()
         self.register_buffer("columns", torch.tensor(user_columns, dtype=torch.long),
                              persistent=False)
-        self.rvq = ResidualVQ(len(user_columns), levels=spec.levels, codes=spec.codes,
-                              ema_decay=spec.ema_decay,
-                              dead_code_threshold=spec.dead_code_threshold,
-                              kmeans_init_batches=spec.kmeans_init_batches,
-                              normalize=spec.normalize)
+        self.rvq = ResidualVQ(len(user_columns), **spec.model_dump())
         self.levels, self.num_codes = spec.levels, spec.codes
 
     def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,6 +117,8 @@ class RankingObjective(nn.Module):
         self.cascade = arch_of(spec.model).cascade_view
         self.arch = spec.model.arch
         self.cascade_label = spec.train.cascade_label
+        # the cascade loss's keyword arguments are the section's keys (built once, not per step)
+        self.cascade_options = spec.loss.cascade.model_dump(mode="json")
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -135,13 +133,9 @@ class RankingObjective(nn.Module):
             if batch.stage is None or "request" not in batch.groups:
                 raise ValueError(f"model.arch '{self.arch}' trains on the cascade view: the data "
                                  "needs stage and request_id columns (data.view = 'cascade')")
-            c = spec.cascade
             term, parts = cascade_loss(logits, batch.labels[self.cascade_label],
                                        batch.groups["request"], batch.stage, batch.teacher,
-                                       distill_weight=c.distill_weight,
-                                       fine_weight=c.fine_weight, coarse_weight=c.coarse_weight,
-                                       distill_temperature=c.distill_temperature,
-                                       distill=c.distill)
+                                       **self.cascade_options)
             loss = loss + term
             stats.update({f"loss/cascade_{k}": v for k, v in parts.items()})
         if spec.listwise.weight > 0:

@@ -16,7 +16,7 @@ from torch import nn
 from recsys.data.batch import Batch
 from recsys.models.archs import build_over_arch
 from recsys.models.objective import OnlineUserCodes, RankingObjective
-from recsys.models.tables import build_ebc, feature_order, over_arch_fields, pooled_in_order
+from recsys.models.tables import build_ebc, over_arch_fields, pooled_in_order
 from recsys.spec import CodeSource, Side, Spec
 
 
@@ -48,10 +48,10 @@ class Ranker(nn.Module):
         if self.esmm and self.tasks != ["click", "conversion"]:
             raise ValueError("model.esmm needs tasks = ['click', 'conversion']")
         self.ebc = build_ebc(spec.features, config.device)
-        # the over-arch's input order, fixed by the spec (never by a sharding plan)
-        self.feature_order: list[str] = feature_order(self.ebc)
+        # the over-arch's input order, fixed by the spec (never by a sharding plan): the EBC's
+        # tables and features in their config order, which over_arch_fields reads too
         fields = over_arch_fields(spec.features)
-        assert fields.names == self.feature_order
+        self.feature_order: list[str] = list(fields.names)
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
         self.over = build_over_arch(spec.model, fields)
         h = spec.loss.hierarchical

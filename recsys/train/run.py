@@ -36,9 +36,6 @@ from recsys.train.trainer import Trainer
 
 log = logging.getLogger("recsys")
 
-EVALUATION_FILE = RunDir.EVALUATION
-
-
 def default_run_dir(spec: Spec) -> Path:
     return Path("runs") / f"{spec.name}-{spec_hash(spec)[:8]}"
 
@@ -169,14 +166,14 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
         metrics["world_size"] = ctx.world_size
         if ctx.is_main:
             with writing(out):
-                atomic_write_text(out / EVALUATION_FILE,
+                atomic_write_text(run.file(RunDir.EVALUATION),
                                   json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
                 if scores is not None:
                     write_scores(Path(scores), results["test"]["arrays"]["probs"])
             recorded = run.recorded_metrics()
             print(evaluation_table(metrics, recorded), file=sys.stderr)
             log.info("evaluated %s on %d process(es); wrote %s%s", path, ctx.world_size,
-                     out / EVALUATION_FILE, f" and {scores}" if scores else "")
+                     run.file(RunDir.EVALUATION), f" and {scores}" if scores else "")
         return metrics
     finally:
         for held in lock:
