@@ -24,19 +24,17 @@ from recsys.cli import main
 from recsys.errors import SpecError
 from recsys.models.tables import build_ebc
 from recsys.spec import ShardingType, SparseOptimizer, Spec, validate_spec
+from recsys.sysinfo import peak_rss_bytes
+from recsys.train.plan_report import _rank_ranges, plan_report, plan_summary
 from recsys.train.planning import (
     GIB,
     PlanStorageStats,
-    _rank_ranges,
     collective_plan_or_fail,
     column_shard_dim,
     make_planner,
     make_topology,
-    peak_rss_bytes,
-    plan_report,
     plan_sharding,
     plan_spec,
-    plan_summary,
     sharding_constraints,
     validate_constraints,
 )

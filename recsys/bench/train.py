@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,7 @@ from recsys.spec import (
     spec_hash,
     validate_spec,
 )
+from recsys.sysinfo import peak_rss_bytes
 from recsys.tables import format_table
 from recsys.train.optim import TrainOptimizer
 from recsys.train.sharded import build_sharded_model
@@ -481,27 +481,6 @@ def tensor_bytes(obj: Any) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far.
-
-    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's own memory.
-    (``ru_maxrss`` is no use in a subprocess there: exec keeps the larger of the parent's RSS at
-    fork time and the child's.) Elsewhere: ``ru_maxrss`` (bytes on macOS).
-
-    Example:
-        >>> peak_rss_bytes() > 0
-        True
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 # --------------------------------------------------------------------------------------------------

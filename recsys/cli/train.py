@@ -81,7 +81,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from recsys.fsutil import atomic_write_text
-    from recsys.train.planning import peak_rss_bytes, plan_report, plan_spec, plan_summary
+    from recsys.sysinfo import peak_rss_bytes
+    from recsys.train.plan_report import plan_report, plan_summary
+    from recsys.train.planning import plan_spec
 
     spec = load(args)
     world_size = spec.distributed.world_size if args.world_size is None else args.world_size

@@ -285,9 +285,10 @@ def _write_run(out: Path, spec: Spec, trainer: Trainer, metrics: dict[str, Any],
 def _rank_bytes(trainer: Trainer) -> list[int]:
     """Embedding weights and sparse-optimizer state held by each rank, from the sharding plan."""
     from recsys.train import planning
+    from recsys.train.plan_report import plan_summary
 
     topology = planning.make_topology(trainer.ctx.world_size, trainer.ctx.device.type)
-    summary = planning.plan_summary(trainer.spec, trainer.plan, topology)
+    summary = plan_summary(trainer.spec, trainer.plan, topology)
     return [int(r["total_bytes"]) for r in summary["ranks"]]
 
 
