@@ -12,22 +12,20 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.bench.plain import PlainRanker, PlainSide, plain_state_from_sharded
 from recsys.bench.train import (
-    PlainRanker,
-    PlainSide,
     ShardedSide,
     TrainBenchConfig,
     load_batches,
-    plain_state_from_sharded,
     random_batches,
     save_batches,
     stress_spec,
-    tensor_bytes,
 )
 from recsys.cli import main
 from recsys.data.batch import Batch
 from recsys.models.archs import AUX_LOSS
 from recsys.spec import Spec, only_arch_sections, validate_spec
+from recsys.sysinfo import tensor_bytes
 from recsys.train.distributed import init_distributed, seed_everything, shutdown
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -48,28 +47,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.bench.plain import PLAIN_DENSE, PLAIN_SPARSE, PlainSide
 from recsys.data.batch import Batch
 from recsys.errors import DataError
-from recsys.models.archs import AUX_LOSS, build_over_arch
-from recsys.models.objective import ranker_loss
-from recsys.models.tables import embedding_bag_configs, over_arch_fields
+from recsys.models.tables import embedding_bag_configs
 from recsys.spec import (
-    DenseOptimizer,
     SparseOptimizer,
     Spec,
-    TrainSpec,
     apply_override,
     spec_hash,
     validate_spec,
 )
-from recsys.sysinfo import peak_rss_bytes
+from recsys.sysinfo import peak_rss_bytes, tensor_bytes
 from recsys.tables import format_table
 from recsys.train.optim import TrainOptimizer
 from recsys.train.sharded import build_sharded_model
@@ -79,19 +72,6 @@ SIDES = ("sharded", "plain")
 MIB = 2**20
 
 # what the plain side uses for each sparse optimizer of the spec (all with dense gradients)
-PLAIN_SPARSE: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
-    SparseOptimizer.SGD: torch.optim.SGD,
-    SparseOptimizer.ADAGRAD: torch.optim.Adagrad,
-    # torch.optim has no row-wise Adagrad: plain Adagrad keeps one accumulator per weight
-    SparseOptimizer.ROWWISE_ADAGRAD: torch.optim.Adagrad,
-    SparseOptimizer.ADAM: torch.optim.Adam,
-}
-PLAIN_DENSE: dict[DenseOptimizer, type[torch.optim.Optimizer]] = {
-    DenseOptimizer.SGD: torch.optim.SGD,
-    DenseOptimizer.ADAGRAD: torch.optim.Adagrad,
-    DenseOptimizer.ADAM: torch.optim.Adam,
-    DenseOptimizer.ADAMW: torch.optim.AdamW,
-}
 _ROWWISE_NOTE = "; torch.optim has no row-wise Adagrad: one accumulator per weight"
 # the variables a torchrun launch sets: a side's subprocess is a one-process world of its own
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -237,139 +217,6 @@ def load_batches(path: str | Path) -> list[Batch]:
 
 
 # --------------------------------------------------------------------------------------------------
-# the plain PyTorch model
-
-
-class PlainRanker(nn.Module):
-    """The ranker of :mod:`recsys.models.ranker` in plain PyTorch: one ``nn.EmbeddingBag`` per
-    table (dense gradients), then the ranker's own over-arch (dense arch, interaction
-    arch, heads).
-
-    The over-arch sits in ``over`` as in the ranker, and the tables live in ``embedding_bags`` as
-    in TorchRec's EmbeddingBagCollection, so that weights map
-    one to one (:func:`plain_state_from_sharded`). Pooled embeddings are concatenated in the
-    collection's order (table by table, the features of a table in order).
-
-    Args:
-        spec: the spec whose features and model section to build.
-
-    Example:
-        >>> model = PlainRanker(spec)
-        >>> logits = model(batch)               # {"click": (B,), ...}
-    """
-
-    def __init__(self, spec: Spec) -> None:
-        super().__init__()
-        self.tasks = list(spec.model.tasks)
-        self.esmm = spec.model.esmm
-        configs = embedding_bag_configs(spec.features)
-        self.embedding_bags = nn.ModuleDict()
-        for c in configs:
-            mode = "mean" if c.pooling == PoolingType.MEAN else "sum"
-            bag = nn.EmbeddingBag(c.num_embeddings, c.embedding_dim, mode=mode)
-            bound = math.sqrt(1.0 / c.num_embeddings)  # TorchRec's default table init
-            nn.init.uniform_(bag.weight, -bound, bound)
-            self.embedding_bags[c.name] = bag
-        self._lookups = [(c.name, f) for c in configs for f in c.feature_names]
-        # the very module the sharded ranker uses
-        self.over = build_over_arch(spec.model, over_arch_fields(spec.features))
-
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        kjt = batch.sparse
-        keys = kjt.keys()
-        # ids per feature and the start of each row's bag (what nn.EmbeddingBag takes)
-        lengths = kjt.lengths().view(len(keys), -1).to(torch.int64)
-        starts = torch.cumsum(lengths, dim=1) - lengths
-        ids = torch.split(kjt.values(), lengths.sum(dim=1).tolist())
-        index = {k: i for i, k in enumerate(keys)}
-        parts = [self.embedding_bags[table](ids[index[f]], starts[index[f]])
-                 for table, f in self._lookups]
-        return self.over(torch.cat(parts, dim=1), batch.dense)
-
-
-def check_plain_optimizers(train: TrainSpec) -> None:
-    """ValueError unless the spec's optimizers exist on both sides (the plain side's children
-    would otherwise fail on it, with a traceback, after the batches are written)."""
-    s, d = train.sparse_optimizer, train.dense_optimizer
-    if s.name not in PLAIN_SPARSE:
-        raise ValueError(f"train.sparse_optimizer.name = '{s.name}' has no fused kernel; "
-                         f"choose one of {[o.value for o in PLAIN_SPARSE]}")
-    if d.name not in PLAIN_DENSE:
-        raise ValueError(f"train.dense_optimizer.name = '{d.name}' is not available yet")
-
-
-def plain_optimizers(model: PlainRanker, train: TrainSpec
-                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """``(sparse, dense)`` torch.optim optimizers with the spec's names and hyper-parameters:
-    the sparse one over the embedding weights, the dense one over every other parameter.
-
-    Example:
-        >>> sparse, dense = plain_optimizers(PlainRanker(spec), spec.train)
-    """
-    check_plain_optimizers(train)
-    s, d = train.sparse_optimizer, train.dense_optimizer
-    # the same keyword arguments as recsys.train.optim.attach_sparse_optimizer / dense_optimizer
-    kwargs: dict[str, Any] = {"lr": s.lr}
-    if s.name != SparseOptimizer.SGD:
-        kwargs["eps"] = s.eps
-    if s.weight_decay:
-        kwargs["weight_decay"] = s.weight_decay
-    sparse = PLAIN_SPARSE[s.name](list(model.embedding_bags.parameters()), **kwargs)
-    tables = {id(p) for p in model.embedding_bags.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in tables]
-    dense = PLAIN_DENSE[d.name](rest, lr=d.lr, weight_decay=d.weight_decay)
-    return sparse, dense
-
-
-@dataclass
-class PlainSide:
-    """The plain model and its optimizers; :meth:`step` is one training step.
-
-    The dense gradient norm is clipped as the trainer's optimizer does (``train.grad_clip``); the
-    learning-rate schedule is not applied (a few scalar writes a step; steps of a constant
-    schedule without warm-up match the trainer's exactly).
-
-    Example:
-        >>> side = PlainSide.build(spec)
-        >>> loss = side.step(batch)
-    """
-
-    model: PlainRanker
-    sparse: torch.optim.Optimizer
-    dense: torch.optim.Optimizer
-    grad_clip: float | None = None
-
-    @classmethod
-    def build(cls, spec: Spec) -> PlainSide:
-        model = PlainRanker(spec)
-        model.train()
-        sparse, dense = plain_optimizers(model, spec.train)
-        return cls(model, sparse, dense, spec.train.grad_clip)
-
-    def step(self, batch: Batch) -> torch.Tensor:
-        self.sparse.zero_grad(set_to_none=True)
-        self.dense.zero_grad(set_to_none=True)
-        logits = self.model(batch)
-        loss = ranker_loss(logits, batch.labels, self.model.tasks, self.model.esmm) + logits[AUX_LOSS]
-        loss.backward()
-        if self.grad_clip:
-            params = [p for group in self.dense.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.sparse.step()
-        self.dense.step()
-        return loss.detach()
-
-    def param_bytes(self) -> int:
-        return tensor_bytes(self.model.state_dict())
-
-    def optimizer_state_bytes(self) -> int:
-        return tensor_bytes([dict(self.sparse.state), dict(self.dense.state)])
-
-    def grad_bytes(self) -> int:
-        return tensor_bytes([p.grad for p in self.model.parameters() if p.grad is not None])
-
-
-# --------------------------------------------------------------------------------------------------
 # the sharded model (the trainer's construction, recsys.train.trainer.Trainer._build_model)
 
 
@@ -414,73 +261,6 @@ class ShardedSide:
     def grad_bytes(self) -> int:
         return tensor_bytes([p.grad for p in self.model.parameters()
                              if getattr(p, "grad", None) is not None])
-
-
-def plain_state_from_sharded(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The sharded model's ``state_dict`` as a :class:`PlainRanker` state dict: keys without the
-    wrapper's ``model.`` prefix and sharded tables assembled from their shards (every shard must
-    be local: one process).
-
-    Example:
-        >>> plain.model.load_state_dict(plain_state_from_sharded(sharded.model.state_dict()))
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = key.removeprefix("model.").replace("ebc.embedding_bags.", "embedding_bags.")
-        if isinstance(value, ShardedTensor):
-            meta = value.metadata()
-            full = torch.empty(meta.size, dtype=meta.tensor_properties.dtype)
-            covered = 0
-            for shard in value.local_shards():
-                sl = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
-                                                           shard.metadata.shard_sizes,
-                                                           strict=True))
-                full[sl] = shard.tensor.detach()
-                covered += shard.tensor.numel()
-            if covered != full.numel():
-                raise ValueError(f"'{key}': only {covered} of {full.numel()} values are local; "
-                                 "assemble the table in a one-process run")
-            out[name] = full
-        else:
-            out[name] = value.detach().clone()
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# memory
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, ShardedTensor):
-        for shard in obj.local_shards():
-            yield shard.tensor
-    elif isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in ``obj`` (tensors, ShardedTensors' local shards, nested dicts and
-    lists), each distinct (address, size) once.
-
-    Example:
-        >>> tensor_bytes({"w": torch.zeros(4, 4), "b": [torch.zeros(4)]})
-        80
-    """
-    seen: set[tuple[int, int, torch.dtype]] = set()
-    total = 0
-    for t in _tensors(obj):
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
 
 
 # --------------------------------------------------------------------------------------------------

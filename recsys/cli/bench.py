@@ -91,13 +91,8 @@ def _add_train(bench: SubParsers) -> None:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from recsys.bench import write_result
-    from recsys.bench.train import (
-        TrainBenchConfig,
-        check_plain_optimizers,
-        random_batches,
-        run,
-        stress_spec,
-    )
+    from recsys.bench.plain import check_plain_optimizers
+    from recsys.bench.train import TrainBenchConfig, random_batches, run, stress_spec
 
     cfg = check_options(lambda: TrainBenchConfig(steps=args.steps, warmup=args.warmup,
                                                  repeats=args.repeats,
