@@ -4,6 +4,8 @@ grafted onto the tiny dataset's features), and FTRL selection works in sharded t
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -70,9 +72,11 @@ def test_sparsity_grows_with_l1(tiny_dataset, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ftrl_selection_in_two_process_training(tiny_dataset, tmp_path: Path) -> None:
-    """xDeepInt with GFTRL (data-parallel tables) and FTRL on 2 ranks x 64 rows against 1 rank x
-    128 rows (train.batch_size is global): the same data-parallel update up to float summation order, so the selected rows,
-    the zero PIN weights and the test metrics agree closely."""
+    """xDeepInt with GFTRL (tables sharded table-wise, updated in backward) and FTRL on 2 ranks x
+    64 rows against 1 rank x 128 rows (train.batch_size is global): the tables start from the same
+    weights whatever the world size and get the same updates up to float summation order, so the
+    selected rows, the zero PIN weights and the test metrics agree closely; each rank holds about
+    half of the tables and of their FTRL state."""
     def write(name: str, batch: int, world: int) -> Path:
         raw = tiny_variant("xdeepint.toml", tiny_dataset.root, epochs=2, batch_size=batch)
         raw["train"]["sparse_optimizer"]["ftrl"]["l1"] = 0.3
@@ -89,10 +93,91 @@ def test_ftrl_selection_in_two_process_training(tiny_dataset, tmp_path: Path) ->
     assert abs(s1["embedding_rows_zero"] - s2["embedding_rows_zero"]) < 0.01
     assert abs(s1["interaction_weights_zero"] - s2["interaction_weights_zero"]) < 0.01
     assert abs(m1["test"]["auc"] - m2["test"]["auc"]) < 0.005
-    # a checkpoint written by 2 processes (data-parallel tables) exports in one, with parity
+    (alone,), pair = m1["embedding_bytes_held"], m2["embedding_bytes_held"]
+    for key in ("weight_bytes", "optimizer_bytes"):
+        assert alone["optimizer_bytes"] == 2 * alone["weight_bytes"]  # FTRL's n and z
+        assert sum(r[key] for r in pair) == alone[key]  # sharded, not replicated
+        assert all(0.25 < r[key] / alone[key] < 0.75 for r in pair), pair
+    _ftrl_state_reshards_onto_one_process(tmp_path / "two.toml", tmp_path / "run2", tmp_path)
+    # a checkpoint written by 2 processes (sharded tables) exports in one, with parity
     from recsys.export.torchscript import export_run
 
     info = export_run(tmp_path / "run2", tmp_path / "export", "none")
     assert info["parity"]["tasks"]["click"]["max_abs_diff"] <= 1e-5
     assert info["parity"]["tasks"]["click"]["auc_eager"] == pytest.approx(m2["test"]["auc"],
                                                                           abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_gftrl_run_resumed_from_a_checkpoint_ends_like_the_whole_run(tiny_dataset,
+                                                                      tmp_path: Path) -> None:
+    """The FTRL state of the sharded tables (n and z) is in the checkpoint: a run resumed from a
+    mid-run checkpoint ends with the metrics of the uninterrupted run (a lost state would restart
+    the accumulators and change every later update)."""
+    import shutil
+
+    from recsys.train import checkpoint
+
+    raw = tiny_variant("xdeepint.toml", tiny_dataset.root, epochs=2, batch_size=128,
+                       checkpoint_every_steps=20, keep_checkpoints=10)
+    raw["train"]["sparse_optimizer"]["ftrl"]["l1"] = 0.3
+    spec = validate_spec(raw)
+    whole = run_training(spec, tmp_path / "whole", progress=False)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    (cut / "metrics.json").unlink()
+    steps = checkpoint.candidates(cut)
+    for later in steps[len(steps) // 2:]:  # back to a checkpoint in the middle of the run
+        shutil.rmtree(later)
+    at = checkpoint.latest(cut)
+    assert at is not None and at.name != steps[-1].name
+    resumed = run_training(spec, cut, progress=False, resume=True)
+    assert f"resumed from {at}" in (cut / "train.log").read_text()
+    for key in ("auc", "logloss"):
+        assert resumed["test"][key] == pytest.approx(whole["test"][key], abs=1e-6), key
+    assert resumed["sparsity"] == whole["sparsity"]
+
+
+def _ftrl_state_reshards_onto_one_process(spec_path: Path, run_dir: Path, tmp: Path) -> None:
+    """The 2-process run's last checkpoint, loaded by a 1-process model: every table's FTRL n and
+    z (now whole on this rank) equal the checkpoint's, read back independently as full tensors."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from recsys.spec import load_spec
+    from recsys.train import checkpoint
+    from recsys.train.distributed import init_distributed, shutdown
+    from recsys.train.sharded import build_sharded_model
+
+    path = checkpoint.latest(run_dir)
+    assert path is not None
+    dcp_to_torch_save(path, tmp / "full.pt")
+    full = torch.load(tmp / "full.pt", weights_only=False)["optim"]["state"]
+    raw = load_spec(spec_path).model_dump(mode="json")
+    raw["distributed"]["world_size"] = 1
+    spec = validate_spec(raw)
+    old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    with socket.socket() as free:  # a port nobody else uses (the tests run in parallel)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    ctx = init_distributed("cpu")
+    try:
+        built = build_sharded_model(spec, ctx.device, 1, total_steps=10)
+        checkpoint.load(path, built.dmp, built.optimizer)
+        state = built.optimizer.state_dict()["state"]
+        tables = [k for k in state if "embedding_bags." in k]
+        assert len(tables) == len(spec.features.resolved_tables())
+        for key in tables:
+            for name in ("n", "z"):
+                (shard,) = state[key][name].local_shards()
+                torch.testing.assert_close(shard.tensor, full[key][name], rtol=0, atol=0)
+            assert not torch.equal(state[key]["n"].local_shards()[0].tensor,
+                                   torch.full_like(full[key]["n"], 0.1))  # trained state
+    finally:
+        shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

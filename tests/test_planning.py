@@ -379,3 +379,32 @@ def test_cli_plans_the_industrial_spec_for_64_gpus_on_meta(
     # meta device: 175 GiB of weights planned without allocating them
     assert peak_rss_bytes() < 4 * GIB
     assert summary["peak_rss_bytes"] < 4 * GIB
+
+
+# ---- group-lasso FTRL (no FBGEMM kernel): sharded by whole rows --------------------------------
+
+def test_gftrl_tables_are_sharded_by_whole_rows_and_never_by_columns() -> None:
+    spec = small_spec(optimizer="gftrl")
+    for device, expected in (("cpu", ["table_wise"]),
+                             ("cuda", ["table_wise", "row_wise", "table_row_wise"])):
+        constraints = sharding_constraints(spec, device, world_size=2)
+        assert {tuple(c.sharding_types) for c in constraints.values()} == {tuple(expected)}
+        assert {tuple(c.compute_kernels) for c in constraints.values()} == {("fused",)}
+    plan = plan_sharding(spec, world_size=2, device_type="cpu")
+    assert {p.sharding_type for p in plan.plan[""].values()} == {"table_wise"}
+    ranks = {p.ranks[0] for p in plan.plan[""].values()}
+    assert ranks == {0, 1}  # spread over both ranks, not replicated
+
+
+@pytest.mark.parametrize("types,message", [
+    (["column_wise"], "asks for column_wise, but train.sparse_optimizer.name = 'gftrl' (group "
+                      "lasso) needs each row whole on one rank"),
+    (["data_parallel", "table_wise"], "mixes data_parallel with table_wise"),
+])
+def test_gftrl_refuses_column_shards_and_mixed_replication(types: list[str], message: str) -> None:
+    spec = small_spec([{"table": "user_id", "types": types}], optimizer="gftrl")
+    with pytest.raises(ValueError, match="distributed.sharding\\[table=user_id\\].types") as e:
+        validate_constraints(spec, "cpu")
+    assert message in str(e.value)
+    validate_constraints(small_spec([{"table": "user_id", "types": ["data_parallel"]}],
+                                    optimizer="gftrl"), "cpu")  # replicated alone is fine

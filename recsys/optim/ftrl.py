@@ -175,15 +175,39 @@ class GroupFTRL(_FTRLBase):
         rows = (g != 0).any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
-        lr = group["lr"]
-        w_r, g_r, n_r, z_r = w[rows], g[rows], n[rows], z[rows]
-        sqrt_n = self._accumulate(w_r, g_r, n_r, z_r, lr)
-        threshold = group["l1"] * math.sqrt(w.shape[1])
-        norm = z_r.norm(dim=1, keepdim=True)
-        shrink = threshold / norm.clamp_min(torch.finfo(norm.dtype).tiny) - 1.0
-        new_w = z_r * shrink / ((group["beta"] + sqrt_n) / lr + group["l2"])
-        new_w = torch.where(norm <= threshold, torch.zeros_like(new_w), new_w)
-        w[rows], n[rows], z[rows] = new_w, n_r, z_r
+        group_ftrl_rows(w, n, z, rows, g[rows], lr=group["lr"], beta=group["beta"],
+                        l1=group["l1"], l2=group["l2"])
+
+
+@torch.no_grad()
+def group_ftrl_rows(w: torch.Tensor, n: torch.Tensor, z: torch.Tensor, rows: torch.Tensor,
+                    g: torch.Tensor, *, lr: float, beta: float, l1: float, l2: float) -> None:
+    """One group-lasso FTRL step on ``rows`` of a table, in place: the update of :class:`GroupFTRL`
+    given each touched row's whole (summed) gradient, so that callers which know the touched rows
+    (the sharded tables' backward, recsys.train.sharded_ftrl) skip the scan of a dense gradient.
+
+    Args:
+        w, n, z: the table ``(rows, D)`` and its FTRL state, same shape (w may be half precision:
+            the update runs in n's dtype and is cast back).
+        rows: ``(U,)`` distinct row indices.
+        g: ``(U, D)`` the gradient of each of those rows (already scaled).
+
+    Example:
+        >>> w, n, z = torch.ones(3, 2), torch.full((3, 2), 0.1), torch.zeros(3, 2)
+        >>> group_ftrl_rows(w, n, z, torch.tensor([1]), torch.tensor([[0.1, 0.0]]),
+        ...                 lr=0.1, beta=1.0, l1=1.0, l2=0.0)
+        >>> (w == 0).all(dim=1).tolist()
+        [False, True, False]
+    """
+    w_r, n_r, z_r = w[rows].to(n.dtype), n[rows], z[rows]
+    g = g.to(n.dtype)
+    sqrt_n = _FTRLBase._accumulate(w_r, g, n_r, z_r, lr)
+    threshold = l1 * math.sqrt(w.shape[1])
+    norm = z_r.norm(dim=1, keepdim=True)
+    shrink = threshold / norm.clamp_min(torch.finfo(norm.dtype).tiny) - 1.0
+    new_w = z_r * shrink / ((beta + sqrt_n) / lr + l2)
+    new_w = torch.where(norm <= threshold, torch.zeros_like(new_w), new_w)
+    w[rows], n[rows], z[rows] = new_w.to(w.dtype), n_r, z_r
 
 
 def zero_fraction(tensors: Iterable[torch.Tensor]) -> float:

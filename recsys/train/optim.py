@@ -25,6 +25,7 @@ from recsys.spec import (
     TrainSpec,
 )
 from recsys.train.planning import UNFUSED_SPARSE_OPTIMIZERS
+from recsys.train.sharded_ftrl import FTRLSettings, ShardedGroupFTRL
 
 # the parameters of the EmbeddingBagCollection's tables, as DistributedModelParallel names them
 EMBEDDING_KEY = ".ebc.embedding_bags."
@@ -39,11 +40,15 @@ _SPARSE: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
 
 def attach_sparse_optimizer(embedding_params: Iterable[nn.Parameter], train: TrainSpec) -> None:
     """Mark the embedding tables for an optimizer applied in backward; the sharder turns it into
-    FBGEMM's fused kernel (no embedding gradient is ever materialised). Optimizers without a fused
-    kernel (gftrl) leave the tables unmarked: they are data-parallel and :func:`build_optimizer`
-    gives them a keyed optimizer."""
+    FBGEMM's fused kernel (no embedding gradient is ever materialised).
+
+    ``gftrl`` has no FBGEMM kernel: its model-parallel tables get a zero-learning-rate SGD (so that
+    TorchRec shards them with the fused kernel) and :class:`ShardedGroupFTRL` replaces its update
+    in backward; pass only those tables (data-parallel ones stay unmarked: :func:`build_optimizer`
+    gives them a keyed GroupFTRL)."""
     opt = train.sparse_optimizer
     if opt.name in UNFUSED_SPARSE_OPTIMIZERS:
+        apply_optimizer_in_backward(torch.optim.SGD, embedding_params, {"lr": 0.0})
         return
     if opt.name not in _SPARSE:
         raise ValueError(f"train.sparse_optimizer.name = '{opt.name}' has no fused kernel; "
@@ -90,24 +95,31 @@ def build_optimizer(dmp: DistributedModelParallel, train: TrainSpec, total_steps
     """All optimizers of a DistributedModelParallel model as one :class:`TrainOptimizer`.
 
     - ``sparse``: FBGEMM's fused optimizer of the sharded tables (if any);
-    - ``embedding``: group-lasso FTRL over the data-parallel tables when the sparse optimizer is
-      ``gftrl`` (the tables' parameters are TorchRec's per-table slices of the batched weights);
+    - ``embedding``: group-lasso FTRL over the model-parallel tables when the sparse optimizer is
+      ``gftrl``, applied in backward to the touched rows (:class:`ShardedGroupFTRL`);
+    - ``embedding_replicated``: group-lasso FTRL over the tables the spec pins to data_parallel
+      (TorchRec's per-table slices of the batched weights, dense gradients);
     - ``interaction``: ``train.interaction_optimizer`` over ``interaction_weights`` (if set);
     - ``dense``: ``train.dense_optimizer`` over everything else (the learning-rate schedule and
       gradient clipping apply to this one).
     """
     owned: set[int] = set()
     parts: list[tuple[str, KeyedOptimizer]] = []
-    if list(dmp.fused_optimizer.params):
+    gftrl = train.sparse_optimizer.name == SparseOptimizer.GFTRL
+    if list(dmp.fused_optimizer.params) and not gftrl:  # gftrl's is a zero-lr SGD placeholder
         parts.append(("sparse", dmp.fused_optimizer))
     named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    if train.sparse_optimizer.name == SparseOptimizer.GFTRL:
-        tables = {k: p for k, p in named.items() if EMBEDDING_KEY in k}
+    if gftrl:
         opt = train.sparse_optimizer
         kwargs = _ftrl_kwargs(opt.lr, opt.ftrl, global_batch)
-        parts.append(("embedding", KeyedOptimizerWrapper(
-            tables, lambda p: GroupFTRL(p, **kwargs))))
-        owned |= {id(p) for p in tables.values()}
+        sharded = ShardedGroupFTRL(dmp, FTRLSettings(**kwargs))
+        if sharded.params:
+            parts.append(("embedding", sharded))
+        replicated = {k: p for k, p in named.items() if EMBEDDING_KEY in k}
+        if replicated:  # tables the spec pins to data_parallel
+            parts.append(("embedding_replicated", KeyedOptimizerWrapper(
+                replicated, lambda p: GroupFTRL(p, **kwargs))))
+            owned |= {id(p) for p in replicated.values()}
     if train.interaction_optimizer is not None and interaction_weights:
         ids = {id(p) for p in interaction_weights}
         chosen = {k: p for k, p in named.items() if id(p) in ids}

@@ -103,10 +103,16 @@ OPTIMIZER_STATE: dict[SparseOptimizer, tuple[int, int]] = {
 # constraints
 
 
-# sparse optimizers without an FBGEMM kernel: their tables are data-parallel (replicated, dense
-# gradients all-reduced) and a keyed optimizer updates the touched rows (recsys.optim.ftrl).
-# The trade-off: every rank holds every such table, so they suit tables up to millions of rows.
+# sparse optimizers without an FBGEMM kernel: their model-parallel tables take FBGEMM's fused
+# lookup and recsys.train.sharded_ftrl updates the touched rows in backward. Group lasso couples
+# the columns of a row, so their tables are never split by columns.
 UNFUSED_SPARSE_OPTIMIZERS = frozenset({SparseOptimizer.GFTRL})
+
+
+def data_parallel_tables(spec: Spec) -> frozenset[str]:
+    """The tables the spec pins to data_parallel (``distributed.sharding`` lists only that type)."""
+    return frozenset(s.table for s in spec.distributed.sharding
+                     if set(s.types) == {ShardingType.DATA_PARALLEL})
 
 
 def _check_device(device_type: str) -> None:
@@ -149,11 +155,18 @@ def validate_constraints(spec: Spec, device_type: str) -> None:
         if not s.types:
             problems.append(f"{key}: table '{s.table}' lists no sharding type; give at least "
                             f"one of: {_names(allowed)}")
-        if unfused and any(t != ShardingType.DATA_PARALLEL for t in s.types):
-            problems.append(f"{key}: table '{s.table}' asks for {_names(s.types)}, but "
+        columns = [t for t in s.types if t in _COLUMN_TYPES]
+        if unfused and columns:
+            problems.append(f"{key}: table '{s.table}' asks for {_names(columns)}, but "
                             f"train.sparse_optimizer.name = '{spec.train.sparse_optimizer.name}' "
-                            "has no fused kernel and runs on data_parallel tables only; use "
-                            "types = ['data_parallel'] or a fused optimizer")
+                            "(group lasso) needs each row whole on one rank; use table_wise, "
+                            "row_wise (cuda) or data_parallel")
+        elif unfused and ShardingType.DATA_PARALLEL in s.types and len(set(s.types)) > 1:
+            problems.append(f"{key}: table '{s.table}' mixes data_parallel with "
+                            f"{_names([t for t in s.types if t != ShardingType.DATA_PARALLEL])}; "
+                            f"with train.sparse_optimizer.name = "
+                            f"'{spec.train.sparse_optimizer.name}' a table is either replicated "
+                            "or sharded: list one or the other")
         bad = [t for t in s.types if t not in allowed]
         if bad:
             why = f" ({_WHY_NOT[device_type]})" if _WHY_NOT[device_type] else ""
@@ -181,12 +194,14 @@ def column_shard_dim(embedding_dim: int, world_size: int) -> int:
     return embedding_dim
 
 
-def _kernels(types: Sequence[ShardingType], device_type: str) -> list[str]:
+def _kernels(types: Sequence[ShardingType], device_type: str, unfused: bool = False) -> list[str]:
     kernels: list[str] = []
     if ShardingType.DATA_PARALLEL in types:
         kernels.append(EmbeddingComputeKernel.DENSE.value)
     if any(t != ShardingType.DATA_PARALLEL for t in types):
-        kernels.extend(_SHARDED_KERNELS[device_type])
+        # our FTRL update writes the shard's weights directly: no UVM cache may hold stale rows
+        kernels.extend([EmbeddingComputeKernel.FUSED.value] if unfused
+                       else _SHARDED_KERNELS[device_type])
     return kernels
 
 
@@ -198,7 +213,8 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
     sharded type the device can run (so on cpu the planner never picks a row-wise type), but not
     data_parallel: a data-parallel table becomes a dense parameter that the dense optimizer
     updates, not the spec's sparse optimizer, so it is used only where the spec asks for it. With a
-    sparse optimizer that has no fused kernel (gftrl) every table is data_parallel. Kernels follow the
+    sparse optimizer that has no fused kernel (gftrl) no table is split by columns (group lasso
+    needs whole rows; see recsys/train/sharded_ftrl.py). Kernels follow the
     types: ``dense`` for data_parallel, the device's fused kernels for the rest. With
     ``world_size``, a table that asks for a column-wise type is split into real column shards
     (:func:`column_shard_dim`). Each feature of a table counts as one lookup per sample: the
@@ -216,14 +232,15 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
     listed = {s.table: tuple(s.types) for s in spec.distributed.sharding}
     out: dict[str, ParameterConstraints] = {}
     default = tuple(t for t in SHARDING_TYPES[device_type] if t != ShardingType.DATA_PARALLEL)
-    if spec.train.sparse_optimizer.name in UNFUSED_SPARSE_OPTIMIZERS:
-        default = (ShardingType.DATA_PARALLEL,)
+    unfused = spec.train.sparse_optimizer.name in UNFUSED_SPARSE_OPTIMIZERS
+    if unfused:
+        default = tuple(t for t in default if t not in _COLUMN_TYPES)
     for cfg in embedding_bag_configs(spec.features):
         types = listed.get(cfg.name, default)
         explicit_columns = cfg.name in listed and any(t in _COLUMN_TYPES for t in types)
         out[cfg.name] = ParameterConstraints(
             sharding_types=[t.value for t in types],
-            compute_kernels=_kernels(types, device_type),
+            compute_kernels=_kernels(types, device_type, unfused),
             min_partition=(column_shard_dim(cfg.embedding_dim, world_size)
                            if explicit_columns and world_size else None),
             pooling_factors=[1.0] * len(cfg.feature_names),

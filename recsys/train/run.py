@@ -31,7 +31,7 @@ from recsys.run_dir import RunDir
 from recsys.spec import Spec, dump_toml, spec_hash
 from recsys.tables import format_table
 from recsys.train.distributed import init_distributed, on_main, shutdown
-from recsys.train.sharded import sparsity
+from recsys.train.sharded import held_embedding_bytes, sparsity
 from recsys.train.trainer import Trainer
 
 log = logging.getLogger("recsys")
@@ -215,6 +215,7 @@ def _evaluate_and_write(trainer: Trainer, out: Path, started: float) -> dict[str
                for split in ("valid", "test")}
     metrics = _metrics_json(spec, results)
     metrics["sparsity"] = sparsity(trainer.built)  # a collective: every rank
+    metrics["embedding_bytes_held"] = held_embedding_bytes(trainer.built)  # a collective too
     metrics["train_last_step"] = trainer.history.last_stats()
     metrics["timing"] = trainer.timing
     if spec.train.eval_cascade and "request" in trainer.train_loader.split.schema.groups:

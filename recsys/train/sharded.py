@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -16,6 +17,7 @@ from torchrec.distributed.types import ShardingPlan
 
 from recsys.models.archs import arch_of
 from recsys.models.ranker import Ranker, RankerConfig, TrainWrapper
+from recsys.models.tables import embedding_bag_configs
 from recsys.optim.ftrl import zero_fraction
 from recsys.spec import Spec
 from recsys.train import planning
@@ -51,7 +53,13 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
     ranker.over.to(device)
     interaction_weights = ranker.over.interaction_weights()
     wrapper = TrainWrapper(ranker, spec)
-    attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
+    tables = ranker.ebc.embedding_bags
+    if spec.train.sparse_optimizer.name in planning.UNFUSED_SPARSE_OPTIMIZERS:
+        replicated = planning.data_parallel_tables(spec)  # these keep a keyed optimizer
+        attach_sparse_optimizer([m.weight for name, m in tables.items() if name not in replicated],
+                                spec.train)
+    else:
+        attach_sparse_optimizer(ranker.ebc.parameters(), spec.train)
     # a pure function of the spec on every rank: every rank fails here together, instead of rank 0
     # failing inside collective_plan while the others wait for its broadcast
     planning.validate_constraints(spec, device.type)
@@ -67,9 +75,47 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
                                              find_unused_parameters=dynamic)
     dmp = DistributedModelParallel(module=wrapper, device=device, plan=plan, sharders=sharders,
                                    data_parallel_wrapper=wrapper_ddp)  # type: ignore[arg-type]
+    seed_tables(dmp, spec)
     optimizer = build_optimizer(dmp, spec.train, total_steps, interaction_weights,
                                 global_batch=spec.train.batch_size)
     return ShardedModel(dmp, optimizer, plan, list(interaction_weights))
+
+
+INIT_BLOCK_ROWS = 1 << 16  # rows drawn per seeded block of a table
+
+
+@torch.no_grad()
+def seed_tables(dmp: DistributedModelParallel, spec: Spec) -> None:
+    """Initialise every table from (train.seed, table, block of rows) alone, whatever the world size
+    and the shard a rank holds, so that a run on 1 process and on N start from the same weights.
+
+    Each rank draws only the row blocks its shards overlap (work and memory follow the shard), with
+    the table's own init range (TorchRec's default, uniform ±sqrt(1/num_embeddings)).
+
+    Example:
+        >>> seed_tables(built.dmp, spec)  # done by build_sharded_model
+    """
+    configs = {c.name: (i, c) for i, c in enumerate(embedding_bag_configs(spec.features))}
+    for key, value in dmp.state_dict().items():
+        if EMBEDDING_KEY not in key or not key.endswith(".weight"):
+            continue
+        index, cfg = configs[key.split(EMBEDDING_KEY)[1].removesuffix(".weight")]
+        lo, hi = cfg.get_weight_init_min(), cfg.get_weight_init_max()
+        if isinstance(value, ShardedTensor):
+            shards = [(s.tensor, *s.metadata.shard_offsets) for s in value.local_shards()]
+        else:
+            shards = [(value, 0, 0)]
+        for tensor, row0, col0 in shards:
+            rows, cols = tensor.shape
+            first, last = row0 // INIT_BLOCK_ROWS, (row0 + rows - 1) // INIT_BLOCK_ROWS
+            for block in range(first, last + 1):
+                start = block * INIT_BLOCK_ROWS
+                size = min(INIT_BLOCK_ROWS, cfg.num_embeddings - start)
+                seed = np.random.SeedSequence([spec.train.seed, index, block]).generate_state(1)
+                g = torch.Generator().manual_seed(int(seed[0]))
+                values = torch.empty(size, cfg.embedding_dim).uniform_(lo, hi, generator=g)
+                a, b = max(start, row0), min(start + size, row0 + rows)
+                tensor[a - row0:b - row0].copy_(values[a - start:b - start, col0:col0 + cols])
 
 
 def sparsity(built: ShardedModel) -> dict[str, Any]:
@@ -116,3 +162,34 @@ def sparsity(built: ShardedModel) -> dict[str, Any]:
         "interaction_weights_zero": (zero_fraction(w.detach() for w in built.interaction_weights)
                                      if built.interaction_weights else None),
     }
+
+
+def held_embedding_bytes(built: ShardedModel) -> list[dict[str, int]]:
+    """The embedding weights and sparse-optimizer state each rank really holds (its local shards,
+    or the whole table when replicated), gathered from every rank: a collective.
+
+    Example:
+        >>> held_embedding_bytes(built)
+        [{'weight_bytes': 218103808, 'optimizer_bytes': 436207616}, {...}]
+    """
+    def local(tensor: Any) -> int:
+        if isinstance(tensor, ShardedTensor):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in tensor.local_shards())
+        return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+
+    def nested(value: Any) -> int:
+        if isinstance(value, dict):
+            return sum(nested(v) for v in value.values())
+        return local(value)
+
+    weights = sum(local(v) for k, v in built.dmp.state_dict().items()
+                  if EMBEDDING_KEY in k and k.endswith(".weight"))
+    state = built.optimizer.state_dict()["state"]
+    optimizer = sum(nested(v) for k, v in state.items() if "embedding_bags." in k)
+    mine = torch.tensor([weights, optimizer], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+    else:
+        every = [mine]
+    return [{"weight_bytes": int(t[0]), "optimizer_bytes": int(t[1])} for t in every]

@@ -1,0 +1,201 @@
+"""``recsys bench models``: full sharded training samples/s of every ranking arch on one
+Criteo-shaped world, side by side, with the ratios the stack's targets are stated in.
+
+Each model is the over-arch and optimizers of its spec in ``specs/`` (``mlp`` is the quickstart's)
+on the same stress world: 26 single-id tables of 262,144 rows x 16 (uniform random ids: every step
+touches about 2048 x 26 distinct rows, the worst case for a row-sparse optimizer), 13 dense
+features, batch 2048, one process, the trainer's path (DistributedModelParallel, FBGEMM lookups,
+TrainPipelineSparseDist). ``xdeepint`` runs twice: with its spec's group-lasso FTRL on the sharded
+tables (``gftrl``) and with ``rowwise_adagrad``. Each model trains in its own subprocess on the same
+saved batches; repeats go round the models (the order reversed every other repeat) and the best
+repeat of each is kept.
+
+Example:
+    >>> result, table = run(ModelsBenchConfig(steps=20, repeats=2))
+    >>> result["ratios"]["moe_vs_dcn"] >= 0.4
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recsys.bench.train import (
+    TrainBenchConfig,
+    _run_child,
+    random_batches,
+    save_batches,
+    stress_spec,
+)
+from recsys.spec import validate_spec
+from recsys.spec.io import apply_override
+from recsys.tables import format_table
+
+NAME = "models"
+ROOT = Path(__file__).resolve().parents[2]
+# model name -> (spec file whose optimizers (and model, unless given) it takes, the model section
+# or None, extra --set items applied last)
+MODELS: dict[str, tuple[str, dict[str, Any] | None, tuple[str, ...]]] = {
+    "mlp": ("quickstart.toml", {"arch": "mlp"}, ()),
+    "dcn": ("quickstart.toml", None, ()),
+    "dlrm": ("dlrm.toml", None, ()),
+    "deepfm": ("deepfm.toml", None, ()),
+    "pin": ("quickstart.toml", {"arch": "pin"}, ()),
+    "xdeepint": ("xdeepint.toml", None, ()),  # gftrl, as its spec
+    "xdeepint_adagrad": ("xdeepint.toml", None, ("train.sparse_optimizer.name=rowwise_adagrad",
+                                                 "train.sparse_optimizer.lr=0.1")),
+    "dynint": ("dynint.toml", None, ()),
+    "moe": ("adaensemble.toml", None, ()),
+}
+# (numerator, denominator, target): numerator samples/s >= target x denominator's
+TARGETS: dict[str, tuple[str, str, float]] = {
+    "moe_vs_dcn": ("moe", "dcn", 0.4),
+    "xdeepint_gftrl_vs_adagrad": ("xdeepint", "xdeepint_adagrad", 0.5),
+}
+_TRAIN_KEYS = ("sparse_optimizer", "dense_optimizer", "interaction_optimizer")
+
+
+@dataclass
+class ModelsBenchConfig:
+    tables: int = 26
+    rows: int = 262_144
+    dense: int = 13
+    batch_size: int = 2048
+    steps: int = 20  # timed steps per repeat
+    warmup: int = 3
+    repeats: int = 2
+    one_core: bool = False  # torch.set_num_threads(1) in each child
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+        for name in ("tables", "rows", "batch_size", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def model_spec(name: str, cfg: ModelsBenchConfig) -> dict[str, Any]:
+    """The stress world with the model section and optimizers of ``name``'s spec, as a raw dict."""
+    spec_file, model, overrides = MODELS[name]
+    full = tomllib.loads((ROOT / "specs" / spec_file).read_text())
+    if model is not None:
+        full["model"] = model
+    base = stress_spec(cfg.tables, cfg.rows, dense=cfg.dense, batch_size=cfg.batch_size)
+    raw = json.loads(base.model_dump_json())
+    raw["name"] = f"{name}-{cfg.tables}x{cfg.rows}"
+    raw["model"] = {**full["model"], "tasks": ["click"]}
+    for key in _TRAIN_KEYS:
+        if key in full.get("train", {}):
+            raw["train"][key] = full["train"][key]
+    for item in overrides:  # after the spec's optimizers, which they may replace
+        apply_override(raw, item, f"<bench models: {name}>")
+    return raw
+
+
+def run(cfg: ModelsBenchConfig, progress: bool = True) -> tuple[dict[str, Any], str]:
+    """Train every model ``cfg.repeats`` times in turn; returns (result dict, table)."""
+    specs = {m: validate_spec(model_spec(m, cfg), f"<bench models: {m}>") for m in cfg.models}
+    first = next(iter(specs.values()))
+    train_cfg = TrainBenchConfig(steps=cfg.steps, warmup=cfg.warmup, repeats=1,
+                                 one_core=cfg.one_core)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.models}
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-models-") as tmp:
+        shared = Path(tmp)
+        if progress:
+            print(f"bench models: {cfg.warmup + cfg.steps} batches of {cfg.batch_size} "
+                  f"({cfg.tables} tables x {cfg.rows:,} rows)", flush=True)
+        save_batches(random_batches(first, cfg.warmup + cfg.steps), shared / "batches.pt")
+        for rep in range(cfg.repeats):
+            order = cfg.models if rep % 2 == 0 else cfg.models[::-1]
+            for m in order:
+                work = shared / m
+                work.mkdir(exist_ok=True)
+                (work / "spec.json").write_text(specs[m].model_dump_json())
+                (work / "batches.pt").unlink(missing_ok=True)
+                (work / "batches.pt").symlink_to(shared / "batches.pt")
+                r = _run_child("sharded", work, train_cfg, rep)
+                runs[m].append(r)
+                if progress:
+                    print(f"  repeat {rep + 1}/{cfg.repeats}  {m:<17} "
+                          f"{r['samples_per_s']:>10,.0f} samples/s  (loss {r['first_loss']:.4f}"
+                          f" -> {r['last_loss']:.4f})", flush=True)
+    return summarise(cfg, specs, runs)
+
+
+def summarise(cfg: ModelsBenchConfig, specs: dict[str, Any],
+              runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], str]:
+    best = {m: max(r["samples_per_s"] for r in rs) for m, rs in runs.items()}
+    dcn = best.get("dcn")
+    ratios: dict[str, Any] = {}
+    for key, (num, den, target) in TARGETS.items():
+        if num in best and den in best:
+            value = best[num] / best[den]
+            ratios[key] = {"value": value, "target": target, "met": value >= target}
+    result = {
+        "config": asdict(cfg),
+        "samples_per_s": best,
+        "vs_dcn": {m: v / dcn for m, v in best.items()} if dcn else {},
+        "ratios": ratios,
+        "sparse_optimizer": {m: specs[m].train.sparse_optimizer.name.value for m in best},
+        "optimizer_state_bytes": {m: runs[m][-1]["optimizer_state_bytes"] for m in best},
+        "param_bytes": {m: runs[m][-1]["param_bytes"] for m in best},
+        "runs": runs,
+    }
+    rows = [[m, specs[m].train.sparse_optimizer.name.value, best[m],
+             best[m] / dcn if dcn else float("nan")] for m in best]
+    table = format_table(["model", "sparse optimizer", "samples/s", "vs dcn"], rows)
+    lines = [f"{k}: {v['value']:.2f}x (target >= {v['target']:g}x: "
+             f"{'met' if v['met'] else 'not met'})" for k, v in ratios.items()]
+    threads = "1 thread" if cfg.one_core else "all cores"
+    table += (f"\n\n{cfg.tables} tables x {cfg.rows:,} rows x 16, {cfg.dense} dense, batch "
+              f"{cfg.batch_size}, 1 process, {threads}; best of {cfg.repeats} x {cfg.steps} "
+              f"timed steps after {cfg.warmup} warm-up steps, the same batches for every "
+              "model.\n" + "\n".join(lines))
+    return result, table
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's options (shared by the CLI and ``python -m recsys.bench.models``)."""
+    d = ModelsBenchConfig()
+    p.add_argument("--models", default=",".join(d.models),
+                   help=f"comma-separated, from: {', '.join(MODELS)}")
+    p.add_argument("--tables", type=int, default=d.tables)
+    p.add_argument("--rows", type=int, default=d.rows)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--one-core", action="store_true", help="one thread per training process")
+
+
+def config_from(args: argparse.Namespace) -> ModelsBenchConfig:
+    return ModelsBenchConfig(tables=args.tables, rows=args.rows, batch_size=args.batch_size,
+                             steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                             one_core=args.one_core,
+                             models=[m.strip() for m in args.models.split(",") if m.strip()])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from recsys.bench import write_result
+
+    p = argparse.ArgumentParser(prog="python -m recsys.bench.models", description=__doc__)
+    add_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = p.parse_args(argv)
+    result, table = run(config_from(args))
+    print(table)
+    print(f"wrote {write_result(args.out, NAME, result, table)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
