@@ -345,3 +345,92 @@ def test_tensors_are_writable_and_own_their_memory():
     assert again.labels["rating"][1] == 1.0 and again.groups["request"][0] == 10
     assert again.stage[0] == 0 and again.dense[0, 0] == 1.0  # type: ignore[index]
     assert again.sparse.values()[0] == 3
+
+
+# ---- windows: gathered once, cut into batches -----------------------------------------------------
+
+
+def test_window_batches_equal_batches_of_the_taken_rows():
+    """A window gathered in a given order and cut at given points gives, batch by batch, what
+    building each batch's rows alone gives (the oracle-checked path above), nulls included."""
+    schema = make_schema(weighted=True)
+    builder = BatchBuilder(schema)
+    full = make_table()
+    cols = builder.columns(full, "t")
+    rows, cuts = np.array([4, 1, 5, 2, 0, 3]), [0, 2, 3, 6]
+    window = builder.window(cols, rows, cuts)
+    assert window.num_batches == 3
+    got = list(builder.batches(window))
+    assert [b.batch_size for b in got] == [2, 1, 3]
+    for batch, (a, b) in zip(got, zip(cuts, cuts[1:], strict=False), strict=True):
+        assert_batches_equal(batch, builder.build(full.take(pa.array(rows[a:b]))))
+    # rows 1 and 2 (the null user id, the empty and the null history) in batch 0 and 1
+    assert got[0].sparse.to_dict()["history"].lengths().tolist() == [3, 0]
+    assert got[1].sparse.to_dict()["user"].lengths().tolist() == [1]
+    assert [b.sparse.keys() for b in builder.batches(window, first=2)] == [schema.sparse_keys]
+    in_order = list(builder.batches(builder.window(cols, None, [0, 4, 6])))
+    assert_batches_equal(in_order[1], builder.build(full.slice(4)))
+
+
+def test_kjt_carries_stride_and_per_key_lengths_as_torchrec_computes_them():
+    """The precomputed KJT metadata equals what torchrec would compute from values and lengths
+    (so a pipeline never waits for the device to compute it)."""
+    builder = BatchBuilder(make_schema(weighted=True))
+    window = builder.window(builder.columns(make_table()), np.array([5, 3, 1, 0, 2, 4]),
+                            [0, 4, 6])
+    for batch in builder.batches(window):
+        kjt = batch.sparse
+        plain = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                  weights=kjt.weights())
+        assert kjt._stride == plain.stride() == batch.batch_size
+        assert kjt._length_per_key == plain.length_per_key()
+        assert kjt._offset_per_key == plain.offset_per_key()
+        assert kjt.lengths().dtype == torch.int32 and kjt.values().dtype == torch.int64
+    # by hand, rows 5 3 1 0: users 5 9 null 3, histories [7 7] [4] [] [1 2], items 3 0 6 5
+    first = next(builder.batches(window))
+    assert first.sparse.length_per_key() == [3, 5, 4]
+    assert first.sparse.offset_per_key() == [0, 3, 8, 12]
+
+
+def test_batches_of_a_window_own_separate_writable_memory():
+    builder = BatchBuilder(make_schema())
+    cols = builder.columns(make_table())
+    window = builder.window(cols, np.arange(6)[::-1].copy(), [0, 3, 6])
+    a, b = builder.batches(window)
+    a.dense[:] = -99.0
+    a.labels["click"][:] = 7.0
+    a.sparse.values()[:] = -5
+    assert b.dense.min() > -99.0 and 7.0 not in b.labels["click"].tolist()
+    assert -5 not in b.sparse.values().tolist()
+    assert cols.dense.min() > -99.0 and -5 not in cols.singles.ravel().tolist()  # source intact
+    again = builder.batch(window, 1)
+    assert_batches_equal(again, b)
+
+
+def test_jagged_rows_known_answers():
+    from recsys.data.batch import _jagged_rows
+
+    offsets = np.array([0, 2, 2, 5, 6])  # rows: [0 1] [] [2 3 4] [5]
+    lengths, pos = _jagged_rows(offsets, np.array([2, 1, 0, 3, 1]))
+    assert lengths.tolist() == [3, 0, 2, 1, 0]
+    assert pos.tolist() == [2, 3, 4, 0, 1, 5]
+    lengths, pos = _jagged_rows(offsets, np.array([3, 2]))  # no empty row
+    assert (lengths.tolist(), pos.tolist()) == ([1, 3], [5, 2, 3, 4])
+    lengths, pos = _jagged_rows(offsets, np.array([1, 1]))  # only empty rows
+    assert (lengths.tolist(), pos.tolist()) == ([0, 0], [])
+    assert _jagged_rows(offsets, np.zeros(0, dtype=np.int64))[1].tolist() == []
+
+
+def test_nulls_become_nan_and_validity_follows_slices():
+    from recsys.data.batch import _nan_for_null, _valid
+
+    col = pa.array([None, 2, 3, None, 5, -0.0, float("inf"), None, 9], type=pa.float32())
+    got = _nan_for_null(col.slice(2, 6))  # 3 None 5 -0.0 inf None
+    assert got.dtype == np.float32
+    assert np.array_equal(got, [3, np.nan, 5, 0, np.inf, np.nan], equal_nan=True)
+    assert np.signbit(got[3])  # -0.0 stays -0.0
+    assert _valid(col.slice(2, 6)).tolist() == [True, False, True, True, True, False]
+    ints = pa.array([7, None, -2], type=pa.int8())
+    assert np.array_equal(_nan_for_null(ints), [7, np.nan, -2], equal_nan=True)
+    assert np.array_equal(_nan_for_null(pa.array([True, None])), [1, np.nan], equal_nan=True)
+    assert _valid(pa.array([1, 2])).tolist() == [True, True]  # no bitmap at all

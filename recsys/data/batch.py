@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
+from itertools import accumulate
 
 import numpy as np
 import pyarrow as pa
@@ -105,7 +107,7 @@ class Columns:
 
     Example:
         >>> cols = builder.columns(table, where="part-00000.parquet")
-        >>> batch = builder.assemble(cols.take(np.random.permutation(cols.n)).slice(0, 2048))
+        >>> batch = builder.assemble(cols.take(np.random.permutation(cols.n)[:2048]))
     """
 
     n: int
@@ -173,19 +175,56 @@ class Columns:
         )
 
 
+@dataclass
+class Window:
+    """Rows gathered in batch order (one gather per column, whatever the number of batches) and
+    the cuts that make them batches: batch ``j`` is rows ``[cuts[j], cuts[j+1])``, and its ids
+    of key ``k`` are ``ids[k][at_cuts[j][k]:at_cuts[j+1][k]]``. Building a batch is then one
+    concatenation of slices for the KJT's values and views for the rest (:meth:`BatchBuilder.batch`),
+    done as the batch is needed, so that its memory is the memory the batch before it just freed.
+
+    ``ids``, ``lengths`` and ``weights`` are per sparse key, in the schema's order: ``lengths[k]``
+    is None where every row has exactly one id, ``weights[k]`` None where the key has none. The
+    label, group, stage, teacher and oracle columns are in their tensors' dtypes.
+
+    Example:
+        >>> window = builder.window(cols, rows=np.array([2, 0, 1]), cuts=[0, 2, 3])
+        >>> [b.batch_size for b in builder.batches(window)]
+        [2, 1]
+    """
+
+    cuts: list[int]
+    at_cuts: list[list[int]]
+    ids: list[np.ndarray]
+    lengths: list[np.ndarray | None]
+    weights: list[np.ndarray | None]
+    dense: np.ndarray  # (n, n_dense) float32
+    labels: dict[str, np.ndarray]  # float32
+    groups: dict[str, np.ndarray]  # int64
+    stage: np.ndarray | None  # int64
+    teacher: np.ndarray | None  # float32
+    oracle: dict[str, np.ndarray]  # float32
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.cuts) - 1
+
+
 class BatchBuilder:
     """Turns Arrow tables with the schema's columns into :class:`Batch` es, column by column
     (no Python loop over rows), checking every value the schema forbids on the way.
 
-    ``columns`` converts and checks a table once; a window of rows can then be permuted with one
-    gather per column (:meth:`Columns.take`) and every batch is a set of slices of it
-    (:meth:`assemble`).
+    ``columns`` converts and checks a table once; :meth:`window` then gathers rows of it in any
+    order with one gather per column, and :meth:`batch` makes each batch of that window from
+    slices (one concatenation for the KJT's ids, views for the rest).
 
     Example:
         >>> builder = BatchBuilder(schema)
         >>> batch = builder.build(table, where="train/part-00000.parquet")
         >>> cols = builder.columns(table, where="train/part-00000.parquet")
         >>> first_two = builder.assemble(cols.take(np.array([0, 1])))
+        >>> window = builder.window(cols, np.random.permutation(cols.n), [0, 1024, cols.n])
+        >>> first, second = builder.batches(window)
     """
 
     def __init__(self, schema: BatchSchema) -> None:
@@ -237,17 +276,19 @@ class BatchBuilder:
             col = _chunk(table, sc.column)
             valid = None
             if col.null_count:
-                valid = single_valid[sc.key] = np.asarray(col.is_valid())
+                valid = single_valid[sc.key] = _valid(col)
                 col = col.fill_null(0)
             ids = col.to_numpy(zero_copy_only=False)
-            singles[i] = self._checked(sc, ids, None, valid, where, first_row)
+            np.copyto(singles[i], self._checked(sc, ids, None, valid, where, first_row),
+                      casting="unsafe")
         jagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         weights: dict[str, np.ndarray] = {}
         for sc in s.sparse:
             if not sc.multi:
                 continue
             offsets, ids = _list_column(_chunk(table, sc.column), sc.column, where)
-            jagged[sc.key] = (offsets, self._checked(sc, ids, offsets, None, where, first_row))
+            ids = self._checked(sc, ids, offsets, None, where, first_row)
+            jagged[sc.key] = (offsets, ids.astype(self.id_dtype, copy=False))
             if sc.weights:
                 w = _chunk(table, sc.weights).flatten().to_numpy(zero_copy_only=False)
                 if len(w) != len(ids):
@@ -258,9 +299,10 @@ class BatchBuilder:
 
     def _checked(self, sc: SparseColumn, ids: np.ndarray, offsets: np.ndarray | None,
                  valid: np.ndarray | None, where: str, first_row: int) -> np.ndarray:
-        """Ids within [0, num_embeddings), narrowed; out-of-range ids are an error or hashed."""
+        """Ids within [0, num_embeddings) (narrowed by the caller, once checked); out-of-range
+        ids are an error or hashed."""
         if sc.oov == OOVPolicy.HASH:
-            return np.mod(ids, sc.num_embeddings).astype(self.id_dtype, copy=False)
+            return np.mod(ids, sc.num_embeddings)
         if len(ids):
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= sc.num_embeddings:
@@ -275,7 +317,7 @@ class BatchBuilder:
                                 f"{first_row + row}; the table of '{sc.key}' has "
                                 f"{sc.num_embeddings} rows [0, {sc.num_embeddings}) "
                                 "(set oov = 'hash' to map ids into it)")
-        return ids.astype(self.id_dtype, copy=False)
+        return ids
 
     def validate(self, table: pa.Table, where: str, first_row: int = 0) -> None:
         """Raise DataError naming ``where``, the column and the row of the first bad value."""
@@ -289,46 +331,109 @@ class BatchBuilder:
 
     def assemble(self, cols: Columns) -> Batch:
         """A Batch of every row of ``cols``."""
+        return self.batch(self.window(cols), 0)
+
+    def window(self, cols: Columns, rows: np.ndarray | None = None,
+               cuts: Sequence[int] | None = None) -> Window:
+        """Rows ``rows`` of ``cols`` (every row, in order, when None) to be cut into batches at
+        ``cuts`` (one batch when None): every column gathered once, in its tensor's dtype.
+
+        Example:
+            >>> window = builder.window(cols, rows=np.random.permutation(cols.n),
+            ...                         cuts=[0, 2048, cols.n])
+            >>> first, second = builder.batches(window)
+        """
         s = self.schema
-        ones = np.ones(cols.n, dtype=np.int32)
-        values: list[np.ndarray] = []
-        lengths: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
+        n = cols.n if rows is None else len(rows)
+        cuts = [0, n] if cuts is None else list(cuts)
+
+        # every key's ids in row order, with its lengths (None: one id per row) and weights
+        singles = cols.singles if rows is None else np.take(cols.singles, rows, axis=1)
+        ids: list[np.ndarray] = []
+        lens: list[np.ndarray | None] = []
+        wts: list[np.ndarray | None] = []
         for sc in s.sparse:
             w = None
             if sc.multi:
                 offsets, v = cols.jagged[sc.key]
-                lens = np.diff(offsets).astype(np.int32)
                 w = cols.weights.get(sc.key)
+                if rows is None:
+                    ln = np.diff(offsets)
+                    v = v[offsets[0]:offsets[-1]]
+                    w = None if w is None else w[offsets[0]:offsets[-1]]
+                else:
+                    ln, pos = _jagged_rows(offsets, rows)
+                    v = np.take(v, pos)
+                    w = None if w is None else np.take(w, pos)
             else:
-                v, lens = cols.singles[self._single_row[sc.key]], ones
+                v, ln = singles[self._single_row[sc.key]], None
                 valid = cols.single_valid.get(sc.key)
                 if valid is not None:  # a null single id is an empty bag
-                    v, lens = v[valid], valid.astype(np.int32)
-            values.append(v)
-            lengths.append(lens)
-            if self._weighted:
-                weights.append(w if w is not None else np.ones(len(v), dtype=np.float32))
+                    valid = valid if rows is None else valid[rows]
+                    v, ln = v[valid], valid
+            ids.append(v)
+            lens.append(ln)
+            wts.append(w)
+
+        # where each key's ids start at each cut
+        at_cuts = np.empty((len(cuts), len(ids)), dtype=np.int64)
+        for k, ln in enumerate(lens):
+            if ln is None:
+                at_cuts[:, k] = cuts
+            else:
+                ends = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(ln, out=ends[1:])
+                at_cuts[:, k] = ends[cuts]
+
+        def column(name: str, dtype: type) -> np.ndarray:
+            # astype copies when rows is None: batches never alias the rows they came from,
+            # nor Arrow's read-only memory
+            v = cols.values[name]
+            return v.astype(dtype) if rows is None else np.take(v, rows).astype(dtype, copy=False)
+
+        return Window(
+            cuts=cuts, at_cuts=at_cuts.tolist(), ids=ids, lengths=lens, weights=wts,
+            dense=np.array(cols.dense) if rows is None else np.take(cols.dense, rows, axis=0),
+            labels={k: column(k, np.float32) for k in s.labels},
+            groups={k: column(c, np.int64) for k, c in s.groups.items()},
+            stage=column(s.stage, np.int64) if s.stage else None,
+            teacher=column(s.teacher, np.float32) if s.teacher else None,
+            oracle={k: column(c, np.float32) for k, c in s.oracle.items()},
+        )
+
+    def batch(self, window: Window, j: int) -> Batch:
+        """Batch ``j`` of ``window``: the KJT's values, lengths and weights in one concatenation
+        each, every other tensor a view; the KJT carries its stride and per-key lengths, so
+        that nothing downstream recomputes them (on a GPU, that would wait for the device)."""
+        w, t = window, torch.from_numpy
+        a, b, lo, hi = w.cuts[j], w.cuts[j + 1], w.at_cuts[j], w.at_cuts[j + 1]
+        rows = b - a
+        values = np.concatenate([v[lo[k]:hi[k]] for k, v in enumerate(w.ids)], dtype=np.int64)
+        lengths = np.ones(len(w.ids) * rows, dtype=np.int32)
+        for k, ln in enumerate(w.lengths):
+            if ln is not None:
+                lengths[k * rows:(k + 1) * rows] = ln[a:b]
+        weights = None
+        if self._weighted:
+            weights = np.concatenate([np.ones(hi[k] - lo[k], dtype=np.float32) if x is None
+                                      else x[lo[k]:hi[k]] for k, x in enumerate(w.weights)])
+        per_key = [y - x for x, y in zip(lo, hi, strict=True)]
         kjt = KeyedJaggedTensor(
-            keys=s.sparse_keys,
-            values=torch.from_numpy(np.concatenate(values, dtype=np.int64)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-            weights=torch.from_numpy(np.concatenate(weights)) if self._weighted else None,
-        )
-
-        def tensor(column: str, dtype: type) -> torch.Tensor:
-            # astype copies: batches never alias a window, nor Arrow's read-only memory
-            return torch.from_numpy(cols.values[column].astype(dtype))
-
+            keys=self.schema.sparse_keys, values=t(values), lengths=t(lengths),
+            weights=None if weights is None else t(weights), stride=rows,
+            length_per_key=per_key, offset_per_key=list(accumulate(per_key, initial=0)))
         return Batch(
-            dense=torch.from_numpy(np.array(cols.dense)),
-            sparse=kjt,
-            labels={k: tensor(k, np.float32) for k in s.labels},
-            groups={k: tensor(c, np.int64) for k, c in s.groups.items()},
-            stage=tensor(s.stage, np.int64) if s.stage else None,
-            teacher=tensor(s.teacher, np.float32) if s.teacher else None,
-            oracle={k: tensor(c, np.float32) for k, c in s.oracle.items()},
+            dense=t(w.dense[a:b]), sparse=kjt,
+            labels={k: t(v[a:b]) for k, v in w.labels.items()},
+            groups={k: t(v[a:b]) for k, v in w.groups.items()},
+            stage=None if w.stage is None else t(w.stage[a:b]),
+            teacher=None if w.teacher is None else t(w.teacher[a:b]),
+            oracle={k: t(v[a:b]) for k, v in w.oracle.items()},
         )
+
+    def batches(self, window: Window, first: int = 0) -> Iterator[Batch]:
+        """The batches of ``window`` from batch ``first`` on, each built as it is asked for."""
+        return (self.batch(window, j) for j in range(first, window.num_batches))
 
 
 def _chunk(table: pa.Table, name: str) -> pa.Array:
@@ -343,11 +448,43 @@ def _numbers(table: pa.Table, name: str, where: str, first_row: int,
     col = _chunk(table, name)
     if col.null_count:
         if required:
-            row = int(np.argmax(~np.asarray(col.is_valid())))
+            row = int(np.argmax(~_valid(col)))
             raise DataError(where, f"column '{name}' has a null at row {first_row + row}; "
                             f"{required} needs a value")
-        col = col.cast(pa.float32())  # nulls become NaN
+        return _nan_for_null(col)
     return col.to_numpy(zero_copy_only=False)
+
+
+def _valid(col: pa.Array) -> np.ndarray:
+    """Which rows of ``col`` hold a value, unpacked from Arrow's bitmap (a tenth of the cost of
+    ``is_valid()``)."""
+    bitmap = col.buffers()[0]
+    if bitmap is None:
+        return np.ones(len(col), dtype=bool)
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=col.offset + len(col),
+                         bitorder="little")
+    return bits[col.offset:].view(bool)
+
+
+_NAN_OR_ONE = np.array([np.nan, 1.0], dtype=np.float32)
+
+
+def _nan_for_null(col: pa.Array) -> np.ndarray:
+    """A numeric column as float32, NaN where null.
+
+    A null's slot holds anything; multiplying every slot by NaN (null) or 1 (valid) costs no
+    branch, unlike np.where or Arrow's casts, and keeps each valid value exact, -0.0 and inf
+    included.
+
+    Example:
+        >>> _nan_for_null(pa.array([1.5, None, -0.0], type=pa.float32()))
+        array([ 1.5,  nan, -0. ], dtype=float32)
+    """
+    if pa.types.is_boolean(col.type):  # bit-packed: no slot to read
+        return col.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    values = np.frombuffer(col.buffers()[1], dtype=col.type.to_pandas_dtype(),
+                           count=col.offset + len(col))[col.offset:]
+    return values.astype(np.float32, copy=False) * np.take(_NAN_OR_ONE, _valid(col).view(np.uint8))
 
 
 def _check_binary(values: np.ndarray, name: str, where: str, first_row: int) -> None:
@@ -382,18 +519,35 @@ def _list_column(col: pa.Array, name: str, where: str) -> tuple[np.ndarray, np.n
     flat = col.flatten()  # respects slicing and skips whatever backs a null list
     if flat.null_count:
         raise DataError(where, f"column '{name}' has a null inside an id list")
-    lengths = np.diff(col.offsets.to_numpy())
-    if col.null_count:
-        lengths = np.where(np.asarray(col.is_valid()), lengths, 0)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    if col.null_count:  # a null list may be backed by values: count none of them
+        offsets[1:] = np.cumsum(np.diff(offsets) * _valid(col))
+        offsets[0] = 0
+    else:
+        offsets -= offsets[0]
     return offsets, flat.to_numpy(zero_copy_only=False)
 
 
 def _jagged_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths of ``rows`` and the positions of their values, in row order."""
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
-    out_starts = np.cumsum(lengths) - lengths
-    pos = np.repeat(starts - out_starts, lengths) + np.arange(int(lengths.sum()))
+    """Lengths of ``rows`` and the positions of their values, in row order.
+
+    The positions are runs ``start, start+1, ...``: ones everywhere but at the first slot of each
+    run, which holds the jump from the end of the run before, so that one cumsum gives them all
+    (half the passes of np.repeat plus an arange).
+
+    Example:
+        >>> _jagged_rows(np.array([0, 2, 2, 5]), np.array([2, 1, 0]))
+        (array([3, 0, 2]), array([2, 3, 4, 0, 1]))
+    """
+    starts, stops = offsets[:-1][rows], offsets[1:][rows]
+    lengths = stops - starts
+    ends = np.cumsum(lengths)
+    pos = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    if len(pos):
+        if np.count_nonzero(lengths) < len(lengths):  # an empty row starts no run
+            filled = np.flatnonzero(lengths)
+            starts, stops, ends = starts[filled], stops[filled], ends[filled]
+        pos[ends[:-1]] = starts[1:] - stops[:-1] + 1
+        pos[0] = starts[0]
+        np.cumsum(pos, out=pos)
     return lengths, pos

@@ -11,18 +11,22 @@ The order of an epoch is a pure function of (seed, epoch), computed from metadat
 Step ``k`` is therefore batch ``k mod window_batches`` of window ``k // window_batches``: a restart at
 any step reads only that window onwards, never replaying data. With ``num_workers`` worker processes,
 worker ``j`` builds windows ``j, j+n, ...`` and the batches come out in the same order as with none.
+
+How a window is made: each row group it touches is decoded (its needed columns only) and checked
+once, the last one kept for the next window; every column is then gathered once into batch order
+(:class:`~recsys.data.batch.Window`), and each batch is assembled from slices of those as it is asked
+for, so that it reuses the memory of the batch consumed before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recsys.data.batch import Batch, BatchBuilder, Columns
+from recsys.data.batch import Batch, BatchBuilder, Columns, Window
 from recsys.data.parquet import ParquetSplit, RowGroupRef
 from recsys.errors import RecsysError, SpecError
 
@@ -149,37 +153,25 @@ class ParquetLoader:
     def read_window(self, epoch: int, window: int, order: list[RowGroupRef] | None = None,
                     ) -> list[Batch]:
         """Every batch of one window, built and checked."""
-        order = order if order is not None else self._row_group_order(epoch)
-        if not self.shuffle:  # batches straight from the row groups: no window copy
-            lo, a, b = self._window_rows(window)
-            return [self.builder.assemble(self._rows(order, lo + i, lo + min(i + self.batch_size,
-                                                                             b)))
-                    for i in range(a, b, self.batch_size)]
-        return self.batches_of(self.window_columns(epoch, window, order))
+        return list(self.builder.batches(self.window(epoch, window, order)))
 
-    def window_columns(self, epoch: int, window: int, order: list[RowGroupRef] | None = None,
-                       ) -> Columns:
-        """The rows of one window, checked, in batch order (permuted when shuffling)."""
+    def window(self, epoch: int, window: int, order: list[RowGroupRef] | None = None) -> Window:
+        """The rows of one window, checked and gathered in batch order (permuted when shuffling),
+        with the cuts that make them batches: one gather per column for the whole window."""
         order = order if order is not None else self._row_group_order(epoch)
         lo, a, b = self._window_rows(window)
         cols = self._rows(order, lo + a, lo + b)
-        if self.shuffle:
-            # one gather per column for the whole window; every batch is then a set of slices
-            rng = np.random.default_rng([self.seed, epoch, self.rank, window])
-            if self.group_column is None:
-                perm = rng.permutation(cols.n)
-            else:
-                starts, lengths = _runs(cols.values[self.group_column])
-                order = rng.permutation(len(starts))
-                perm = _ranges(starts[order], lengths[order])
-            cols = cols.take(perm)
-        return cols
-
-    def batches_of(self, cols: Columns) -> list[Batch]:
-        cuts = list(range(0, cols.n, self.batch_size)) + [cols.n]
-        if self.group_column is not None and self.shuffle:
-            cuts = _group_cuts(cols.values[self.group_column], len(cuts) - 1)
-        return [self.builder.assemble(cols.slice(a, b)) for a, b in pairwise(cuts)]
+        cuts = [*range(0, cols.n, self.batch_size), cols.n]
+        if not self.shuffle:
+            return self.builder.window(cols, None, cuts)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, window])
+        if self.group_column is None:
+            return self.builder.window(cols, rng.permutation(cols.n), cuts)
+        groups = cols.values[self.group_column]
+        starts, lengths = _runs(groups)
+        shuffled = rng.permutation(len(starts))
+        perm = _ranges(starts[shuffled], lengths[shuffled])
+        return self.builder.window(cols, perm, _group_cuts(groups[perm], len(cuts) - 1))
 
     def _window_rows(self, window: int) -> tuple[int, int, int]:
         """(this rank's first stream row, the window's first and end row within the rank)."""
@@ -215,16 +207,17 @@ class ParquetLoader:
         first_window, skip = divmod(start_step, self.window_batches)
         if self.num_workers == 0:
             order = self._row_group_order(epoch)
-            windows = (self.read_window(epoch, w, order)
+            windows = (self.window(epoch, w, order)
                        for w in range(first_window, self.num_windows()))
         else:
-            # workers read, check and permute whole windows; the cheap assembly into batches
-            # happens here, since sending one window of arrays costs far less than many tensors
+            # workers read, check and gather whole windows; the cheap assembly into batches
+            # happens here, since sending a few arrays costs far less than many tensors
             loader = DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
                                 num_workers=self.num_workers)
-            windows = (self.batches_of(_unwrapped(cols)) for cols in loader)
-        for w, batches in enumerate(windows):
-            yield from (batches[skip:] if w == 0 else batches)
+            windows = (_unwrapped(item) for item in loader)
+        for w, window in enumerate(windows):
+            # built one at a time: a batch reuses the memory of the one just consumed
+            yield from self.builder.batches(window, skip if w == 0 else 0)
 
 
 def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -263,13 +256,13 @@ class _WindowDataset(IterableDataset):
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
 
-    def __iter__(self) -> Iterator[Columns | _Raised]:
+    def __iter__(self) -> Iterator[Window | _Raised]:
         info = get_worker_info()
         j, n = (info.id, info.num_workers) if info else (0, 1)
         order = self.loader._row_group_order(self.epoch)
         for w in range(self.first + j, self.loader.num_windows(), n):
             try:
-                yield self.loader.window_columns(self.epoch, w, order)
+                yield self.loader.window(self.epoch, w, order)
             except RecsysError as e:
                 # torch re-raises a worker's exception as its type built from one message
                 # string, which our errors (where + message) do not take: it would surface as a
@@ -285,7 +278,7 @@ class _Raised:
         self.error = error
 
 
-def _unwrapped(item: Columns | _Raised) -> Columns:
+def _unwrapped(item: Window | _Raised) -> Window:
     if isinstance(item, _Raised):
         raise item.error
     return item
