@@ -1,8 +1,10 @@
 """``recsys bench all``: every benchmark in one command, each writing ``NAME.json`` / ``NAME.md``,
 then one summary table.
 
-The benchmarks: data loader (``data``), sharded training vs plain PyTorch (``train``), AdaEnsemble
-early exit (``moe``), serving latency and artifact size (``serve``), the step-time overhead of the
+The benchmarks: data loader (``data``), sharded training vs plain PyTorch (``train``), full
+training of every ranking arch on one Criteo-shaped world (``models``), AdaEnsemble
+early exit (``moe``), serving latency and artifact size (``serve``), training and inference
+samples/s of every over-arch in pure torch (``archs``), the step-time overhead of the
 hierarchical group-wise loss (``hgr``), RankTower's online scoring of 1,000 cached candidates
 (``ranktower``), training throughput and per-rank embedding memory on 1 and 2 processes with
 table-wise sharding (``scaling``) and RVQ encoding throughput (``rvq``). ``--quick`` runs every one
@@ -83,6 +85,27 @@ def bench_serve(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     scfg = ServeBenchConfig(tables=3, rows=2000, dim=32, dense=2, batch_sizes=(1, 64),
                             repeats=2) if cfg.quick else ServeBenchConfig()
     result = run(scfg)
+    return result, table(result)
+
+
+def bench_models(cfg: AllConfig) -> tuple[dict[str, Any], str]:
+    """Full sharded training of every ranking arch on one Criteo-shaped world (quick: dcn and
+    xdeepint with gftrl only, 2 tables of 1,000 rows, batch 256, 2 steps, one repeat)."""
+    from recsys.bench.models import ModelsBenchConfig, run
+
+    mcfg = (ModelsBenchConfig(tables=2, rows=1000, batch_size=256, steps=2, warmup=1, repeats=1,
+                              models=["dcn", "xdeepint"]) if cfg.quick else ModelsBenchConfig())
+    return run(mcfg, progress=not cfg.quick)
+
+
+def bench_archs(cfg: AllConfig) -> tuple[dict[str, Any], str]:
+    """Training and inference samples/s of every over-arch on this machine's CPU, one thread
+    (quick: batch 128, one step each; else batch 2048, fp32 and bf16)."""
+    from recsys.bench.archs import ArchBenchConfig, run, table
+
+    acfg = (ArchBenchConfig.quick(progress=False) if cfg.quick else
+            ArchBenchConfig(batch_sizes=(2048,), progress=False))
+    result = run(acfg)
     return result, table(result)
 
 
@@ -201,8 +224,10 @@ def bench_rvq(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 
 
 BENCHES: dict[str, Callable[[AllConfig], tuple[dict[str, Any], str]]] = {
-    "data": bench_data, "train": bench_train, "moe": bench_moe, "serve": bench_serve,
-    "hgr": bench_hgr, "ranktower": bench_ranktower, "scaling": bench_scaling, "rvq": bench_rvq,
+    "data": bench_data, "train": bench_train, "models": bench_models, "moe": bench_moe,
+    "serve": bench_serve,
+    "archs": bench_archs, "hgr": bench_hgr, "ranktower": bench_ranktower,
+    "scaling": bench_scaling, "rvq": bench_rvq,
 }
 
 
@@ -214,6 +239,11 @@ def headline(name: str, result: dict[str, Any]) -> str:
             return f"shuffled loader {r['loader -> Batch (shuffled)']:,.0f} rows/s"
         if name == "train":
             return f"sharded / plain samples/s: {result['ratio']:.2f}x"
+        if name == "models":
+            return "; ".join([f"{k} {v['value']:.2f}x (target {v['target']:g}x)"
+                              for k, v in result["ratios"].items()]
+                             or [f"{m} {v:,.0f} samples/s"
+                                 for m, v in result["samples_per_s"].items()])
         if name == "moe":
             ratio = result["ratio_depth4_to_depth1"]["best"]
             return f"depth 4 / depth 1 time per example: {ratio:.2f}x"
@@ -221,6 +251,10 @@ def headline(name: str, result: dict[str, Any]) -> str:
             g = result["goals"]
             return (f"int8 / fp32 size {g['size_ratio_int8_fp32']:.3f}; int8 / eager throughput "
                     f"{g['throughput_ratio_int8_eager']:.2f}x")
+        if name == "archs":
+            row = next(iter(result["results"]["fp32"].values()))
+            return (f"fp32 train samples/s: dcn {row['dcn']['train']['samples_per_s']:,.0f}, "
+                    f"moe {row['moe']['train']['samples_per_s']:,.0f}")
         if name == "hgr":
             return f"hierarchical / bce step time: {result['ratio']:.3f}x"
         if name == "ranktower":

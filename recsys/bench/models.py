@@ -22,21 +22,12 @@ import argparse
 import json
 import tempfile
 import tomllib
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.bench.train import (
-    TrainBenchConfig,
-    _run_child,
-    random_batches,
-    save_batches,
-    stress_spec,
-)
-from recsys.spec import validate_spec
-from recsys.spec.io import apply_override
-from recsys.tables import format_table
+# torch, torchrec and the spec are imported inside the functions: the CLI builds its options from
+# this module, and `recsys --help` must not import them
 
 NAME = "models"
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +68,7 @@ class ModelsBenchConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+            raise ValueError(f"models: unknown name(s) {unknown}; known: {', '.join(MODELS)}")
         for name in ("tables", "rows", "batch_size", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,6 +76,9 @@ class ModelsBenchConfig:
 
 def model_spec(name: str, cfg: ModelsBenchConfig) -> dict[str, Any]:
     """The stress world with the model section and optimizers of ``name``'s spec, as a raw dict."""
+    from recsys.bench.train import stress_spec
+    from recsys.spec.io import apply_override
+
     spec_file, model, overrides = MODELS[name]
     full = tomllib.loads((ROOT / "specs" / spec_file).read_text())
     if model is not None:
@@ -103,6 +97,9 @@ def model_spec(name: str, cfg: ModelsBenchConfig) -> dict[str, Any]:
 
 def run(cfg: ModelsBenchConfig, progress: bool = True) -> tuple[dict[str, Any], str]:
     """Train every model ``cfg.repeats`` times in turn; returns (result dict, table)."""
+    from recsys.bench.train import TrainBenchConfig, _run_child, random_batches, save_batches
+    from recsys.spec import validate_spec
+
     specs = {m: validate_spec(model_spec(m, cfg), f"<bench models: {m}>") for m in cfg.models}
     first = next(iter(specs.values()))
     train_cfg = TrainBenchConfig(steps=cfg.steps, warmup=cfg.warmup, repeats=1,
@@ -133,6 +130,8 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> tuple[dict[str, Any], 
 
 def summarise(cfg: ModelsBenchConfig, specs: dict[str, Any],
               runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], str]:
+    from recsys.tables import format_table
+
     best = {m: max(r["samples_per_s"] for r in rs) for m, rs in runs.items()}
     dcn = best.get("dcn")
     ratios: dict[str, Any] = {}
@@ -163,39 +162,10 @@ def summarise(cfg: ModelsBenchConfig, specs: dict[str, Any],
     return result, table
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The command's options (shared by the CLI and ``python -m recsys.bench.models``)."""
-    d = ModelsBenchConfig()
-    p.add_argument("--models", default=",".join(d.models),
-                   help=f"comma-separated, from: {', '.join(MODELS)}")
-    p.add_argument("--tables", type=int, default=d.tables)
-    p.add_argument("--rows", type=int, default=d.rows)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--one-core", action="store_true", help="one thread per training process")
-
-
 def config_from(args: argparse.Namespace) -> ModelsBenchConfig:
-    return ModelsBenchConfig(tables=args.tables, rows=args.rows, batch_size=args.batch_size,
-                             steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                             one_core=args.one_core,
-                             models=[m.strip() for m in args.models.split(",") if m.strip()])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from recsys.bench import write_result
-
-    p = argparse.ArgumentParser(prog="python -m recsys.bench.models", description=__doc__)
-    add_arguments(p)
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    args = p.parse_args(argv)
-    result, table = run(config_from(args))
-    print(table)
-    print(f"wrote {write_result(args.out, NAME, result, table)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    """The config from the options that were given (a ValueError names a bad one)."""
+    given = {k: getattr(args, k) for k in ("tables", "rows", "batch_size", "steps", "warmup",
+                                           "repeats") if getattr(args, k) is not None}
+    if args.models:
+        given["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    return ModelsBenchConfig(**given, one_core=args.one_core)

@@ -1,16 +1,19 @@
-"""``recsys bench data | train | moe | serve | hgr | ranktower | scaling | rvq | all``: benchmarks,
-each writing NAME.json and a NAME.md table."""
+"""``recsys bench data | train | models | moe | serve | archs | hgr | ranktower | scaling | rvq |
+all``:
+benchmarks, each writing NAME.json and a NAME.md table."""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from recsys.cli.common import SubParsers, add_command, add_group, add_overrides, check_options, load
 from recsys.errors import UsageError
 
 # the benchmarks that `recsys bench all` runs (recsys.bench.all.BENCHES, which imports torch)
-BENCHES = ("data", "train", "moe", "serve", "hgr", "ranktower", "scaling", "rvq")
+BENCHES = ("data", "train", "models", "moe", "serve", "archs", "hgr", "ranktower", "scaling",
+           "rvq")
 
 # the benchmarks with no options of their own: each runs as `recsys bench all --only NAME`
 ONLY_IN_ALL = {
@@ -25,8 +28,10 @@ def register(sub: SubParsers) -> None:
     bench = add_group(sub, "bench", "benchmarks (JSON + table)")
     _add_data(bench)
     _add_train(bench)
+    _add_models(bench)
     _add_moe(bench)
     _add_serve(bench)
+    _add_archs(bench)
     for name, what in ONLY_IN_ALL.items():
         p = add_command(bench, name, cmd_bench_all, what)
         p.add_argument("--out", default="bench-results",
@@ -121,6 +126,40 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- models ---------------------------------------------------------------------------------------
+
+def _add_models(bench: SubParsers) -> None:
+    p = add_command(bench, "models", cmd_bench_models, "full sharded training samples/s of every "
+                    "ranking arch on one Criteo-shaped world, against dcn (and xdeepint's gftrl "
+                    "against its rowwise_adagrad)")
+    p.add_argument("--out", default="bench-results", help="where models.json / models.md go")
+    p.add_argument("--models", help="comma-separated (default: all of mlp, dcn, dlrm, deepfm, pin, "
+                   "xdeepint, xdeepint_adagrad, dynint, moe)")
+    p.add_argument("--tables", type=int, help="sparse features, one table each (default 26)")
+    p.add_argument("--rows", type=int, help="rows per table (default 262144)")
+    p.add_argument("--batch-size", type=int, help="default 2048")
+    p.add_argument("--steps", type=int, help="timed steps per repeat (default 20)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3)")
+    p.add_argument("--repeats", type=int, help="best of this many, round the models (default 2)")
+    p.add_argument("--one-core", action="store_true", help="one thread per training process")
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from recsys.bench import write_result
+    from recsys.bench.models import NAME, config_from, run
+
+    try:
+        cfg = config_from(args)
+    except ValueError as e:  # named as the options are
+        message = re.sub(r"\b(tables|rows|batch_size|steps|repeats|model)(s?)\b",
+                         lambda m: "--" + m.group(1).replace("_", "-") + m.group(2), str(e))
+        raise UsageError(message) from None
+    result, table = run(cfg)
+    print(table)
+    print(f"\nwrote {write_result(args.out, NAME, result, table)}")
+    return 0
+
+
 # ---- moe ------------------------------------------------------------------------------------------
 
 def _add_moe(bench: SubParsers) -> None:
@@ -167,6 +206,52 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     run_and_write(check_options(lambda: config_from_args(args), "--batch-sizes", "--repeats",
                                 "--warmup", "--calls"), args.out)
+    return 0
+
+
+# ---- archs ----------------------------------------------------------------------------------------
+
+def _add_archs(bench: SubParsers) -> None:
+    p = add_command(bench, "archs", cmd_bench_archs, "training and inference samples/s of every "
+                    "over-arch in pure torch (runs where only torch is installed), fp32 and bf16")
+    p.add_argument("--out", default="bench-results", help="where archs.json / archs.md go")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
+    p.add_argument("--archs", nargs="+", metavar="ARCH",
+                   help="default: all (mlp dcn pin xdeepint dynint dynint-B2 dynint-B3 dynint-B4 "
+                        "dynint-static moe dlrm deepfm ranktower dssm)")
+    p.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+",
+                   help="default 2048 32768")
+    p.add_argument("--dtype", nargs="+", choices=("fp32", "bf16", "both"),
+                   help="fp32 and/or bf16 autocast (default both)")
+    p.add_argument("--repeats", type=int, help="best of this many, side by side (default 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps per arch and phase (default 2)")
+    p.add_argument("--min-seconds", dest="min_seconds", type=float,
+                   help="least time of each timed block (default 0.3)")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default 1)")
+    p.add_argument("--all-cores", action="store_true", help="torch's default threads, not 1")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--sync-debug", dest="sync_debug", action="store_true",
+                   help="cuda: training forward + backward under set_sync_debug_mode('error'); "
+                        "reports the arches that synchronize")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true",
+                   help="no progress lines on stderr")
+
+
+def cmd_bench_archs(args: argparse.Namespace) -> int:
+    from recsys.bench.archs import config_from_args, run_and_write
+
+    # not check_options (it imports pydantic: this command must run with torch alone); the same
+    # renaming of the config's fields to the options
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        message = str(e)
+        for field in ("batch_sizes", "min_seconds", "sync_debug", "archs", "dtype",
+                      "device", "repeats", "warmup", "threads"):
+            message = re.sub(rf"\b{field}\b", "--" + field.replace("_", "-"), message)
+        raise UsageError(message) from None
+    run_and_write(cfg, args.out)
     return 0
 
 

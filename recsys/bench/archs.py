@@ -1,0 +1,783 @@
+"""``recsys bench archs``: training and inference samples/s of every over-arch, in pure torch.
+
+Each over-arch runs above a Criteo-shaped batch of pooled embeddings: 26 sparse fields of dim 16
+(``pooled`` ``(B, 416)``) and 13 dense features, random data, one task (a binary logit and BCE, plus
+AdaEnsemble's auxiliary router loss). A **training step** is forward, backward (into the
+parameters and into ``pooled``, as the embedding tables' backward would receive it) and an Adam
+step; an **inference step** is an eval-mode forward under ``torch.inference_mode``. Every arch is
+timed at every batch size (default 2048 and 32768) in fp32 and under bf16 autocast; each repeat
+times every arch once in turn, so machine noise hits all alike, and each timed block runs enough
+steps to last ``min_seconds`` (counted from the warm-up). Samples/s come from the best repeat.
+Step-time ratios: each arch against ``dcn``, ``dynint`` against ``pin``, and bf16 against fp32.
+
+The models are built here from the pure-torch layers of :mod:`recsys.modules` and the loss of
+:mod:`recsys.losses`, never from ``recsys.models.archs`` (pydantic, torchrec): the benchmark runs
+where only torch is installed (``PYTHONPATH=. python -m recsys.bench.archs --device cuda``; see
+``tools/bench_archs_device.sh``). Each mirrors its arch's ``build`` with the defaults of the arch
+and of its spec under ``specs/`` (``tests/test_bench_archs.py`` checks the parameter shapes against
+the registry's models):
+
+- ``mlp``: ``[pooled ; MLP_64(dense)]`` -> MLP 256-128-64 -> head (``dense_arch = [64]``).
+- ``dcn``: the same input through a 3-layer full-rank DCN-v2 cross, then the tower.
+- ``pin``: stacked fields ``(B, 27, 16)`` (the dense arch 64-16 is the 27th) -> PIN (4 layers,
+  h = 1, residual, linear; the ``[model.pin]`` defaults) -> flatten -> the tower.
+- ``xdeepint``: stacked fields -> PIN (4 layers, h = 4: specs/xdeepint.toml) -> xDeepInt readout.
+- ``dynint``: stacked fields -> DynamicPIN (3 layers, h = 4, A1 + B1: specs/dynint.toml) ->
+  readout; ``dynint-B2`` .. ``dynint-B4`` change the parameter mode (rank 4, 4 bases), and
+  ``dynint-static`` (no dynamic activation or parameter) is the same recursion with a static W,
+  the like-for-like baseline of the dynamic modes.
+- ``moe``: stacked fields -> AdaEnsemble (5 experts, top 3, 4 depths: specs/adaensemble.toml) at
+  its steady state, ``anneal_steps = 0``: the spec anneals k from 5 to 3 over its first 1,000
+  steps, and annealing reads the step counter on the host every forward.
+- ``dlrm``: a pure-torch equivalent of ``torchrec.models.dlrm``'s ``DenseArch`` (an MLP 64-16, ReLU
+  on every layer) and ``InteractionArch`` (the upper triangle of the Gram matrix of
+  ``[dense ; e_1 .. e_26]``, after the dense vector), then the tower.
+- ``deepfm``: the ``mlp`` tower's logit plus the FM term ``½ Σ_d [(Σ_i v_i)² − Σ_i v_i²]`` of the
+  26 fields (written out here as in ``recsys/models/archs/deepfm.py``).
+- ``ranktower`` / ``dssm``: two towers (heads 4 x 32, hidden 128: specs/ranktower.toml); with no
+  sides in Criteo, sparse fields 0-12 and the 13 dense features (one more field) feed the user
+  tower, fields 13-25 the item tower; trained here with BCE, not the cascade objective.
+
+On CUDA the timings are taken with CUDA events after a synchronize; ``compile`` wraps each model
+in ``torch.compile``; ``sync_debug`` runs every training forward + backward (not the optimizer step)
+under ``torch.cuda.set_sync_debug_mode("error")``, so an arch that synchronizes host and device
+fails with the offending call and is reported (its training is then not timed). The first
+training step of each arch (lazy state, allocations, compilation) runs outside that mode.
+
+Example:
+    >>> cfg = ArchBenchConfig(archs=("mlp", "dcn"), batch_sizes=(64,), dtypes=("fp32",),
+    ...                       repeats=1, warmup=1, min_seconds=0.0, progress=False)
+    >>> result = run(cfg)
+    >>> sorted(result["results"]["fp32"]["64"])
+    ['dcn', 'mlp']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys.losses.pointwise import bce
+from recsys.modules.cross import CrossNet
+from recsys.modules.dynint import DynamicPIN
+from recsys.modules.fields import FieldStack, FieldSubset
+from recsys.modules.mlp import MLP
+from recsys.modules.moe import AdaEnsemble
+from recsys.modules.pin import PolynomialInteractionNetwork, XDeepIntReadout
+from recsys.modules.ranktower import DSSMNet, RankTowerNet
+from recsys.tables import format_table
+
+NAME = "archs"
+
+# the Criteo shape: 26 categorical fields (pooled, dim 16) and 13 integer (dense) features
+NUM_FIELDS = 26
+DIM = 16
+NUM_DENSE = 13
+
+# the defaults every arch shares (recsys/models/archs/base.py, mlp.py) and the spec settings
+DENSE_HIDDEN = [64]  # model.dense_arch
+TOWER = [256, 128, 64]  # model.mlp.hidden
+DCN_LAYERS = 3  # model.dcn.num_layers (full rank)
+PIN = {"num_layers": 4, "subspaces": 1}  # [model.pin] defaults (the pin arch has no spec file)
+XDEEPINT_PIN = {"num_layers": 4, "subspaces": 4}  # specs/xdeepint.toml
+DYNINT_PIN = {"num_layers": 3, "subspaces": 4}  # specs/dynint.toml
+DYNINT_MODES = {"dynint": ("A1", "B1"), "dynint-B2": ("A1", "B2"), "dynint-B3": ("A1", "B3"),
+                "dynint-B4": ("A1", "B4"), "dynint-static": ("none", "none")}
+TOWERS = {"heads": 4, "head_dim": 32, "hidden": [128]}  # specs/ranktower.toml
+USER_FIELDS = 13  # sparse fields 0..12 (and every dense feature) feed the user tower
+ADAM_LR = 1e-3  # train.dense_optimizer's default
+
+ARCHS = ("mlp", "dcn", "pin", "xdeepint", *DYNINT_MODES, "moe", "dlrm", "deepfm", "ranktower",
+         "dssm")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: no autocast
+
+
+# ---- the over-arches ------------------------------------------------------------------------------
+
+Output = tuple[torch.Tensor, torch.Tensor | None]  # (logit (B,), auxiliary loss or None)
+
+
+class ConcatInput(nn.Module):
+    """``[pooled ; MLP(dense)]`` ``(B, width + dense_hidden[-1])``, as the ``mlp``/``dcn``/
+    ``deepfm`` archs' ConcatInput.
+
+    Example:
+        >>> ConcatInput(32, 3, [8])(torch.randn(4, 32), torch.randn(4, 3)).shape
+        torch.Size([4, 40])
+    """
+
+    def __init__(self, width: int, num_dense: int, dense_hidden: list[int]) -> None:
+        super().__init__()
+        self.dense_arch = MLP(num_dense, dense_hidden)
+        self.out_features = width + self.dense_arch.out_features
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pooled, self.dense_arch(dense)], dim=1)
+
+
+class CrossInput(nn.Module):
+    """:class:`ConcatInput` through a DCN-v2 cross network (same width out)."""
+
+    def __init__(self, concat: ConcatInput, num_layers: int) -> None:
+        super().__init__()
+        self.concat = concat
+        self.cross = CrossNet(concat.out_features, num_layers)
+        self.out_features = concat.out_features
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.cross(self.concat(pooled, dense))
+
+
+class PINInput(nn.Module):
+    """Stacked fields -> PIN -> flattened ``(B, out_fields · out_dim)``."""
+
+    def __init__(self, fields: FieldStack, pin: PolynomialInteractionNetwork) -> None:
+        super().__init__()
+        self.fields = fields
+        self.pin = pin
+        self.out_features = pin.out_fields * pin.out_dim
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.pin(self.fields(pooled, dense)).flatten(1)
+
+
+def fm_second_order(fields: torch.Tensor) -> torch.Tensor:
+    """``(B, m, D) -> (B,)``: ``Σ_{i<j} <v_i, v_j> = ½ Σ_d [(Σ_i v_{i,d})² − Σ_i v_{i,d}²]``.
+
+    Example:
+        >>> fm_second_order(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))  # 1·3 + 2·4
+        tensor([11.])
+    """
+    return 0.5 * (fields.sum(dim=1).pow(2) - fields.pow(2).sum(dim=1)).sum(dim=1)
+
+
+class DeepTower(nn.Module):
+    """An input block -> MLP tower -> one logit; with ``fm``, plus the FM term of the pooled
+    fields (DeepFM).
+
+    Example:
+        >>> tower = DeepTower(ConcatInput(32, 3, [8]), [16])
+        >>> tower(torch.randn(4, 32), torch.randn(4, 3))[0].shape
+        torch.Size([4])
+    """
+
+    def __init__(self, inputs: nn.Module, hidden: list[int], fm: bool = False,
+                 dim: int = DIM) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.deep = MLP(int(inputs.out_features), hidden)
+        self.head = nn.Linear(self.deep.out_features, 1)
+        self.fm = fm
+        self.dim = dim
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> Output:
+        logit = self.head(self.deep(self.inputs(pooled, dense))).squeeze(-1)
+        if self.fm:
+            logit = logit + fm_second_order(pooled.view(pooled.shape[0], -1, self.dim))
+        return logit, None
+
+
+class DotInteraction(nn.Module):
+    """torchrec's DLRM ``InteractionArch`` in pure torch: ``(d (B, D), e (B, F, D))`` ->
+    ``[d ; <x_i, x_j> for i < j]`` over ``x = [d ; e_1 .. e_F]``, ``(B, D + F + F(F-1)/2)``.
+
+    The pairs are in torchrec's order (``triu_indices(F+1, F+1, 1)``, row-major), taken with one
+    ``index_select`` of the flattened Gram matrix: its backward is an ``index_add``.
+
+    Example:
+        >>> DotInteraction(3)(torch.randn(2, 4), torch.randn(2, 3, 4)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, num_sparse: int) -> None:
+        super().__init__()
+        n = num_sparse + 1
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("pairs", rows * n + cols, persistent=False)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+        gram = torch.bmm(x, x.transpose(1, 2))
+        return torch.cat([dense, gram.flatten(1).index_select(1, self.pairs)], dim=1)
+
+
+class DLRMInput(nn.Module):
+    """DLRM below the tower: dense arch (an MLP whose last layer is D, ReLU throughout, as
+    torchrec's ``DenseArch``) and the dot interaction with the ``F`` pooled fields."""
+
+    def __init__(self, num_fields: int, dim: int, num_dense: int,
+                 dense_hidden: list[int]) -> None:
+        super().__init__()
+        self.num_fields = num_fields
+        self.dim = dim
+        self.dense_arch = MLP(num_dense, [*dense_hidden, dim])
+        self.interaction = DotInteraction(num_fields)
+        self.out_features = dim + num_fields + num_fields * (num_fields - 1) // 2
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        sparse = pooled.view(pooled.shape[0], self.num_fields, self.dim)
+        return self.interaction(self.dense_arch(dense), sparse)
+
+
+class ReadoutArch(nn.Module):
+    """Stacked fields -> an interaction network -> xDeepInt's readout (``xdeepint``, ``dynint``)."""
+
+    def __init__(self, fields: FieldStack, interaction: nn.Module) -> None:
+        super().__init__()
+        self.fields = fields
+        self.pin = interaction
+        self.readout = XDeepIntReadout(int(interaction.out_fields), 1)
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> Output:
+        return self.readout(self.pin(self.fields(pooled, dense)))[:, 0], None
+
+
+class MoEArch(nn.Module):
+    """Stacked fields -> AdaEnsemble: its logit and its weighted router losses."""
+
+    def __init__(self, fields: FieldStack, ensemble: AdaEnsemble) -> None:
+        super().__init__()
+        self.fields = fields
+        self.ensemble = ensemble
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> Output:
+        logits, aux = self.ensemble(self.fields(pooled, dense))
+        return logits[:, 0], aux
+
+
+class TwoTowerArch(nn.Module):
+    """User and item fields (``FieldSubset``) -> ``net.score(user_tower, item_tower)``."""
+
+    def __init__(self, dims: list[int], dim: int, dense_hidden: list[int], num_dense: int,
+                 user_fields: int, make_net: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        self.user_inputs = FieldSubset(dims, list(range(user_fields)), list(range(num_dense)),
+                                       dim, dense_hidden)
+        self.item_inputs = FieldSubset(dims, list(range(user_fields, len(dims))), [], dim,
+                                       dense_hidden)
+        self.net = make_net(self.user_inputs.num_fields, self.item_inputs.num_fields)
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> Output:
+        user = self.net.user_tower(self.user_inputs(pooled, dense))
+        item = self.net.item_tower(self.item_inputs(pooled, dense))
+        return self.net.score(user, item), None
+
+
+def build_arch(name: str, num_fields: int = NUM_FIELDS, dim: int = DIM,
+               num_dense: int = NUM_DENSE) -> nn.Module:
+    """The over-arch ``name`` (one of :data:`ARCHS`): ``forward(pooled (B, m·D), dense (B, n))
+    -> (logit (B,), aux loss or None)``.
+
+    Example:
+        >>> logit, aux = build_arch("dlrm")(torch.randn(8, 26 * 16), torch.randn(8, 13))
+        >>> logit.shape, aux
+        (torch.Size([8]), None)
+    """
+    dims = [dim] * num_fields
+    width = num_fields * dim
+
+    def stack() -> FieldStack:
+        return FieldStack(dims, dim, num_dense, DENSE_HIDDEN)
+
+    if name == "mlp":
+        return DeepTower(ConcatInput(width, num_dense, DENSE_HIDDEN), TOWER)
+    if name == "dcn":
+        return DeepTower(CrossInput(ConcatInput(width, num_dense, DENSE_HIDDEN), DCN_LAYERS),
+                         TOWER)
+    if name == "pin":
+        fields = stack()
+        return DeepTower(PINInput(fields, PolynomialInteractionNetwork(fields.num_fields, dim,
+                                                                       **PIN)), TOWER)
+    if name == "xdeepint":
+        fields = stack()
+        return ReadoutArch(fields, PolynomialInteractionNetwork(fields.num_fields, dim,
+                                                                **XDEEPINT_PIN))
+    if name in DYNINT_MODES:
+        fields = stack()
+        activation, parameter = DYNINT_MODES[name]
+        return ReadoutArch(fields, DynamicPIN(fields.num_fields, dim, **DYNINT_PIN,
+                                              activation_mode=activation,
+                                              parameter_mode=parameter))
+    if name == "moe":
+        fields = stack()
+        return MoEArch(fields, AdaEnsemble(fields.num_fields, dim, 1, anneal_steps=0))
+    if name == "dlrm":
+        return DeepTower(DLRMInput(num_fields, dim, num_dense, DENSE_HIDDEN), TOWER)
+    if name == "deepfm":
+        return DeepTower(ConcatInput(width, num_dense, DENSE_HIDDEN), TOWER, fm=True, dim=dim)
+    users = min(USER_FIELDS, num_fields - 1)
+    if name == "ranktower":
+        return TwoTowerArch(dims, dim, DENSE_HIDDEN, num_dense, users,
+                            lambda nu, ni: RankTowerNet(nu, ni, dim, **TOWERS))
+    if name == "dssm":
+        return TwoTowerArch(dims, dim, DENSE_HIDDEN, num_dense, users,
+                            lambda nu, ni: DSSMNet(nu, ni, dim, TOWERS["hidden"],
+                                                   TOWERS["head_dim"]))
+    raise ValueError(f"unknown arch {name!r}; expected one of: {', '.join(ARCHS)}")
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+@dataclass
+class ArchBenchConfig:
+    """What to time. ``threads`` applies on CPU (None: torch's default); ``min_seconds`` is the
+    least time of one timed block (its step count comes from the warm-up, at most ``max_steps``)."""
+
+    archs: tuple[str, ...] = ARCHS
+    batch_sizes: tuple[int, ...] = (2048, 32768)
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    device: str = "cpu"
+    repeats: int = 3
+    warmup: int = 2
+    min_seconds: float = 0.3
+    max_steps: int = 200
+    threads: int | None = 1
+    compile: bool = False
+    sync_debug: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # tuples also when given lists (argparse, JSON); the messages name the fields, which the
+        # command turns into its options
+        self.archs, self.batch_sizes, self.dtypes = (
+            tuple(self.archs), tuple(self.batch_sizes), tuple(self.dtypes))
+        unknown = [a for a in self.archs if a not in ARCHS]
+        if unknown or not self.archs:
+            raise ValueError(f"archs: unknown {', '.join(unknown) or '(none given)'}; expected "
+                             f"some of: {', '.join(ARCHS)}")
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad or not self.dtypes:
+            raise ValueError(f"dtype: unknown {', '.join(bad) or '(none given)'}; expected "
+                             f"fp32 and/or bf16")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes must be >= 1, got {list(self.batch_sizes)}")
+        for name in ("repeats", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.min_seconds < 0:
+            raise ValueError(f"warmup and min_seconds must be >= 0, got {self.warmup} and "
+                             f"{self.min_seconds}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda: torch sees no CUDA device here")
+        if self.sync_debug and self.device != "cuda":
+            raise ValueError("sync_debug needs device cuda (a CPU run never syncs)")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ArchBenchConfig:
+        """Tiny sizes: every arch, both dtypes, one short step each (CI: the code paths never
+        rot)."""
+        return cls(**{"batch_sizes": (128,), "repeats": 1, "warmup": 1, "min_seconds": 0.0,
+                      **overrides})
+
+
+def config_from_args(args: Any) -> ArchBenchConfig:
+    """A config from the command's options (None: the default, or ``--quick``'s)."""
+    given = {key: getattr(args, opt) for key, opt in (
+        ("archs", "archs"), ("batch_sizes", "batch_sizes"), ("dtypes", "dtype"),
+        ("device", "device"), ("repeats", "repeats"), ("warmup", "warmup"),
+        ("min_seconds", "min_seconds"), ("threads", "threads"))
+        if getattr(args, opt, None) is not None}
+    if "both" in given.get("dtypes", ()):
+        given["dtypes"] = ("fp32", "bf16")
+    flags = {"compile": bool(getattr(args, "compile", False)),
+             "sync_debug": bool(getattr(args, "sync_debug", False)),
+             "progress": not getattr(args, "no_progress", False)}
+    if getattr(args, "all_cores", False):
+        flags["threads"] = None
+    return (ArchBenchConfig.quick if getattr(args, "quick", False) else ArchBenchConfig)(
+        **given, **flags)
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``threads`` intra-op threads inside (None: unchanged); the previous setting comes back."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextmanager
+def sync_debug_errors(on: bool) -> Iterator[None]:
+    """With ``on``, every CUDA host-device synchronization inside raises (a RuntimeError)."""
+    if not on:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def seconds_per_call(fn: Callable[[], None], calls: int, cuda: bool) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls; on CUDA between two events, after a
+    synchronize (the queue holds no earlier work) and up to the end event's completion."""
+    if not cuda:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / calls
+
+
+def random_batch(batch: int, device: torch.device, seed: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pooled (B, 416), dense (B, 13), labels (B,))``; ``pooled`` is a leaf that requires
+    grad, so backward also computes what the embedding tables would receive."""
+    gen = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(batch, NUM_FIELDS * DIM, generator=gen)
+    dense = torch.randn(batch, NUM_DENSE, generator=gen)
+    labels = (torch.rand(batch, generator=gen) < 0.25).float()  # Criteo-like CTR
+    return pooled.to(device).requires_grad_(), dense.to(device), labels.to(device)
+
+
+class Case:
+    """One arch's training and inference steps on one batch and dtype."""
+
+    def __init__(self, model: nn.Module, call: Callable[..., Output], opt: torch.optim.Optimizer,
+                 data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype | None) -> None:
+        self.model, self.call, self.opt = model, call, opt
+        self.pooled, self.dense, self.labels = data
+        self.device_type = device.type
+        self.dtype = dtype
+        self.sync_debug = False  # set once the priming step has run
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def train_step(self) -> None:
+        """Forward, BCE (+ aux), backward, Adam; only forward + backward under sync debug."""
+        with sync_debug_errors(self.sync_debug):
+            with self.autocast():
+                logit, aux = self.call(self.pooled, self.dense)
+                loss = bce(logit.float(), self.labels)
+                if aux is not None:
+                    loss = loss + aux.float()
+            loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.pooled.grad = None
+
+    def infer_step(self) -> None:
+        with torch.inference_mode(), self.autocast():
+            self.call(self.pooled, self.dense)
+
+    def reset(self) -> None:
+        """After a failed step: no gradients left behind for the next one."""
+        self.opt.zero_grad(set_to_none=True)
+        self.pooled.grad = None
+
+
+def _say(cfg: ArchBenchConfig, message: str) -> None:
+    if cfg.progress:
+        print(f"[bench archs] {message}", file=sys.stderr, flush=True)
+
+
+def _error_line(e: BaseException) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _warm(cfg: ArchBenchConfig, case: Case, phase: str, cuda: bool) -> int:
+    """Warm up one phase (``train`` / ``infer``) and return its timed step count."""
+    step = case.train_step if phase == "train" else case.infer_step
+    case.model.train(phase == "train")
+    if phase == "train":  # the first step (lazy init, allocations, compile) is never sync-debugged
+        case.sync_debug = False
+        step()
+        case.sync_debug = cfg.sync_debug
+    last = 0.0
+    for _ in range(cfg.warmup):
+        last = seconds_per_call(step, 1, cuda)
+    if cfg.min_seconds <= 0:
+        return 1
+    if last <= 0:
+        last = seconds_per_call(step, 1, cuda)
+    return max(1, min(cfg.max_steps, math.ceil(cfg.min_seconds / max(last, 1e-9))))
+
+
+def _bench_group(cfg: ArchBenchConfig, cases: dict[str, Case], batch: int,
+                 label: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Time every case of one (dtype, batch): ``({arch: numbers}, {arch: sync-debug verdict})``."""
+    cuda = cfg.device == "cuda"
+    steps: dict[str, dict[str, int]] = {}
+    verdict: dict[str, str] = {}
+    for name, case in cases.items():
+        _say(cfg, f"{label}: warm-up {name}")
+        steps[name] = {}
+        for phase in ("train", "infer"):
+            try:
+                steps[name][phase] = _warm(cfg, case, phase, cuda)
+            except RuntimeError as e:
+                if not (cfg.sync_debug and phase == "train"):
+                    raise
+                verdict[name] = _error_line(e)
+                case.reset()
+        if cfg.sync_debug:
+            verdict.setdefault(name, "pass")
+    times: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in cases}
+    for r in range(cfg.repeats):
+        _say(cfg, f"{label}: repeat {r + 1}/{cfg.repeats}")
+        for name, case in cases.items():
+            for phase, n in list(steps[name].items()):
+                case.model.train(phase == "train")
+                step = case.train_step if phase == "train" else case.infer_step
+                try:
+                    times[name][phase].append(seconds_per_call(step, n, cuda))
+                except RuntimeError as e:  # a sync that the warm-up did not meet
+                    if not (cfg.sync_debug and phase == "train"):
+                        raise
+                    verdict[name] = _error_line(e)
+                    case.reset()
+                    del steps[name]["train"]
+                    times[name]["train"] = []
+    out: dict[str, Any] = {}
+    for name, case in cases.items():
+        out[name] = {"params": sum(p.numel() for p in case.model.parameters())}
+        for phase in ("train", "infer"):
+            t = times[name][phase]
+            out[name][phase] = None if not t else {
+                "best_s": min(t), "median_s": statistics.median(t),
+                "samples_per_s": batch / min(t), "steps": steps[name][phase]}
+    return out, verdict
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    """``a``'s best step time over ``b``'s (None when either was not timed)."""
+    if not a or not b:
+        return None
+    return a["best_s"] / b["best_s"]
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What the numbers were measured on (no pyarrow: this benchmark runs with torch alone)."""
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cpu": platform.processor() or platform.machine(),
+                            "cores": os.cpu_count()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run(cfg: ArchBenchConfig,
+        partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Build every arch, time it at every batch size and dtype, and return the result
+    (JSON-ready; :func:`table` renders it). ``partial`` gets the result so far after each
+    (dtype, batch): a run cut short by a time limit still leaves its finished groups."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    results: dict[str, dict[str, Any]] = {}
+    sync: dict[str, dict[str, dict[str, str]]] = {}
+    with torch_threads(cfg.threads if device.type == "cpu" else None):
+        models = {name: build_arch(name).to(device) for name in cfg.archs}
+        calls: dict[str, Callable[..., Output]] = {
+            name: torch.compile(m) if cfg.compile else m for name, m in models.items()}
+        opts = {name: torch.optim.Adam(m.parameters(), lr=ADAM_LR) for name, m in models.items()}
+        threads = torch.get_num_threads() if device.type == "cpu" else None
+
+        def result(done: bool) -> dict[str, Any]:
+            return {"config": asdict(cfg), "device": cfg.device,
+                    "machine": machine(cfg.device), "threads": threads,
+                    "complete": done, "results": results, "ratios": ratios(results, cfg.archs),
+                    "targets": targets(results, cfg.device),
+                    "sync_debug": sync if cfg.sync_debug else None}
+
+        for dtype in cfg.dtypes:
+            results[dtype], sync[dtype] = {}, {}
+            for batch in cfg.batch_sizes:
+                data = random_batch(batch, device, cfg.seed)
+                cases = {name: Case(models[name], calls[name], opts[name], data, device,
+                                    DTYPES[dtype]) for name in cfg.archs}
+                label = f"{cfg.device} {dtype} batch {batch}"
+                results[dtype][str(batch)], sync[dtype][str(batch)] = _bench_group(
+                    cfg, cases, batch, label)
+                del cases, data
+                if partial is not None:
+                    partial(result(False))
+    return result(True)
+
+
+def _both_dtypes(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(batch, fp32 row)`` of the batch sizes timed in fp32 and in bf16."""
+    bf16 = results.get("bf16", {})
+    return [(b, row) for b, row in results.get("fp32", {}).items() if b in bf16]
+
+
+def ratios(results: dict[str, Any], archs: tuple[str, ...]) -> dict[str, Any]:
+    """Step-time ratios: ``vs_dcn[dtype][batch][arch]`` (train and infer) and
+    ``bf16_vs_fp32[batch][arch]`` when both dtypes ran."""
+    out: dict[str, Any] = {"vs_dcn": {}, "bf16_vs_fp32": {}}
+    for dtype, by_batch in results.items():
+        out["vs_dcn"][dtype] = {}
+        for batch, row in by_batch.items():
+            dcn = row.get("dcn")
+            out["vs_dcn"][dtype][batch] = {
+                name: {phase: _ratio(row[name][phase], dcn and dcn[phase])
+                       for phase in ("train", "infer")} for name in archs}
+    for batch, row in _both_dtypes(results):
+        out["bf16_vs_fp32"][batch] = {
+            name: {phase: _ratio(results["bf16"][batch][name][phase], row[name][phase])
+                   for phase in ("train", "infer")} for name in archs}
+    return out
+
+
+def targets(results: dict[str, Any], device: str) -> list[dict[str, Any]]:
+    """The issue's goals, each where this run measured it: moe <= 4x dcn's training step (CUDA,
+    batch 32768), dynint <= 1.5x pin's (every device), bf16 never slower than fp32."""
+    out: list[dict[str, Any]] = []
+
+    def goal(what: str, dtype: str, batch: str, value: float | None, limit: float) -> None:
+        if value is not None:
+            out.append({"target": what, "dtype": dtype, "batch": int(batch), "value": value,
+                        "limit": limit, "met": value <= limit})
+
+    for dtype, by_batch in results.items():
+        for batch, row in by_batch.items():
+            if device == "cuda" and batch == "32768" and "moe" in row and "dcn" in row:
+                goal("moe train step <= 4x dcn's", dtype, batch,
+                     _ratio(row["moe"]["train"], row["dcn"]["train"]), 4.0)
+            if "dynint" in row and "pin" in row:
+                goal("dynint train step <= 1.5x pin's", dtype, batch,
+                     _ratio(row["dynint"]["train"], row["pin"]["train"]), 1.5)
+    for batch, row in _both_dtypes(results):
+        for name, numbers in row.items():
+            for phase in ("train", "infer"):
+                goal(f"{name} {phase}: bf16 step <= fp32's", "bf16", batch,
+                     _ratio(results["bf16"][batch][name][phase], numbers[phase]), 1.0)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as Markdown tables (samples/s and ratios; bf16 against fp32) and a summary."""
+    cfg = result["config"]
+    sync = result.get("sync_debug")
+    headers = ["arch", "dtype", "batch", "train samples/s", "infer samples/s", "train ms/step",
+               "train vs dcn", "infer vs dcn", "params"] + (["sync-free"] if sync else [])
+    rows = []
+    for dtype, by_batch in result["results"].items():
+        for batch, row in by_batch.items():
+            for name, numbers in row.items():
+                train, infer = numbers["train"], numbers["infer"]
+                vs = result["ratios"]["vs_dcn"][dtype][batch][name]
+                cells: list[object] = [
+                    name, dtype, int(batch), train and train["samples_per_s"],
+                    infer and infer["samples_per_s"], train and train["best_s"] * 1e3,
+                    vs["train"], vs["infer"], numbers["params"]]
+                if sync:
+                    verdict = sync[dtype][batch].get(name, "-")
+                    cells.append("yes" if verdict == "pass" else "NO")
+                rows.append(cells)
+    text = format_table(headers, rows)
+    bf16 = result["ratios"]["bf16_vs_fp32"]
+    if bf16:
+        text += "\n\nbf16 autocast / fp32 step time (< 1: bf16 faster)\n\n" + format_table(
+            ["arch", "batch", "train", "infer"],
+            [[name, int(batch), r["train"], r["infer"]]
+             for batch, row in bf16.items() for name, r in row.items()])
+    where = (f"{result['device']}" + (f" ({result['machine'].get('gpu')})"
+                                      if result["device"] == "cuda" else
+                                      f", {result['threads']} thread(s)"))
+    text += (f"\n\nPure-torch over-arches on a Criteo-shaped batch ({NUM_FIELDS} fields x dim "
+             f"{DIM} + {NUM_DENSE} dense), {where}{', torch.compile' if cfg['compile'] else ''}; "
+             f"train = forward + backward + Adam, infer = eval forward; best of {cfg['repeats']} "
+             f"repeats, each >= {cfg['min_seconds']} s.")
+    if not result.get("complete", True):
+        text += " PARTIAL: the run stopped before its last batch size or dtype."
+    goals = result["targets"]
+    if goals:
+        missed = [g for g in goals if not g["met"]]
+        text += f" Targets met: {len(goals) - len(missed)}/{len(goals)}."
+        for g in goals:
+            if "bf16 step" not in g["target"]:
+                text += (f"\n- {g['target']} ({g['dtype']}, batch {g['batch']}): "
+                         f"{g['value']:.2f}x {'ok' if g['met'] else 'MISSED'}")
+        slower = [g for g in missed if "bf16 step" in g["target"]]
+        if any("bf16 step" in g["target"] for g in goals):
+            text += ("\n- bf16 step <= fp32's: " + (
+                "every arch and phase" if not slower else "missed by " + ", ".join(
+                    f"{g['target'].split(':')[0]} ({g['batch']}) {g['value']:.2f}x"
+                    for g in slower)))
+    if sync:
+        failed = sorted({f"{name}: {v}" for by_batch in sync.values()
+                         for row in by_batch.values() for name, v in row.items() if v != "pass"})
+        text += ("\n\nsync debug (training forward + backward under "
+                 "set_sync_debug_mode('error')): " + ("every arch passes" if not failed else
+                                                      "failing:\n- " + "\n- ".join(failed)))
+    return text
+
+
+def write(out_dir: str | Path, result: dict[str, Any], text: str) -> Path:
+    """``archs.json`` (the numbers and the machine) and ``archs.md`` into ``out_dir``: what
+    :func:`recsys.bench.write_result` writes, without its machine record, which needs pyarrow."""
+    import json
+
+    from recsys.fsutil import atomic_write_text, writing
+
+    out = Path(out_dir)
+    payload = {"benchmark": NAME, **result}
+    path = out / f"{NAME}.json"
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+        atomic_write_text(out / f"{NAME}.md", text + "\n")
+    return path
+
+
+def run_and_write(cfg: ArchBenchConfig, out_dir: str | Path, echo: bool = True) -> Path:
+    """:func:`run`, then write ``archs.json`` / ``archs.md`` into ``out_dir`` (and print the
+    table)."""
+    result = run(cfg, partial=lambda so_far: write(out_dir, so_far, table(so_far)))
+    text = table(result)
+    path = write(out_dir, result, text)
+    if echo:
+        print(text)
+        print(f"\nwrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recsys.bench.archs [options]`` = ``recsys bench archs [options]`` (the
+    command's options and exit statuses live in recsys/cli/bench.py; nothing there needs more
+    than torch)."""
+    from recsys.cli import main as cli_main
+
+    return cli_main(["bench", "archs", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
