@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def results_section(dirs: list[Path]) -> str:
     parts = [START, ""]
-    for path in [p for d in dirs for p in sorted(d.glob("*.json"))]:
+    # the targets summary (recsys bench all) first, then every benchmark by name
+    paths = [p for d in dirs for p in sorted(d.glob("*.json"), key=lambda p: (p.stem != "targets",
+                                                                             p.stem))]
+    for path in paths:
         result = json.loads(path.read_text())
         table = path.with_suffix(".md")
         if not table.is_file():

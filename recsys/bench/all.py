@@ -71,6 +71,31 @@ def bench_train(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     return run(spec, tcfg, random_batches(spec, tcfg.warmup + tcfg.steps, tcfg.seed))
 
 
+SMALL_SPEC = "specs/movielens.toml"
+
+
+def bench_small(cfg: AllConfig) -> tuple[dict[str, Any], str]:
+    """A small model at full speed: DCN-v2 on MovieLens (specs/movielens.toml), batch 1024, one
+    process, torch's default threads, against the same model in plain PyTorch (``recsys bench
+    train``'s sides). Needs ml-latest-small where the spec's ``data.prepare.input`` says (it is
+    prepared on first use); without it the benchmark says so and is skipped."""
+    from recsys.bench.train import TrainBenchConfig, loader_batches, run
+    from recsys.spec import load_spec
+
+    spec = load_spec(ROOT / SMALL_SPEC, ["train.batch_size=1024", "distributed.world_size=1",
+                                         f"data.path={cfg.out / 'data' / 'movielens'}"])
+    source = spec.data.prepare.input if spec.data.prepare else None
+    if source is None or not (ROOT / source).exists():
+        note = f"skipped: {SMALL_SPEC}'s data.prepare.input ({source}) is not on this machine"
+        return {"skipped": note}, note
+    spec = load_spec(ROOT / SMALL_SPEC, ["train.batch_size=1024", "distributed.world_size=1",
+                                         f"data.path={cfg.out / 'data' / 'movielens'}",
+                                         f"data.prepare.input={ROOT / source}"])
+    tcfg = TrainBenchConfig(steps=5 if cfg.quick else 60, warmup=2 if cfg.quick else 10,
+                            repeats=1 if cfg.quick else 3, one_core=False)
+    return run(spec, tcfg, loader_batches(spec, tcfg.warmup + tcfg.steps))
+
+
 def bench_moe(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     from recsys.bench.moe import MoEBenchConfig, run, table
 
@@ -224,7 +249,8 @@ def bench_rvq(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 
 
 BENCHES: dict[str, Callable[[AllConfig], tuple[dict[str, Any], str]]] = {
-    "data": bench_data, "train": bench_train, "models": bench_models, "moe": bench_moe,
+    "data": bench_data, "train": bench_train, "small": bench_small, "models": bench_models,
+    "moe": bench_moe,
     "serve": bench_serve,
     "archs": bench_archs, "hgr": bench_hgr, "ranktower": bench_ranktower,
     "scaling": bench_scaling, "rvq": bench_rvq,
@@ -239,6 +265,11 @@ def headline(name: str, result: dict[str, Any]) -> str:
             return f"shuffled loader {r['loader -> Batch (shuffled)']:,.0f} rows/s"
         if name == "train":
             return f"sharded / plain samples/s: {result['ratio']:.2f}x"
+        if name == "small":
+            if "skipped" in result:
+                return result["skipped"]
+            return (f"DCN-v2 on MovieLens, batch 1024: {result['samples_per_s']['sharded']:,.0f} "
+                    f"samples/s ({result['ratio']:.2f}x plain PyTorch)")
         if name == "models":
             return "; ".join([f"{k} {v['value']:.2f}x (target {v['target']:g}x)"
                               for k, v in result["ratios"].items()]
@@ -271,12 +302,19 @@ def headline(name: str, result: dict[str, Any]) -> str:
 
 def run_all(cfg: AllConfig, only: list[str] | None = None) -> str:
     """Run the benchmarks (all, or ``only``), write each one's JSON + table, return a summary."""
+    from recsys.bench.targets import targets
+
     rows = []
+    results: dict[str, dict[str, Any]] = {}
     for name in only or list(BENCHES):
         started = time.perf_counter()
         log.info("bench %s%s ...", name, " (quick)" if cfg.quick else "")
         result, table = BENCHES[name](cfg)
         result = {**result, "quick": cfg.quick}
+        results[name] = result
         write_result(cfg.out, name, result, table)
         rows.append([name, headline(name, result), round(time.perf_counter() - started, 1)])
+    summary, table = targets(results)
+    if summary["targets"]:
+        write_result(cfg.out, "targets", {**summary, "quick": cfg.quick}, table)
     return format_table(["benchmark", "headline", "seconds"], rows)

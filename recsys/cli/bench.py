@@ -12,11 +12,12 @@ from recsys.cli.common import SubParsers, add_command, add_group, add_overrides,
 from recsys.errors import UsageError
 
 # the benchmarks that `recsys bench all` runs (recsys.bench.all.BENCHES, which imports torch)
-BENCHES = ("data", "train", "models", "moe", "serve", "archs", "hgr", "ranktower", "scaling",
-           "rvq")
+BENCHES = ("data", "train", "small", "models", "moe", "serve", "archs", "hgr", "ranktower",
+           "scaling", "rvq")
 
 # the benchmarks with no options of their own: each runs as `recsys bench all --only NAME`
 ONLY_IN_ALL = {
+    "small": "DCN-v2 on MovieLens at batch 1024, sharded against plain PyTorch (small-model speed)",
     "hgr": "step time of the hierarchical group-wise loss against BCE",
     "ranktower": "RankTower's online scoring of 1,000 cached candidates",
     "scaling": "samples/s and per-rank embedding memory on 1 and 2 processes",

@@ -233,7 +233,8 @@ def sharding_constraints(spec: Spec, device_type: str, world_size: int | None = 
     out: dict[str, ParameterConstraints] = {}
     default = tuple(t for t in SHARDING_TYPES[device_type] if t != ShardingType.DATA_PARALLEL)
     unfused = spec.train.sparse_optimizer.name in UNFUSED_SPARSE_OPTIMIZERS
-    if unfused:
+    if unfused or world_size == 1:
+        # group lasso needs whole rows; on one rank, column shards only add lookups and permutes
         default = tuple(t for t in default if t not in _COLUMN_TYPES)
     for cfg in embedding_bag_configs(spec.features):
         types = listed.get(cfg.name, default)

@@ -1,0 +1,45 @@
+"""recsys/bench/targets.py: each target read from its benchmark's JSON, met or not, by hand."""
+
+from __future__ import annotations
+
+from recsys.bench.targets import targets
+
+
+def test_targets_are_read_from_each_benchmark_and_judged() -> None:
+    results = {
+        "models": {"ratios": {"moe_vs_dcn": {"value": 0.35, "target": 0.4, "met": False},
+                              "xdeepint_gftrl_vs_adagrad": {"value": 0.9, "target": 0.5,
+                                                            "met": True}}},
+        "moe": {"ratio_depth4_to_depth1": {"best": 3.1, "median": 3.0}},
+        "ranktower": {"results": {"ranktower": {"p50_ms": 1.4, "p99_ms": 4.5},
+                                  "dssm": {"p50_ms": 0.02, "p99_ms": 0.05}}},
+        "data": {"ratio_to_bare": {"loader -> Batch (shuffled)": 0.5}},
+        "small": {"skipped": "skipped: no data"},
+        "archs": {"device": "cpu", "targets": [
+            {"target": "dynint train step <= 1.5x pin's", "value": 1.2, "limit": 1.5,
+             "met": True, "batch": 2048, "dtype": "fp32"},
+            {"target": "moe train: bf16 step <= fp32's", "value": 1.3, "limit": 1.0,
+             "met": False, "batch": 2048, "dtype": "bf16"},
+            {"target": "dcn train: bf16 step <= fp32's", "value": 0.7, "limit": 1.0,
+             "met": True, "batch": 2048, "dtype": "bf16"}]},
+        "serve": {"anything": 1},  # no target of its own: left out
+    }
+    summary, table = targets(results)
+    met = {r["target"]: r["met"] for r in summary["targets"]}
+    assert met["AdaEnsemble full CPU training >= 0.4x DCN's samples/s"] is False
+    assert met["xDeepInt with gftrl >= 0.5x its rowwise_adagrad samples/s (26 x 262k tables)"]
+    assert met["AdaEnsemble inference: depth-1 exit >= 2.5x faster than depth 4"]
+    assert met["RankTower, 1,000 cached candidates, 1 thread: p50 <= 2 ms, p99 <= 4 ms"] is False
+    assert met["shuffled loading >= 0.5x a bare pyarrow read of the same columns"]  # 0.5 is enough
+    assert met["DCN-v2 on MovieLens, batch 1024, 1 process: >= 100k samples/s"] is None
+    assert met["dynint train step <= 1.5x pin's (cpu, batch 2048, fp32)"]
+    bf16 = next(r for r in summary["targets"] if r["target"].startswith("bf16 autocast"))
+    assert bf16["met"] is False and bf16["measured"] == "1 of 2 arch/phase pairs; slower: moe train"
+    assert (summary["met"], summary["total"]) == (4, 8)
+    assert "| no  |" in table and "4 of 8 targets met" in table
+
+
+def test_a_benchmark_whose_layout_changed_is_named_not_fatal() -> None:
+    summary, _ = targets({"moe": {"ratio": 3.0}})
+    (row,) = summary["targets"]
+    assert row["met"] is None and row["measured"].startswith("unreadable: KeyError")
