@@ -1,6 +1,9 @@
 """AdaEnsemble (recsys/modules/moe.py): routers, losses and experts against numpy oracles written
-from the equations, sparse dispatch against a dense reference, early exit (deeper layers see only
-the rows that continue), annealing, noise, TorchScript parity, backward, and the benchmark."""
+from the equations, both dispatches (static, gather) against a dense reference, against each other
+and the whole stack against a per-row loop (route, run the row's experts, exit at its depth), early
+exit (no gradient past a row's exit, forced exit truncates the stack), annealing, noise, no
+host-device sync for the static dispatch (the aten ops of forward and backward; CUDA's sync debug
+mode), the "auto" choice, TorchScript parity, backward, and the benchmark."""
 
 from __future__ import annotations
 
@@ -11,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import recsys.modules.moe as moe_module
 from recsys.bench.moe import MoEBenchConfig, run, table
+from recsys.models.archs.moe import MoESpec
 from recsys.modules.moe import (
     EXPERTS,
     AdaEnsemble,
@@ -24,13 +30,19 @@ from recsys.modules.moe import (
     Router,
     SparseMoE,
     annealed_k,
+    annealed_k_tensor,
+    gather_rows,
     load_balance_loss,
+    ranked_mask,
+    resolve_dispatch,
     router_z_loss,
     top_k_gates,
+    top_k_mask,
 )
 
 M, D = 8, 8  # fields, dim: n = 64, so routers get a hidden width of n // 16 = 4
 N = M * D
+DISPATCHES = ("static", "gather")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,6 +125,21 @@ def test_annealing_schedule() -> None:
     assert [annealed_k(s, 5, 2, 0) for s in range(3)] == [2, 2, 2]
 
 
+@pytest.mark.parametrize(("top_k", "anneal"), [(3, 10), (1, 4), (2, 0), (5, 3), (1, 1)])
+def test_annealed_k_on_the_device_matches_the_host_schedule(top_k: int, anneal: int) -> None:
+    steps = range(anneal + 3)
+    got = [int(annealed_k_tensor(torch.tensor(s), 5, top_k, anneal)) for s in steps]
+    assert got == [annealed_k(s, 5, top_k, anneal) for s in steps]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_ranked_mask_equals_top_k(k: int) -> None:
+    logits = torch.randn(50, 5, generator=torch.Generator().manual_seed(k))
+    torch.testing.assert_close(ranked_mask(logits, torch.tensor(k)), top_k_mask(logits, k))
+    ties = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])  # stable: ties go to the lower index
+    assert ranked_mask(ties, torch.tensor(2)).tolist() == [[True, True, False, False, False]]
+
+
 def test_step_counter_drives_k_and_is_checkpointed() -> None:
     net = model(experts=list(EXPERTS), top_k=1, anneal_steps=4)
     net.force_exit_depth(0)
@@ -152,6 +179,28 @@ def test_load_balance_and_z_loss_match_numpy() -> None:
     assert t.grad is not None and torch.isfinite(t.grad).all()
     empty = torch.zeros(0, 5)
     assert load_balance_loss(empty, empty > 0).item() == 0.0 and router_z_loss(empty).item() == 0.0
+
+
+def test_masked_losses_are_the_losses_of_the_present_rows() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(9, 5, requires_grad=True)
+    mask = top_k_mask(logits, 2)
+    present = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 0]) > 0
+    prior = torch.tensor([0.2, 0.2, 0.4, 0.1, 0.1])
+    rows = present.nonzero().squeeze(1)  # the reference may index: only the module must not
+    want = load_balance_loss(logits[rows], mask[rows], prior) + router_z_loss(logits[rows])
+    got = load_balance_loss(logits, mask, prior, present) + router_z_loss(logits, present)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert logits.grad is not None and (logits.grad[~present] == 0).all()
+    # a row that is not present adds nothing, even a non-finite one
+    bad = logits.detach().clone()
+    bad[1] = float("inf")
+    torch.testing.assert_close(load_balance_loss(bad, mask, prior, present)
+                               + router_z_loss(bad, present), want.detach())
+    none = torch.zeros(9, dtype=torch.bool)
+    assert load_balance_loss(logits, mask, prior, none).item() == 0.0
+    assert router_z_loss(logits, none).item() == 0.0
 
 
 # ---- experts ---------------------------------------------------------------------------------------
@@ -214,8 +263,45 @@ def test_attention_expert_matches_functional_reference(fields: int) -> None:
     # instance norm: each channel over the fields
     h = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + 1e-3)
     want = F.linear(h.reshape(3, -1), ex.out.weight, ex.out.bias)
-    torch.testing.assert_close(ex.train()(x, x), want)
-    torch.testing.assert_close(torch.jit.script(ex.eval())(x, x), want)
+    torch.testing.assert_close(ex.train()(x, x), want)  # eager on the CPU: the chunked attention
+    torch.testing.assert_close(torch.jit.script(ex.eval())(x, x), want)  # the whole-batch one
+
+
+def test_chunked_attention_equals_the_whole_batch_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 3 (row, head) matrices, a last chunk shorter: the same values and gradients
+    (gradcheck in float64) as the plain products on the whole batch."""
+    monkeypatch.setattr(moe_module, "ATTENTION_CHUNK", 3)
+    gen = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(7, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+           for _ in range(3)]
+    torch.testing.assert_close(moe_module._ChunkedAttention.apply(*qkv),
+                               moe_module._attention(*qkv))
+    assert torch.autograd.gradcheck(moe_module._ChunkedAttention.apply, tuple(qkv))
+    ex = AttentionExpert(4, D)
+    x = torch.randn(5, 4 * D, requires_grad=True)
+    y = ex(x, x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    ex._eager_attention = moe_module._attention  # the instance's attention: the whole batch
+    want = ex(x, x)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(grad, torch.autograd.grad(want.square().sum(), x)[0])
+    none = torch.zeros(0, 4 * D)
+    assert ex(none, none).shape == (0, 4 * D)
+
+
+def test_gather_rows_scatters_gradients_once() -> None:
+    x = torch.randn(6, 3, requires_grad=True)
+    rows = [torch.tensor([4, 0]), torch.tensor([], dtype=torch.long), torch.tensor([0, 5, 4])]
+    got = gather_rows(x, rows)
+    want = [x.index_select(0, r) for r in rows]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    weights = [torch.randn(w.shape) for w in want]
+    (grad,) = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got[::2], weights[::2],
+                                                                    strict=True)), x)
+    (want_grad,) = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want[::2], weights[::2],
+                                                                         strict=True)), x)
+    torch.testing.assert_close(grad, want_grad)
 
 
 def _spread(router: Router) -> None:
@@ -227,22 +313,54 @@ def _spread(router: Router) -> None:
 
 # ---- SparseMoE ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_sparse_dispatch_equals_dense_reference(weighted: bool) -> None:
+def test_sparse_dispatch_equals_dense_reference(weighted: bool, dispatch: str) -> None:
     torch.manual_seed(2)
-    moe = SparseMoE(list(EXPERTS), M, D, top_k=2, weight_by_gates=weighted).eval()
+    moe = SparseMoE(list(EXPERTS), M, D, top_k=2, weight_by_gates=weighted,
+                    dispatch=dispatch).eval()
     x, x0 = torch.randn(11, N), torch.randn(11, N)
-    seen = [0] * 5
-    for e, ex in enumerate(moe.experts):
-        ex.register_forward_hook(lambda _m, a, _o, e=e: seen.__setitem__(e, seen[e] + a[0].shape[0]))
     _spread(moe.router)
     out, logits, mask = moe(x, x0)
-    assert seen == mask.sum(0).tolist()  # each expert computed only its own rows
-    assert sum(seen) == 2 * 11 and min(seen) > 0 and max(seen) < 11
+    routed = mask.sum(0)
+    assert (mask.sum(1) == 2).all() and routed.min() > 0 and routed.max() < 11
     gates, _ = top_k_gates(logits, 2)
     weight = gates if weighted else mask.float()
     dense = sum(ex(x, x0) * weight[:, e:e + 1] for e, ex in enumerate(moe.experts))
-    torch.testing.assert_close(out, dense)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    # each row is the sum over its own experts (static: every expert on every row, masked;
+    # gather: each expert on its rows only)
+    for r in range(11):
+        row = sum(moe.experts[e](x[r:r + 1], x0[r:r + 1]) * weight[r, e]
+                  for e in mask[r].nonzero().squeeze(1).tolist())
+        torch.testing.assert_close(out[r:r + 1], row, rtol=1e-5, atol=1e-5)
+    # an annealed k held on the device routes the same as the host-side k
+    torch.testing.assert_close(moe(x, x0, torch.tensor(2))[0], out)
+    # rows that are not present: the gather dispatch computes nothing for them (0); the static
+    # one ignores present (its caller masks)
+    present = torch.arange(11) % 3 > 0
+    got = moe(x, x0, None, present)[0]
+    torch.testing.assert_close(got[present], out[present], rtol=1e-5, atol=1e-5)
+    assert (got[~present] == 0).all() if dispatch == "gather" else torch.equal(got, out)
+    # the first depth passes x0 as x: one gather serves both inputs
+    torch.testing.assert_close(moe(x0, x0)[0], sum(ex(x0, x0) * weight[:, e:e + 1]
+                                                   for e, ex in enumerate(moe.experts)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_auto_is_static_on_accelerators_and_gather_on_cpu() -> None:
+    assert [resolve_dispatch("auto", device) for device in ("cuda", "xpu", "mps", "cpu")] == [
+        "static", "static", "static", "gather"]
+    assert resolve_dispatch("static", "cpu") == "static"
+    assert resolve_dispatch("gather", "cuda") == "gather"
+    net = model(seed=0)
+    assert net.dispatch == "auto" and {b.moe.dispatch for b in net.blocks} == {"auto"}
+    net(torch.randn(6, M, D))  # on the CPU: gather, so the experts computed only routed rows
+    torch.testing.assert_close(net.rows_computed, net.expert_load)
+    with pytest.raises(ValueError, match="dispatch must be one of auto, static, gather"):
+        AdaEnsemble(M, D, dispatch="dense")
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        SparseMoE(["cross"], M, D, top_k=1, dispatch="sparse")
 
 
 def test_sparse_moe_with_idle_experts_and_gradients() -> None:
@@ -263,28 +381,41 @@ def _eval_exit_depths(net: AdaEnsemble, x: torch.Tensor) -> torch.Tensor:
     return net.exit_router.logits(x.flatten(1)).argmax(1)
 
 
-def test_deeper_layers_see_only_continuing_rows() -> None:
-    net = model(seed=3, noise_eps=0.0).eval()
-    with torch.no_grad():  # spread the exits: bias the exit router's embeddings apart
-        net.exit_router.embeddings.copy_(torch.randn(4, 16))
+def _spread_exits(net: AdaEnsemble) -> None:
+    """Rows exiting at every depth: the exit router's embeddings apart, its input spread."""
+    with torch.no_grad():
+        net.exit_router.embeddings.copy_(torch.randn(net.depths, 16, generator=torch.Generator()
+                                                     .manual_seed(0)))
+    _spread(net.exit_router)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_exit_diagnostics_and_no_gradient_past_the_exit(dispatch: str) -> None:
+    net = model(seed=0, noise_eps=0.0, dispatch=dispatch).eval()
+    _spread_exits(net)
     x = torch.randn(40, M, D)
     exits = _eval_exit_depths(net, x)
     moe_rows: list[list[int]] = [[] for _ in range(4)]
-    est_rows: list[list[int]] = [[] for _ in range(4)]
     for d, block in enumerate(net.blocks):
         block.moe.register_forward_hook(lambda _m, a, _o, d=d: moe_rows[d].append(a[0].shape[0]))
-        block.estimator.register_forward_hook(
-            lambda _m, a, _o, d=d: est_rows[d].append(a[0].shape[0]))
-    net(x)
+    logits, _ = net(x)
     counts = torch.bincount(exits, minlength=4).tolist()
-    assert len(set(exits.tolist())) >= 2, "the test needs exits at several depths"
+    assert len(set(exits.tolist())) == 4, "the test needs exits at every depth"
     remaining = [40 - sum(counts[:d]) for d in range(4)]
-    assert [sum(r) for r in moe_rows] == remaining
-    assert all(len(r) <= 1 for r in moe_rows)  # a depth with no rows is not called at all
-    assert [sum(r) for r in est_rows] == counts
-    assert net.rows_per_depth.tolist() == remaining
+    assert moe_rows == [[40]] * 4  # every depth's layer is called once, with the whole batch
+    assert net.rows_per_depth.tolist() == remaining  # ... and counts the rows that reached it
     assert net.exits_per_depth.tolist() == counts
     assert net.expert_load.sum(1).tolist() == [3 * r for r in remaining]
+    if dispatch == "static":  # every expert computed every row
+        assert net.rows_computed.tolist() == [[40] * 5] * 4
+    else:  # each expert only its rows among those that reached the depth
+        assert torch.equal(net.rows_computed, net.expert_load)
+    # a row's logits depend on nothing past its exit depth
+    first = int((exits == exits.min()).nonzero()[0])
+    logits[first].sum().backward()
+    deeper = [p for p in net.blocks[int(exits[first]) + 1:].parameters()]
+    assert deeper and all(p.grad is None or (p.grad == 0).all() for p in deeper)
+    assert net.blocks[int(exits[first])].estimator.weight.grad.abs().sum() > 0
 
 
 def test_exit_logits_equal_manual_composition() -> None:
@@ -308,6 +439,109 @@ def test_exit_logits_equal_manual_composition() -> None:
         torch.testing.assert_close(logits[rows], forced[rows])
     with pytest.raises(ValueError):
         net.force_exit_depth(4)
+
+
+def _per_row_reference(net: AdaEnsemble, x: torch.Tensor, k: int,
+                       weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method written as a loop, one row at a time (routers without noise): route the row to
+    its top-k experts, run only those on the row, add the residual, and stop at the row's exit
+    depth; aux losses over the rows that reached each layer (the exit router's over all)."""
+    x0 = x.flatten(1)
+    exit_logits = net.exit_router.logits(x0)
+    exits = exit_logits.argmax(1).tolist() if net.forced_exit < 0 else [net.forced_exit] * len(x0)
+    alpha, zeta = net.load_balance_weight, net.z_loss_weight
+    aux = torch.zeros(())
+    if net.forced_exit < 0:
+        exit_mask = F.one_hot(exit_logits.argmax(1), net.depths) > 0
+        aux = (alpha * load_balance_loss(exit_logits, exit_mask, net.exit_prior)
+               + zeta * router_z_loss(exit_logits))
+    rows = []
+    for r, exit_at in enumerate(exits):
+        h, row0 = x0[r:r + 1], x0[r:r + 1]
+        for block in list(net.blocks)[:exit_at + 1]:
+            logits = block.moe.router.logits(row0)[0]
+            top = logits.topk(k).indices.tolist()
+            gates = torch.softmax(logits[top], dim=0)
+            y = torch.zeros_like(h)
+            for g, e in zip(gates, top, strict=True):
+                y = y + block.moe.experts[e](h, row0) * (g if weighted else 1.0)
+            h = h + y
+        rows.append(net.blocks[exit_at].estimator(h))
+    for d, block in enumerate(net.blocks):  # the layers' aux losses over the rows that reached d
+        reached = [r for r, e in enumerate(exits) if e >= d]
+        if reached:
+            logits = block.moe.router.logits(x0[reached])
+            mask = top_k_mask(logits, k)
+            aux = aux + (alpha * load_balance_loss(logits, mask, net.expert_prior)
+                         + zeta * router_z_loss(logits))
+    return torch.cat(rows), aux
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(("mode", "forced"), [("train", -1), ("eval", -1), ("eval", 1)])
+def test_forward_equals_per_row_loop(weighted: bool, mode: str, forced: int,
+                                     dispatch: str) -> None:
+    """Both dispatches are exact: the per-row loop's logits and aux losses."""
+    # noise off so that the loop sees the same routing; training mode still anneals k (5 - 3·7//10
+    # = 3 of 5 at step 7 of 10) and counts the step
+    net = model(seed=0, noise_eps=0.0, weight_by_gates=weighted, anneal_steps=10, top_k=2,
+                load_balance_weight=0.5, z_loss_weight=0.1, dispatch=dispatch
+                ).train(mode == "train")
+    _spread_exits(net)
+    for block in net.blocks:
+        _spread(block.moe.router)
+    net.step.fill_(7)
+    net.force_exit_depth(forced)
+    x = torch.randn(24, M, D)
+    k = net.current_k()
+    assert k == 3
+    want, want_aux = _per_row_reference(net, x, k, weighted)
+    got, aux = net(x)
+    assert int(net.step) == (8 if mode == "train" else 7)
+    if forced < 0:
+        assert len(set(_eval_exit_depths(net, x).tolist())) == 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, want_aux, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(("forced", "noise"), [(-1, 0.0), (2, 0.5)])
+def test_dispatches_agree_in_training(weighted: bool, forced: int, noise: float) -> None:
+    """Static and gather from the same weights: the same logits, aux loss, gradients (parameters
+    and input; None in gather where static has zeros) and diagnostics, with annealing. Router
+    noise only with the forced exit: there both draw it for every row (with the learned exit,
+    gather draws it for the rows still in the stack only)."""
+    nets = {d: model(seed=21, weight_by_gates=weighted, anneal_steps=2, noise_eps=noise,
+                     dispatch=d).train()
+            for d in DISPATCHES}
+    for net in nets.values():
+        _spread_exits(net)
+    x = torch.randn(32, M, D)
+    got = {}
+    for d, net in nets.items():
+        net.force_exit_depth(forced)
+        xd = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        for _ in range(2):  # k: 5 of 5 experts, then 4
+            net.zero_grad()
+            logits, aux = net(xd)
+            (logits.square().sum() + aux).backward()
+        got[d] = (logits, aux, xd.grad, net)
+    (s_logits, s_aux, s_grad, static), (g_logits, g_aux, g_grad, gather) = got.values()
+    torch.testing.assert_close(g_logits, s_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_aux, s_aux, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_grad, s_grad, rtol=1e-4, atol=1e-5)
+    for (name, ps), pg in zip(static.named_parameters(), gather.parameters(), strict=True):
+        want = ps.grad if ps.grad is not None else torch.zeros_like(ps)
+        torch.testing.assert_close(pg.grad if pg.grad is not None else torch.zeros_like(pg), want,
+                                   rtol=1e-4, atol=1e-5, msg=name)
+    for buf in ("rows_per_depth", "exits_per_depth", "expert_load", "step"):
+        assert torch.equal(getattr(static, buf), getattr(gather, buf)), buf
+    if forced < 0:
+        assert (static.exits_per_depth > 0).sum() >= 3  # rows leave at several depths
+    assert (gather.rows_computed <= static.rows_computed).all()
+    assert gather.rows_computed.sum() < static.rows_computed.sum()
 
 
 def test_noise_only_in_training() -> None:
@@ -336,9 +570,108 @@ def test_aux_loss_is_the_weighted_router_losses() -> None:
     torch.testing.assert_close(aux, want)
 
 
+# ---- no host-device sync --------------------------------------------------------------------------
+
+# ops whose result shape depends on the data, or that read a value back to the host: each is a
+# device sync on a GPU
+SYNCING_OPS = ("aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::masked_select",
+               "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::masked_scatter",
+               "aten::_unique", "aten::unique", "aten::_unique2", "aten::unique_dim",
+               "aten::unique_consecutive", "aten::unique_dim_consecutive")
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops that run inside (forward, and backward on the CPU autograd thread), and
+    which of them sync: the ones above, ``repeat_interleave`` with tensor repeats and indexing
+    with a boolean mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+        self.syncing: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()  # "aten::packet.overload"
+        packet = name.split(".")[0]
+        self.ops.add(packet)
+        indices = [i for a in args if isinstance(a, (list, tuple)) for i in a
+                   if isinstance(i, torch.Tensor)]
+        if packet in SYNCING_OPS or packet.startswith("aten::unique"):
+            self.syncing.append(name)
+        elif name in ("aten::repeat_interleave.Tensor", "aten::repeat_interleave.self_Tensor"):
+            self.syncing.append(name)  # tensor repeats: the output length is data
+        elif packet in ("aten::index", "aten::_unsafe_index", "aten::index_put",
+                        "aten::_index_put_impl", "aten::index_put_") and any(
+                i.dtype == torch.bool for i in indices):
+            self.syncing.append(name + " (bool mask)")
+        return func(*args, **(kwargs or {}))
+
+
+def test_sync_op_recorder_catches_the_syncing_ops() -> None:
+    x = torch.randn(6, 3)
+    with _AtenOps() as rec:
+        rows = (x[:, 0] > 0).nonzero()
+        _ = x[x[:, 1] > 0], x.sum().item(), torch.unique(rows), bool(x.sum() > 0)
+        _ = torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 1]))
+    for op in ("aten::nonzero", "aten::_local_scalar_dense", "aten::index.Tensor (bool mask)",
+               "aten::repeat_interleave.Tensor"):
+        assert any(s.startswith(op) for s in rec.syncing), (op, rec.syncing)
+    assert any("unique" in s for s in rec.syncing)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
-def test_jit_script_parity(weighted: bool) -> None:
-    net = model(seed=9, weight_by_gates=weighted).eval()
+@pytest.mark.parametrize("forced", [-1, 1])
+def test_forward_and_backward_never_sync(weighted: bool, forced: int) -> None:
+    """The static dispatch, the one "auto" runs on CUDA (and any accelerator): in training
+    (annealing k, learned or forced exit, router noise) and eval, no op of forward and backward
+    needs a value on the host. (The gather dispatch, "auto" on the CPU, fails by design: nonzero
+    per depth, the expert counts read on the host.)"""
+    net = model(seed=13, weight_by_gates=weighted, anneal_steps=5, dispatch="static")
+    net.force_exit_depth(forced)
+    x = torch.randn(16, M, D, requires_grad=True)
+    with _AtenOps() as rec:
+        for _ in range(2):
+            logits, aux = net.train()(x)
+            (logits.sum() + aux).backward()
+        with torch.no_grad():
+            net.eval()(x)
+    assert not rec.syncing, sorted(set(rec.syncing))
+    # the recorder saw forward (sort: the annealed ranks) and backward
+    assert {"aten::sort", "aten::addmm", "aten::threshold_backward"} <= rec.ops
+    assert int(net.step) == 2
+    with _AtenOps() as rec:  # the recorder catches the gather dispatch
+        model(seed=13, dispatch="gather")(x)
+    assert "aten::nonzero" in rec.syncing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_no_sync_on_cuda(weighted: bool) -> None:
+    """CUDA's own check: any host-device sync inside ``set_sync_debug_mode("error")`` raises. The
+    default dispatch ("auto") is static on CUDA."""
+    net = model(seed=14, weight_by_gates=weighted, anneal_steps=5).cuda()
+    x = torch.randn(64, M, D, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for forced in (-1, 2):
+            net.force_exit_depth(forced)
+            logits, aux = net.train()(x)
+            (logits.sum() + aux).backward()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, aux = net(x)
+            (logits.float().sum() + aux).backward()
+            with torch.no_grad():
+                net.eval()(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(net.step) == 4 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dispatch", (*DISPATCHES, "auto"))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_jit_script_parity(weighted: bool, dispatch: str) -> None:
+    net = model(seed=9, weight_by_gates=weighted, dispatch=dispatch).eval()
     scripted = torch.jit.script(net)
     x = torch.randn(16, M, D)
     for depth in (-1, 0, 3):
@@ -347,13 +680,15 @@ def test_jit_script_parity(weighted: bool) -> None:
         for got, want in zip(scripted(x), net(x), strict=True):
             torch.testing.assert_close(got, want)
         assert torch.equal(scripted.rows_per_depth, net.rows_per_depth)
+        assert torch.equal(scripted.rows_computed, net.rows_computed)
     empty = scripted(torch.zeros(0, M, D))
     assert empty[0].shape == (0, 2)
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("forced", [-1, 0, 2])
-def test_backward_finite_with_empty_depths(forced: int) -> None:
-    net = model(seed=10, top_k=1).train()
+def test_backward_finite_with_empty_depths(forced: int, dispatch: str) -> None:
+    net = model(seed=10, top_k=1, dispatch=dispatch).train()
     net.force_exit_depth(forced)
     x = torch.randn(3, M, D, requires_grad=True)
     logits, aux = net(x)
@@ -368,8 +703,9 @@ def test_backward_finite_with_empty_depths(forced: int) -> None:
         assert net.exit_router.embeddings.grad is not None  # through its aux losses
 
 
-def test_empty_batch_and_shapes() -> None:
-    net = model(seed=11)
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_empty_batch_and_shapes(dispatch: str) -> None:
+    net = model(seed=11, dispatch=dispatch)
     logits, aux = net.train()(torch.zeros(0, M, D))
     assert logits.shape == (0, 2) and aux.item() == 0.0
     logits, _ = net(torch.randn(3, N))  # the flat (B, n) layout too
@@ -378,8 +714,9 @@ def test_empty_batch_and_shapes() -> None:
         net(torch.randn(3, M + 1, D))
 
 
-def test_autocast_bf16_runs() -> None:
-    net = model(seed=12).train()
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_autocast_bf16_runs(dispatch: str) -> None:
+    net = model(seed=12, dispatch=dispatch).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, aux = net(torch.randn(8, M, D))
     assert logits.dtype == torch.float32  # experts' bf16 outputs are combined in x0's dtype
@@ -419,9 +756,22 @@ def test_bench_tiny(tmp_path) -> None:
     assert set(data["us_per_example"]) == {"depth 1", "depth 2", "depth 3", "depth 4", "router"}
     assert all(v["best"] > 0 for v in data["us_per_example"].values())
     assert data["ratio_depth4_to_depth1"]["best"] > 0
-    for d in range(4):
+    assert data["dispatch"] == "gather"  # "auto" on the CPU
+    for d in range(4):  # a forced exit truncates the stack
         assert data["layer_calls"][f"depth {d + 1}"] == [1] * (d + 1) + [0] * (3 - d)
         assert data["layer_rows"][f"depth {d + 1}"] == [8] * (d + 1) + [0] * (3 - d)
-    assert sum(data["router_exit_counts"]) == 8
-    assert data["layer_rows"]["router"][0] == 8
+        # the experts computed each row's k = 3 of 5 (gather), at the depths that ran
+        computed = [sum(r) for r in data["expert_rows_computed"][f"depth {d + 1}"]]
+        assert computed == [3 * 8] * (d + 1) + [0] * (3 - d)
+    exits = data["router_exit_counts"]
+    assert sum(exits) == 8
+    # the learned exit: every depth's layer is called; the rows reaching each depth, and their
+    # experts only, are computed
+    assert data["layer_calls"]["router"] == [1] * 4
+    assert data["layer_rows"]["router"] == [sum(exits[d:]) for d in range(4)]
+    assert data["expert_rows_computed"]["router"] == data["expert_load"]["router"]
     assert "depth 4 / depth 1" in text and (tmp_path / "moe.md").exists()
+    static = run(MoEBenchConfig(num_fields=4, dim=2, batch_size=8, repeats=1, warmup=0,
+                                moe=MoESpec(dispatch="static")))
+    assert static["dispatch"] == "static"
+    assert static["expert_rows_computed"]["router"] == [[8] * 5] * 4

@@ -1,19 +1,20 @@
 """``recsys bench models``: full sharded training samples/s of every ranking arch on one
 Criteo-shaped world, side by side, with the ratios the stack's targets are stated in.
 
-Each model is the over-arch and optimizers of its spec in ``specs/`` (``mlp`` is the quickstart's)
-on the same stress world: 26 single-id tables of 262,144 rows x 16 (uniform random ids: every step
+Each model is the over-arch and optimizers of its spec in ``specs/`` (``dcn`` is the quickstart's;
+``mlp`` and ``pin`` are that spec with the arch changed) on the same stress world: 26 single-id tables of 262,144 rows x 16 (uniform random ids: every step
 touches about 2048 x 26 distinct rows, the worst case for a row-sparse optimizer), 13 dense
 features, batch 2048, one process, the trainer's path (DistributedModelParallel, FBGEMM lookups,
 TrainPipelineSparseDist). ``xdeepint`` runs twice: with its spec's group-lasso FTRL on the sharded
-tables (``gftrl``) and with ``rowwise_adagrad``. Each model trains in its own subprocess on the same
+tables (``gftrl``) and with ``rowwise_adagrad``; ``moe`` runs at its annealed top-k (the steady
+state of a long run). Each model trains in its own subprocess on the same
 saved batches; repeats go round the models (the order reversed every other repeat) and the best
 repeat of each is kept.
 
 Example:
     >>> result, table = run(ModelsBenchConfig(steps=20, repeats=2))
-    >>> result["ratios"]["moe_vs_dcn"] >= 0.4
-    True
+    >>> sorted(result["ratios"])
+    ['moe_vs_dcn', 'xdeepint_gftrl_vs_adagrad']
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ MODELS: dict[str, tuple[str, dict[str, Any] | None, tuple[str, ...]]] = {
     "xdeepint_adagrad": ("xdeepint.toml", None, ("train.sparse_optimizer.name=rowwise_adagrad",
                                                  "train.sparse_optimizer.lr=0.1")),
     "dynint": ("dynint.toml", None, ()),
-    "moe": ("adaensemble.toml", None, ()),
+    # the steady state of a long run: the spec's top-k annealing (k = 5 falling to 3 over 1,000
+    # steps) is a sliver of an epoch, but all of a 20-step benchmark
+    "moe": ("adaensemble.toml", None, ("model.moe.anneal_steps=0",)),
 }
 # (numerator, denominator, target): numerator samples/s >= target x denominator's
 TARGETS: dict[str, tuple[str, str, float]] = {

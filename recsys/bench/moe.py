@@ -3,8 +3,13 @@
 One eval-mode model, the same inputs, every row forced to exit at depth 1, 2, ... (and once with the
 learned exit router), timed side by side: each repeat times every case once in turn, so machine
 noise hits all alike; best and median per case are reported. torch runs on one thread by default.
-Before timing, one untimed forward per case with forward hooks counts the SparseMoE layer calls and
-rows per depth, which shows that exited rows really skip the deeper layers.
+Before timing, one untimed forward per case with forward hooks counts the SparseMoE layer calls,
+which shows that a forced exit truncates the stack: deeper layers are never called. With the
+learned exit router every depth's layer is called; ``layer_rows`` (the model's ``rows_per_depth``)
+counts the rows that reached each depth and ``expert_rows_computed`` (its ``rows_computed``) the
+rows each expert of each depth computed: all of them with the static dispatch, only the routed
+rows still in the stack with the gather dispatch (``dispatch``: the one that ran, the CPU's
+default being gather).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 
 from recsys.models.archs.moe import MoESpec
-from recsys.modules.moe import AdaEnsemble
+from recsys.modules.moe import AdaEnsemble, resolve_dispatch
 from recsys.tables import format_table
 
 NAME = "moe"
@@ -60,22 +65,20 @@ def torch_threads(one: bool) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def count_layer_calls(model: AdaEnsemble, x0: torch.Tensor) -> tuple[list[int], list[int]]:
-    """One forward with hooks: (SparseMoE calls per depth, rows each depth's layer saw)."""
+def count_layer_calls(model: AdaEnsemble, x0: torch.Tensor) -> list[int]:
+    """One forward with hooks: SparseMoE calls per depth."""
     calls = [0] * len(model.blocks)
-    rows = [0] * len(model.blocks)
     handles = []
     for d, block in enumerate(model.blocks):
-        def hook(_mod: torch.nn.Module, args: tuple[Any, ...], _out: Any, d: int = d) -> None:
+        def hook(_mod: torch.nn.Module, _args: tuple[Any, ...], _out: Any, d: int = d) -> None:
             calls[d] += 1
-            rows[d] += int(args[0].shape[0])
         handles.append(block.moe.register_forward_hook(hook))
     try:
         model(x0)
     finally:
         for h in handles:
             h.remove()
-    return calls, rows
+    return calls
 
 
 def run(cfg: MoEBenchConfig) -> dict[str, Any]:
@@ -88,14 +91,17 @@ def run(cfg: MoEBenchConfig) -> dict[str, Any]:
     cases = {f"depth {d + 1}": d for d in range(depths)} | {"router": -1}
     layer_calls: dict[str, list[int]] = {}
     layer_rows: dict[str, list[int]] = {}
+    expert_rows_computed: dict[str, list[list[int]]] = {}
     expert_load: dict[str, list[list[int]]] = {}
     times: dict[str, list[float]] = {name: [] for name in cases}
     router_exits: list[int] = []
     with torch_threads(cfg.one_core), torch.inference_mode():
         for name, depth in cases.items():
             model.force_exit_depth(depth)
-            layer_calls[name], layer_rows[name] = count_layer_calls(model, x0)
-            expert_load[name] = model.expert_load.tolist()  # explains unequal per-depth costs
+            layer_calls[name] = count_layer_calls(model, x0)
+            layer_rows[name] = model.rows_per_depth.tolist()
+            expert_load[name] = model.expert_load.tolist()  # the routing
+            expert_rows_computed[name] = model.rows_computed.tolist()  # the cost
             if depth < 0:
                 router_exits = model.exits_per_depth.tolist()
             for _ in range(cfg.warmup):
@@ -113,11 +119,13 @@ def run(cfg: MoEBenchConfig) -> dict[str, Any]:
         "config": asdict(cfg) | {"moe": cfg.moe.model_dump(mode="json")},
         "width": cfg.num_fields * cfg.dim,
         "threads": 1 if cfg.one_core else torch.get_num_threads(),
+        "dispatch": resolve_dispatch(model.dispatch, x0.device.type),
         "us_per_example": us,
         f"ratio_depth{depths}_to_depth1": {"best": last["best"] / first["best"],
                                            "median": last["median"] / first["median"]},
         "layer_calls": layer_calls,
         "layer_rows": layer_rows,
+        "expert_rows_computed": expert_rows_computed,
         "expert_load": expert_load,
         "experts": [str(e) for e in cfg.moe.experts],
         "router_exit_counts": router_exits,
@@ -129,15 +137,18 @@ def table(result: dict[str, Any]) -> str:
     """The result as a Markdown table plus a summary line."""
     us = result["us_per_example"]
     base = us["depth 1"]["best"]
-    rows = [[name, t["best"], t["median"], t["best"] / base, " ".join(map(str,
-             result["layer_calls"][name]))] for name, t in us.items()]
+    rows = [[name, t["best"], t["median"], t["best"] / base,
+             " ".join(map(str, result["layer_calls"][name])),
+             " ".join(str(sum(r)) for r in result["expert_rows_computed"][name])]
+            for name, t in us.items()]
     text = format_table(["exit", "µs/example best", "median", "vs depth 1",
-                         "SparseMoE calls per depth"], rows)
+                         "SparseMoE calls per depth", "expert rows computed per depth"], rows)
     cfg = result["config"]
     depths = cfg["moe"]["depths"]
     ratio = result[f"ratio_depth{depths}_to_depth1"]
     dist = " ".join(f"{f:.3f}" for f in result["router_exit_fractions"])
     text += (f"\n\nAdaEnsemble eval, m={cfg['num_fields']} x D={cfg['dim']} (n={result['width']}), "
+             f"{result['dispatch']} dispatch, "
              f"batch {cfg['batch_size']}, {result['threads']} thread(s), best/median of "
              f"{cfg['repeats']}. depth {depths} / depth 1: {ratio['best']:.2f}x (best), "
              f"{ratio['median']:.2f}x (median). Untrained router's exit fractions per depth: {dist}.")

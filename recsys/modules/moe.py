@@ -9,6 +9,22 @@ axis is the identity.
 Routers never see the interaction state ``x_l``, only ``x0.detach()``; with the default unweighted
 combine (as released) they learn from the auxiliary losses alone, so those must be added to the
 training loss (``AdaEnsemble.forward`` returns them summed and weighted).
+
+Two exact executions of the same routing (``dispatch``, :func:`resolve_dispatch`):
+
+* ``"static"``: no op in forward or backward depends on the routing for its shape (no
+  ``nonzero``, boolean indexing, ``.item()``), so an accelerator never waits for the host. Each
+  expert runs on every row and the (B, E) dispatch mask (or gates) selects its outputs; every
+  depth runs on every row and each row takes its logits from its exit depth.
+* ``"gather"``: each depth's router and experts compute only the rows still in the stack, each
+  expert only the rows routed to it (``nonzero`` + ``index_select`` / ``index_add_``), so a row
+  costs its own k experts at each depth up to its exit. Data-dependent shapes: a device sync per
+  depth on an accelerator, but none on the CPU, where it is the faster one.
+* ``"auto"`` (the default): static on an accelerator, gather on the CPU.
+
+Both give the same outputs, aux losses and routing diagnostics (no capacity, nothing dropped);
+with router noise in training, the draws differ (gather draws for fewer rows). See
+:class:`AdaEnsemble` for what each computes.
 """
 
 from __future__ import annotations
@@ -23,6 +39,9 @@ from torch import nn
 
 # the expert kinds, in the reference's order (the default router order)
 EXPERTS = ("gated_dense", "cross", "pin", "cnn", "attention")
+
+# expert dispatch modes (SparseMoE / AdaEnsemble ``dispatch``); see resolve_dispatch
+DISPATCH_MODES = ("auto", "static", "gather")
 
 REDUCTION = 16  # hidden width of routers and gates = n // 16, as in the reference
 PROJECTION = 16  # width of the router's sample embedding h and of the expert embeddings e_e
@@ -41,23 +60,102 @@ def annealed_k(step: int, num_experts: int, top_k: int, anneal_steps: int) -> in
     return num_experts - (num_experts - top_k) * step // anneal_steps
 
 
+def annealed_k_tensor(step: torch.Tensor, num_experts: int, top_k: int,
+                      anneal_steps: int) -> torch.Tensor:
+    """:func:`annealed_k` computed on step's device (0-d long): nothing is read back to the host.
+
+    Example:
+        >>> [int(annealed_k_tensor(torch.tensor(s), 5, 3, 4)) for s in range(6)]
+        [5, 5, 4, 4, 3, 3]
+    """
+    if anneal_steps <= 0:
+        return torch.full_like(step, top_k)
+    done = step.clamp(0, anneal_steps)  # at and after anneal_steps: top_k
+    return num_experts - torch.div((num_experts - top_k) * done, anneal_steps,
+                                   rounding_mode="floor")
+
+
+def resolve_dispatch(dispatch: str, device_type: str) -> str:
+    """The dispatch that runs for an input on ``device_type``: "auto" is "static" on an accelerator
+    (no host-device sync) and "gather" on the CPU (only routed rows computed); the others as given.
+
+    Example:
+        >>> resolve_dispatch("auto", "cuda"), resolve_dispatch("auto", "cpu")
+        ('static', 'gather')
+        >>> resolve_dispatch("static", "cpu")
+        'static'
+    """
+    if dispatch == "auto":
+        return "gather" if device_type == "cpu" else "static"
+    return dispatch
+
+
+def _check_dispatch(dispatch: str) -> str:
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, got {dispatch!r}")
+    return str(dispatch)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, E) bool: each row's k largest logits (k clamped to [1, E]); k known on the host."""
+    k = min(max(k, 1), logits.shape[1])
+    mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    return mask.scatter_(1, logits.topk(k, dim=1).indices, True)
+
+
+def ranked_mask(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, E) bool: each row's k largest logits, for a k held on the device (0-d long tensor).
+
+    ``topk`` needs k on the host, which would be a device sync per forward while k anneals; here
+    each choice's rank in its row (a stable sort: ties go to the lower index) is compared with k.
+    The same selection as :func:`top_k_mask` for distinct logits.
+
+    Example:
+        >>> ranked_mask(torch.tensor([[0.1, 0.9, 0.5], [3.0, 1.0, 2.0]]), torch.tensor(2)).tolist()
+        [[False, True, True], [True, False, True]]
+    """
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape)
+    return torch.empty_like(order).scatter_(1, order, ranks) < k
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax of each row over its True entries, 0 elsewhere."""
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+
+
 def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each row's k largest logits, softmax over them, 0 elsewhere.
 
     Returns (gates (B, E) with rows summing to 1, dispatch mask (B, E) bool with k True per row).
     The mask comes from the top-k indices, not from ``gates > 0``, so a kept expert whose gate
     underflows to 0 (a tiny learned temperature) is still dispatched.
+
+    Example:
+        >>> gates, mask = top_k_gates(torch.tensor([[0.0, 2.0, 1.0]]), 2)
+        >>> mask.tolist(), [round(g, 3) for g in gates[0].tolist()]
+        ([[False, True, True]], [0.0, 0.731, 0.269])
     """
-    k = min(max(k, 1), logits.shape[1])
-    idx = logits.topk(k, dim=1).indices
-    mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    mask.scatter_(1, idx, True)
-    gates = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
-    return gates, mask
+    mask = top_k_mask(logits, k)
+    return masked_softmax(logits, mask), mask
+
+
+def _row_mean(values: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 of values (B, ...) over the rows where present (B,) is True (all: None).
+
+    ``where``, not a multiply: a row that is not present adds exactly 0 (and gets no gradient) even
+    where its value is not finite. No present row: 0.
+    """
+    if present is None:
+        return values.mean(0)
+    keep = present.view([-1] + [1] * (values.dim() - 1))
+    total = torch.where(keep, values, torch.zeros_like(values)).sum(0)
+    return total / present.sum().clamp_min(1).to(total.dtype)
 
 
 def load_balance_loss(logits: torch.Tensor, dispatch_mask: torch.Tensor,
-                      prior: torch.Tensor | None = None) -> torch.Tensor:
+                      prior: torch.Tensor | None = None,
+                      present: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_e f_e · P_e / prior_e`` (unweighted; the caller multiplies by α).
 
     f_e is the fraction of the rows dispatched to e (a count: no gradient), P_e the mean full-softmax
@@ -69,22 +167,34 @@ def load_balance_loss(logits: torch.Tensor, dispatch_mask: torch.Tensor,
         logits: raw router logits (B, E).
         dispatch_mask: (B, E) bool, True where the row was sent to the expert.
         prior: (E,) target dispatch shares summing to 1, or None for uniform.
+        present: (B,) bool, the rows that count (those that reached the layer): f and P are means
+            over them and the others get no gradient. None: every row.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, 0.0]])
+        >>> mask = top_k_mask(logits, 1)
+        >>> present = torch.tensor([True, True, False])  # balanced over the first two rows: 1
+        >>> round(float(load_balance_loss(logits, mask, present=present)), 4)
+        1.0
+        >>> round(float(load_balance_loss(logits, mask)), 4)  # all three: 2 of 3 on the first
+        1.1096
     """
     num = logits.shape[1]
     if logits.shape[0] == 0:
         return logits.sum()
-    f = dispatch_mask.to(logits.dtype).mean(0)
-    p = torch.softmax(logits, dim=1).mean(0)
+    f = _row_mean(dispatch_mask.to(logits.dtype), present)
+    p = _row_mean(torch.softmax(logits, dim=1), present)
     if prior is None:
         prior = torch.full((num,), 1.0 / num, dtype=logits.dtype, device=logits.device)
     return (f * p / prior.clamp_min(1e-6)).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """``mean_batch(logsumexp(logits)²)``: keeps router logits small (0 for no rows)."""
+def router_z_loss(logits: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_batch(logsumexp(logits)²)``: keeps router logits small (0 for no rows). With present
+    (B,) bool: the mean over the rows where it is True."""
     if logits.shape[0] == 0:
         return logits.sum()
-    return torch.logsumexp(logits, dim=1).square().mean()
+    return _row_mean(torch.logsumexp(logits, dim=1).square(), present)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +213,7 @@ class GatedDenseExpert(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
+        self.uses_x0 = True  # reads x0: the gather dispatch selects its rows too
         hidden = max(1, width // REDUCTION)
         self.dense = nn.Linear(width, width)
         self.gate = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
@@ -121,6 +232,7 @@ class CrossExpert(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
+        self.uses_x0 = True  # reads x0: the gather dispatch selects its rows too
         self.dense = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -137,6 +249,7 @@ class PolynomialExpert(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
+        self.uses_x0 = True  # reads x0: the gather dispatch selects its rows too
         self.dense = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -151,6 +264,11 @@ class CNN1DExpert(nn.Module):
     Tiny sizes: kernel min(4, P) and pool min(2, conv length) keep at least one output position.
     For m=38 this is the reference's 608 -> 19 -> (16 filters, 16) -> (16, 8) -> 128 -> 608.
 
+    The one-channel convolution runs as a matmul of the (B, length, kernel) sliding windows with the
+    filters and the pooling as a max over a reshape, channels last: ``conv1d`` / ``max_pool1d`` on
+    such tiny shapes cost more than the rest of the expert. ``out`` keeps its (filters, positions)
+    input order; its weight is permuted to channels last at forward time.
+
     Example:
         >>> CNN1DExpert(num_fields=8, width=32)(torch.randn(4, 32), torch.randn(4, 32)).shape
         torch.Size([4, 32])
@@ -159,18 +277,77 @@ class CNN1DExpert(nn.Module):
     def __init__(self, num_fields: int, width: int, filters: int = 16, kernel_size: int = 4,
                  pool_size: int = 2) -> None:
         super().__init__()
+        self.uses_x0 = False  # reads x0: the gather dispatch selects its rows too
         positions = max(1, num_fields // 2)
-        kernel = min(kernel_size, positions)
-        length = positions - kernel + 1
+        self.kernel = min(kernel_size, positions)
+        length = positions - self.kernel + 1
         self.pool = min(pool_size, length)
+        self.pooled = length // self.pool
+        self.filters = filters
         self.squeeze = nn.Linear(width, positions)
-        self.conv = nn.Conv1d(1, filters, kernel)
-        self.out = nn.Linear(filters * (length // self.pool), width)
+        self.conv = nn.Conv1d(1, filters, self.kernel)
+        self.out = nn.Linear(filters * self.pooled, width)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        h = self.conv(self.squeeze(x).unsqueeze(1))  # (B, filters, length)
-        h = F.max_pool1d(h, self.pool)
-        return self.out(h.flatten(1))
+        b = x.shape[0]
+        windows = self.squeeze(x).unfold(1, self.kernel, 1)  # (B, length, kernel)
+        h = F.linear(windows, self.conv.weight.squeeze(1), self.conv.bias)  # (B, length, filters)
+        h = h[:, :self.pooled * self.pool].reshape(b, self.pooled, self.pool, self.filters)
+        h = torch.max(h, dim=2)[0]  # (B, pooled, filters); floor pooling drops the tail
+        weight = self.out.weight.view(-1, self.filters, self.pooled).transpose(1, 2)
+        return F.linear(h.flatten(1), weight.flatten(1), self.out.bias)
+
+
+ATTENTION_CHUNK = 256  # (row, head) pairs per chunk of _ChunkedAttention: ~190 KB of weights
+
+
+def _attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """``(softmax(q kᵀ) v)ᵀ`` from ``qt``, ``kt``, ``vt`` (N, head_dim, m), q pre-scaled: (N, head_dim,
+    m), on the whole batch at once."""
+    att = torch.softmax(torch.bmm(qt.transpose(1, 2), kt), dim=-1)  # (N, m, m)
+    return torch.bmm(vt, att.transpose(1, 2))
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """``softmax(qᵀ k) vᵀ`` per (row, head), transposed layout, in chunks that stay in cache (CPU).
+
+    Inputs ``qt``, ``kt``, ``vt`` (N, head_dim, m), q pre-scaled; output ``(att @ v)ᵀ`` (N, head_dim,
+    m). The same products as the plain code, but every (chunk, m, m) intermediate is produced and
+    consumed while in cache and every bmm has 2 rows or contracts over 2 (the head dim; MKL is
+    slow at 2 output columns), which halves the attention's time on the CPU. Backward reads the
+    weights kept by forward (not differentiable twice).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+        n, _, m = qt.shape
+        ot = torch.empty_like(vt)
+        att = torch.empty(n, m, m, dtype=qt.dtype, device=qt.device)
+        scores = torch.empty(min(n, ATTENTION_CHUNK), m, m, dtype=qt.dtype, device=qt.device)
+        for s in range(0, n, ATTENTION_CHUNK):
+            e = min(s + ATTENTION_CHUNK, n)
+            a = att[s:e]
+            torch.bmm(qt[s:e].transpose(1, 2), kt[s:e], out=scores[:e - s])
+            torch._softmax(scores[:e - s], -1, False, out=a)  # not in place: that is 2x slower
+            torch.bmm(vt[s:e], a.transpose(1, 2), out=ot[s:e])
+        ctx.save_for_backward(qt, kt, vt, att)
+        return ot
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qt, kt, vt, att = ctx.saved_tensors
+        dot = dot.contiguous()
+        dqt, dkt, dvt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+        for s in range(0, qt.shape[0], ATTENTION_CHUNK):
+            e = min(s + ATTENTION_CHUNK, qt.shape[0])
+            a = att[s:e]
+            torch.bmm(dot[s:e], a, out=dvt[s:e])
+            da = torch.bmm(dot[s:e].transpose(1, 2), vt[s:e])
+            ds = torch._softmax_backward_data(da, a, -1, a.dtype)
+            torch.bmm(kt[s:e], ds.transpose(1, 2), out=dqt[s:e])
+            torch.bmm(qt[s:e], ds, out=dkt[s:e])
+        return dqt, dkt, dvt
 
 
 class AttentionExpert(nn.Module):
@@ -180,6 +357,13 @@ class AttentionExpert(nn.Module):
     the total width split over the heads (8 over 4 heads = 2 per head), scaled dot-product, no
     residual; instance norm normalises each of the ``hidden`` channels over the fields (affine,
     eps 1e-3 as tfa's InstanceNormalization), written out so that one field works in training.
+
+    Speed: Q, K and V are one matmul (their weights concatenated at forward time) and one GELU, and
+    the 1/√head_dim scale multiplies q (B·m·hidden values) rather than the scores (B·heads·m²).
+    Q, K and V are laid out transposed, (B·heads, head_dim, m), so that each attention bmm has 2
+    rows or contracts over 2, never 2 output columns (slow in MKL). On the CPU, in eager fp32,
+    :class:`_ChunkedAttention` computes the attention in cache-sized chunks; elsewhere (CUDA,
+    autocast, TorchScript) the same products run on the whole batch.
 
     Example:
         >>> AttentionExpert(num_fields=8, dim=4)(torch.randn(2, 32), torch.randn(2, 32)).shape
@@ -191,9 +375,11 @@ class AttentionExpert(nn.Module):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+        self.uses_x0 = False  # reads x0: the gather dispatch selects its rows too
         self.num_fields = num_fields
         self.dim = dim
         self.heads = heads
+        self.hidden = hidden
         self.head_dim = hidden // heads
         self.eps = eps
         self.query = nn.Linear(dim, hidden)
@@ -204,21 +390,30 @@ class AttentionExpert(nn.Module):
         self.norm_bias = nn.Parameter(torch.zeros(hidden))
         self.out = nn.Linear(num_fields * hidden, num_fields * dim)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(t.shape[0], self.num_fields, self.heads, self.head_dim).transpose(1, 2)
+    @torch.jit.unused
+    def _eager_attention(self, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+        if qt.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return _ChunkedAttention.apply(qt, kt, vt)
+        return _attention(qt, kt, vt)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        f = x.view(b, self.num_fields, self.dim)
-        q = self._heads(F.gelu(self.query(f)))
-        k = self._heads(F.gelu(self.key(f)))
-        v = self._heads(F.gelu(self.value(f)))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
-        h = (att @ v).transpose(1, 2).reshape(b, self.num_fields, self.heads * self.head_dim)
+        b, m = x.shape[0], self.num_fields
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.gelu(F.linear(x.view(b, m, self.dim), weight, bias))  # (B, m, 3·hidden)
+        # (3, B·heads, head_dim, m): one copy
+        t = qkv.view(b, m, 3, self.heads, self.head_dim).permute(2, 0, 3, 4, 1)
+        t = t.reshape(3, b * self.heads, self.head_dim, m)
+        qt, kt, vt = t[0] * (1.0 / math.sqrt(self.head_dim)), t[1], t[2]
+        if torch.jit.is_scripting():
+            ot = _attention(qt, kt, vt)
+        else:
+            ot = self._eager_attention(qt, kt, vt)
+        h = ot.view(b, self.hidden, m).transpose(1, 2)  # (B, m, hidden)
         h = F.gelu(self.proj(h))
-        mean = h.mean(dim=1, keepdim=True)
-        var = (h - mean).square().mean(dim=1, keepdim=True)
-        h = (h - mean) / torch.sqrt(var + self.eps) * self.norm_weight + self.norm_bias
+        centred = h - h.mean(dim=1, keepdim=True)
+        var = centred.square().mean(dim=1, keepdim=True)
+        h = centred * torch.rsqrt(var + self.eps) * self.norm_weight + self.norm_bias
         return self.out(h.flatten(1))
 
 
@@ -234,6 +429,48 @@ def _check_experts(experts: Sequence[str]) -> list[str]:
     if not out:
         raise ValueError(f"experts must name at least one of: {', '.join(EXPERTS)}")
     return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, rows_i)`` for each rows_i; backward adds every gradient into one zero
+    tensor (separate gathers would each allocate a (B, n) gradient, then sum them)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.rows = rows
+        ctx.shape = x.shape
+        return tuple(x.index_select(0, r) for r in rows)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        dx: torch.Tensor | None = None
+        for r, g in zip(ctx.rows, grads, strict=True):
+            if g is not None:
+                if dx is None:
+                    dx = g.new_zeros(ctx.shape)
+                dx.index_add_(0, r, g)
+        return (dx,) + (None,) * len(ctx.rows)
+
+
+@torch.jit.unused
+def _gather_rows_eager(x: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(_GatherRows.apply(x, *rows))
+
+
+def gather_rows(x: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x.index_select(0, r) for r in rows]``, whose backward (in eager mode) scatters all the
+    gradients into one (B, n) tensor.
+
+    Example:
+        >>> [t.tolist() for t in gather_rows(torch.tensor([[1.0], [2.0], [3.0]]),
+        ...                                  [torch.tensor([2]), torch.tensor([0, 1])])]
+        [[[3.0]], [[1.0], [2.0]]]
+    """
+    if torch.jit.is_scripting():
+        return [x.index_select(0, r) for r in rows]
+    return _gather_rows_eager(x, rows)
 
 
 def build_expert(kind: str, num_fields: int, dim: int) -> nn.Module:
@@ -305,17 +542,26 @@ class Router(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """One SparseMoE layer: route each row to k experts (router on ``x0.detach()``); each expert
-    runs on only its rows (index_select), outputs are index_add-ed back. Combine unweighted (as
-    released) or gate-weighted. No residual here: the stack adds it.
+    """One SparseMoE layer: route each row to k experts (router on ``x0.detach()``) and sum their
+    outputs, unweighted (as released) or gate-weighted. No residual here: the stack adds it.
+
+    Two exact dispatches (``dispatch``; "auto" picks by the input's device, :func:`resolve_dispatch`):
+
+    * static: every expert runs on every row and the (B, E) dispatch mask (or the gates, exactly 0
+      off the top k) weights its output, so a row's result is the sum over its own k experts
+      without data-dependent shapes (no device sync). The price: the experts compute E/k times the
+      routed rows.
+    * gather: each expert runs only on its rows (``nonzero`` + ``index_select``) and its outputs are
+      ``index_add_``-ed back; with ``present``, only on the present ones.
 
     Args:
         experts: expert kinds (names from :data:`EXPERTS`), in router order.
         num_fields: m.
         dim: D.
-        top_k: default k when forward gets k <= 0.
+        top_k: k when forward gets no k.
         init_temperature, noise_eps: router settings.
         weight_by_gates: multiply each expert's output by its gate.
+        dispatch: "auto" (static on an accelerator, gather on the CPU), "static" or "gather".
 
     Example:
         >>> moe = SparseMoE(["cross", "pin"], num_fields=4, dim=2, top_k=1)
@@ -326,27 +572,76 @@ class SparseMoE(nn.Module):
 
     def __init__(self, experts: Sequence[str], num_fields: int, dim: int, top_k: int,
                  init_temperature: float = 1.0, noise_eps: float = 0.5,
-                 weight_by_gates: bool = False) -> None:
+                 weight_by_gates: bool = False, dispatch: str = "auto") -> None:
         super().__init__()
         width = num_fields * dim
         self.top_k = top_k
         self.weight_by_gates = weight_by_gates
+        self.dispatch = _check_dispatch(dispatch)
         self.experts = nn.ModuleList(build_expert(e, num_fields, dim)
                                      for e in _check_experts(experts))
+        self.reads_x0: list[bool] = [bool(e.uses_x0) for e in self.experts]
         self.router = Router(width, len(self.experts), init_temperature, noise_eps)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor,
-                k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (combined expert output (B, n), raw router logits (B, E), mask (B, E))."""
-        gates, mask, logits = self.router(x0, k if k > 0 else self.top_k)
-        out = torch.zeros_like(x)
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, k: torch.Tensor | None = None,
+                present: torch.Tensor | None = None, residual: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (combined expert output (B, n), raw router logits (B, E), mask (B, E)).
+
+        k: experts per row as a 0-d long tensor (the annealed k, kept on the device); None: top_k.
+        present: (B,) bool, the rows still in the stack; None: every row. Gather dispatch only
+            (static computes every row, and its caller masks): the router and the experts run on
+            the present rows only; the others get output 0, logits 0 and no expert.
+        residual: return ``x +`` the combined output (the stack's next x), summed in place of a
+            separate add.
+        """
+        gather = resolve_dispatch(self.dispatch, x.device.type) == "gather"
+        if gather and present is not None:
+            rows_in = present.nonzero().squeeze(1)
+            sub = self.router.logits(x0.detach().index_select(0, rows_in))
+            sub_mask = top_k_mask(sub, self.top_k) if k is None else ranked_mask(sub, k)
+            logits = sub.new_zeros(x0.shape[0], sub.shape[1]).index_copy(0, rows_in, sub)
+            mask = torch.zeros(logits.shape, dtype=torch.bool, device=x0.device).index_copy(
+                0, rows_in, sub_mask)
+        else:
+            logits = self.router.logits(x0)
+            mask = top_k_mask(logits, self.top_k) if k is None else ranked_mask(logits, k)
+        # the weights in x's dtype: under autocast the experts' bf16 outputs are combined into x's
+        # dtype by the fused multiply-add itself, with no separate cast
+        if self.weight_by_gates:
+            weight = masked_softmax(logits, mask).to(x.dtype)
+        else:
+            weight = mask.to(x.dtype)
+        # residual: the sum starts from x, with no separate add (gather adds in place: into a copy)
+        out = (x.clone() if gather else x) if residual else torch.zeros_like(x)
+        if not gather:
+            for e, expert in enumerate(self.experts):
+                out = torch.addcmul(out, expert(x, x0), weight[:, e:e + 1])
+            return out, logits, mask
+        # every (expert, row) pair, sorted by expert, from one nonzero; split per expert on the host
+        counts: list[int] = mask.sum(0).tolist()
+        rows_of = mask.t().nonzero()[:, 1].split(counts)
+        # an expert that every row was routed to (k = E while annealing starts) reads x itself
+        b = x.shape[0]
+        none = rows_of[0][:0]
+        gathered = [none if counts[e] == b else rows_of[e] for e in range(len(counts))]
+        xs_of = gather_rows(x, gathered)
+        if x is x0:  # the first depth: one gather serves both
+            x0s_of = xs_of
+        else:  # x0's rows for the experts that read it
+            x0s_of = gather_rows(x0, [gathered[e] if self.reads_x0[e] else none
+                                      for e in range(len(counts))])
         for e, expert in enumerate(self.experts):
-            rows = mask[:, e].nonzero().squeeze(1)
-            if rows.numel() > 0:  # an expert nobody was routed to costs nothing
-                y = expert(x.index_select(0, rows), x0.index_select(0, rows))
+            if counts[e] == b and b > 0:
+                y = expert(x, x0)
                 if self.weight_by_gates:
-                    y = y * gates[:, e].index_select(0, rows).unsqueeze(1)
-                out = out.index_add(0, rows, y.to(out.dtype))  # autocast may give bf16
+                    y = y * weight[:, e:e + 1]
+                out.add_(y.to(out.dtype))
+            elif counts[e] > 0:  # an expert nobody was routed to costs nothing
+                y = expert(xs_of[e], x0s_of[e] if self.reads_x0[e] else xs_of[e])
+                if self.weight_by_gates:
+                    y = y * weight[:, e].index_select(0, rows_of[e]).unsqueeze(1)
+                out.index_add_(0, rows_of[e], y.to(out.dtype))  # autocast may give bf16
         return out, logits, mask
 
 
@@ -364,10 +659,25 @@ class AdaEnsemble(nn.Module):
 
     ``g = exit_router(x0.detach())`` picks each row's depth; for d = 0..depths-1 the rows still
     present run ``x = SparseMoE_d(x, x0) + x``, the rows whose exit is d produce
-    ``logits = Estimator_d(x)`` and leave: deeper layers never run for them, in training and in
-    inference. Returns the logits and the weighted auxiliary router losses (load balance toward
-    ``expert_prior`` / ``exit_prior`` and z-loss, summed over the exit router and every layer that
-    ran, each over the rows it saw).
+    ``logits = Estimator_d(x)`` and leave. Returns the logits and the weighted auxiliary router
+    losses (load balance toward ``expert_prior`` / ``exit_prior`` and z-loss, summed over the exit
+    router and every layer that ran, each over the rows that reached it).
+
+    Execution (``dispatch``; see :class:`SparseMoE` for the experts), the same result either way:
+
+    * static (the "auto" choice on an accelerator): no host-device sync in forward or backward.
+      With the exit router, every row runs through every depth (all E experts) and takes its
+      logits from its exit depth's estimator (a ``where``); the aux losses and the diagnostics of a
+      depth count only the rows that reached it (masks), and a row gets no gradient from the depths
+      past its exit, so the result is that of rows really leaving. The price is compute: training
+      (and router-exit inference) pays for every expert and depth on every row.
+    * gather (the "auto" choice on the CPU): at each depth, the router runs on the rows that have
+      not exited and each expert on the rows routed to it among them (found with ``nonzero``: a
+      sync on an accelerator, free on the CPU), so a row costs k experts at each depth up to its
+      exit. The rows that left keep their x (no expert adds to it) and are masked as in static.
+
+    ``force_exit_depth(d)`` truncates the stack on the host in both: depths past d never run, and
+    inference saves their compute (``recsys bench moe``).
 
     Args:
         num_fields: m.
@@ -376,7 +686,8 @@ class AdaEnsemble(nn.Module):
         experts: the expert kinds of every layer (names from :data:`EXPERTS`), in router order.
         top_k: experts per row, in [1, len(experts)].
         anneal_steps: top-k annealing: k starts at the number of experts and falls linearly to
-            top_k over this many training forwards (0 = top_k from the first step).
+            top_k over this many training forwards (0 = top_k from the first step); k is computed
+            on the device from ``step``.
         depths: the number of SparseMoE layers (and exit choices).
         init_temperature: the routers' initial cosine temperature T (> 0; learned).
         noise_eps: ε of the routers' multiplicative input noise in training (0 = none).
@@ -385,16 +696,22 @@ class AdaEnsemble(nn.Module):
         z_loss_weight: weight of the router z-losses.
         expert_prior: target dispatch share of each expert (len(experts) values summing to 1).
         exit_prior: target share of rows exiting at each depth (depths values summing to 1).
+        dispatch: "auto" (static on an accelerator, gather on the CPU: :func:`resolve_dispatch`),
+            "static" or "gather"; resolved at each forward from the input's device.
 
     Attributes:
         blocks: ModuleList of ExitBlock (``.moe`` SparseMoE, ``.estimator`` Linear(n, num_outputs)).
         exit_router: Router over the depths.
         step: long buffer (checkpointed), training forwards so far; drives the top-k annealing.
         forced_exit: -1 = use the exit router; d >= 0 = every row exits at depth d (the exit router
-            then does not run and adds no loss). Set with ``force_exit_depth``.
+            then does not run and adds no loss, and deeper layers do not run). Set with
+            ``force_exit_depth``.
         rows_per_depth, exits_per_depth (depths,), expert_load (depths, E): diagnostics of the last
-            forward (non-persistent buffers): rows that entered / exited each depth and rows sent
-            to each expert of each depth.
+            forward (non-persistent buffers, updated on the device): rows that reached / exited
+            each depth and rows of those sent to each expert of each depth.
+        rows_computed (depths, E): the rows each expert of each depth computed in the last forward
+            (its cost): every row for static dispatch (at the depths that ran), ``expert_load``
+            for gather.
 
     Example:
         >>> model = AdaEnsemble(4, 4, num_outputs=1)
@@ -413,9 +730,11 @@ class AdaEnsemble(nn.Module):
                  weight_by_gates: bool = False, load_balance_weight: float = 1.0,
                  z_loss_weight: float = 1e-3,
                  expert_prior: Sequence[float] = (0.2, 0.2, 0.4, 0.1, 0.1),
-                 exit_prior: Sequence[float] = (0.1, 0.2, 0.6, 0.1)) -> None:
+                 exit_prior: Sequence[float] = (0.1, 0.2, 0.6, 0.1),
+                 dispatch: str = "auto") -> None:
         super().__init__()
         experts = _check_experts(experts)
+        dispatch = _check_dispatch(dispatch)
         if not 1 <= top_k <= len(experts):
             raise ValueError(f"top_k must be in [1, {len(experts)}] (the number of experts), "
                              f"got {top_k}")
@@ -440,9 +759,10 @@ class AdaEnsemble(nn.Module):
         self.load_balance_weight = load_balance_weight
         self.z_loss_weight = z_loss_weight
         self.forced_exit: int = -1
+        self.dispatch = dispatch
         self.blocks = nn.ModuleList(
             ExitBlock(SparseMoE(experts, num_fields, dim, top_k, init_temperature, noise_eps,
-                                weight_by_gates),
+                                weight_by_gates, dispatch),
                       width, num_outputs)
             for _ in range(depths))
         self.exit_router = Router(width, depths, init_temperature, noise_eps)
@@ -457,6 +777,8 @@ class AdaEnsemble(nn.Module):
                              persistent=False)
         self.register_buffer("expert_load", torch.zeros(depths, self.num_experts,
                                                         dtype=torch.long), persistent=False)
+        self.register_buffer("rows_computed", torch.zeros(depths, self.num_experts,
+                                                          dtype=torch.long), persistent=False)
 
     @torch.jit.export
     def force_exit_depth(self, depth: int) -> None:
@@ -467,9 +789,11 @@ class AdaEnsemble(nn.Module):
 
     @torch.jit.export
     def current_k(self) -> int:
-        """Experts per row that the next forward routes to (annealing schedule at ``step``)."""
+        """Experts per row that the next forward routes to (annealing schedule at ``step``).
+
+        For diagnostics: it reads ``step`` back to the host (forward computes k on the device)."""
         if self.anneal_steps <= 0:
-            return self.top_k  # no read of the step buffer: no device sync per forward
+            return self.top_k
         return annealed_k(int(self.step.item()), self.num_experts, self.top_k, self.anneal_steps)
 
     def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,47 +803,66 @@ class AdaEnsemble(nn.Module):
         if x0.shape[1] != self.width:
             raise ValueError("AdaEnsemble expects m*D = " + str(self.width) + " values per row, got "
                              + str(x0.shape[1]))
-        k = self.current_k()
+        k: torch.Tensor | None = None
+        if self.anneal_steps > 0:  # k of the step before this forward's increment, on the device
+            k = annealed_k_tensor(self.step, self.num_experts, self.top_k, self.anneal_steps)
         if self.training:
             self.step.add_(1)
         aux = torch.zeros((), dtype=x0.dtype, device=x0.device)
-        if self.forced_exit >= 0:
-            exit_at = torch.full((b,), self.forced_exit, dtype=torch.long, device=x0.device)
-        else:
-            exit_logits = self.exit_router.logits(x0)
-            exit_at = exit_logits.argmax(dim=1)  # hard top-1: its softmax gate is exactly 1
-            exit_mask = F.one_hot(exit_at, self.depths) > 0
-            aux = aux + self.load_balance_weight * load_balance_loss(exit_logits, exit_mask,
-                                                                     self.exit_prior)
-            aux = aux + self.z_loss_weight * router_z_loss(exit_logits)
-
-        out = torch.zeros(b, self.num_outputs, dtype=x0.dtype, device=x0.device)
-        rows = torch.arange(b, device=x0.device)  # original row of each row still in the stack
-        x = x0
-        x0_rows = x0
         self.rows_per_depth.zero_()
         self.exits_per_depth.zero_()
         self.expert_load.zero_()
+        self.rows_computed.zero_()
+        gather = resolve_dispatch(self.dispatch, x0.device.type) == "gather"
+        forced = self.forced_exit
+        exit_at = torch.zeros(0, dtype=torch.long, device=x0.device)
+        last = self.depths - 1
+        if forced >= 0:
+            last = forced  # a host-side int: depths past it never run
+            self.rows_per_depth[:forced + 1].fill_(b)
+            self.exits_per_depth[forced:forced + 1].fill_(b)
+        else:
+            exit_logits = self.exit_router.logits(x0)
+            exit_at = exit_logits.argmax(dim=1)  # hard top-1: its softmax gate is exactly 1
+            depth_ids = torch.arange(self.depths, device=x0.device)
+            # one-hot by comparison: F.one_hot reads its range check back to the host
+            exit_mask = exit_at.unsqueeze(1) == depth_ids
+            aux = aux + self.load_balance_weight * load_balance_loss(exit_logits, exit_mask,
+                                                                     self.exit_prior)
+            aux = aux + self.z_loss_weight * router_z_loss(exit_logits)
+            exits = exit_mask.sum(0)
+            self.exits_per_depth.copy_(exits)
+            # rows that reach depth d: those exiting at d or deeper
+            self.rows_per_depth.copy_(exits.flip(0).cumsum(0).flip(0))
+
+        out = torch.zeros(b, self.num_outputs, dtype=x0.dtype, device=x0.device)
+        x = x0
         for d, block in enumerate(self.blocks):
-            if rows.numel() > 0:  # no row left: this depth and all deeper ones are skipped
-                self.rows_per_depth[d] = rows.numel()
-                y, logits, mask = block.moe(x, x0_rows, k)
-                x = y + x
-                aux = aux + self.load_balance_weight * load_balance_loss(logits, mask,
-                                                                         self.expert_prior)
-                aux = aux + self.z_loss_weight * router_z_loss(logits)
-                self.expert_load[d] = mask.sum(0)
-                here = exit_at == d
-                leave = here.nonzero().squeeze(1)
-                if leave.numel() > 0:  # else every row continues: nothing to re-index
-                    self.exits_per_depth[d] = leave.numel()
-                    out = out.index_add(0, rows.index_select(0, leave),
-                                        block.estimator(x.index_select(0, leave)).to(out.dtype))
-                    stay = (~here).nonzero().squeeze(1)
-                    x = x.index_select(0, stay)
-                    x0_rows = x0_rows.index_select(0, stay)
-                    rows = rows.index_select(0, stay)
-                    exit_at = exit_at.index_select(0, stay)
+            if d <= last:
+                if forced >= 0:
+                    x, logits, mask = block.moe(x, x0, k, residual=True)
+                    aux = aux + self.load_balance_weight * load_balance_loss(logits, mask,
+                                                                             self.expert_prior)
+                    aux = aux + self.z_loss_weight * router_z_loss(logits)
+                    self.expert_load[d].copy_(mask.sum(0))
+                    if d == last:
+                        out = block.estimator(x).to(out.dtype)
+                else:
+                    present = exit_at >= d
+                    # gather: the router and the experts compute only the rows still in the stack
+                    # (every row at depth 0); the others get no expert and keep their x
+                    x, logits, mask = block.moe(x, x0, k, present if gather and d > 0 else None,
+                                                residual=True)
+                    aux = aux + self.load_balance_weight * load_balance_loss(
+                        logits, mask, self.expert_prior, present)
+                    aux = aux + self.z_loss_weight * router_z_loss(logits, present)
+                    self.expert_load[d].copy_((mask & present.unsqueeze(1)).sum(0))
+                    here = (exit_at == d).unsqueeze(1)
+                    out = torch.where(here, block.estimator(x).to(out.dtype), out)
+                if gather:
+                    self.rows_computed[d].copy_(self.expert_load[d])
+                else:
+                    self.rows_computed[d].fill_(b)
         return out, aux
 
     def diagnostics(self) -> dict[str, Any]:
@@ -528,4 +871,5 @@ class AdaEnsemble(nn.Module):
         return {"rows_per_depth": self.rows_per_depth.tolist(),
                 "exits_per_depth": self.exits_per_depth.tolist(),
                 "expert_load": self.expert_load.tolist(),
+                "rows_computed": self.rows_computed.tolist(),
                 "step": int(self.step), "k": self.current_k()}

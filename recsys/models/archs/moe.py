@@ -1,7 +1,9 @@
 """``moe``: AdaEnsemble, a sparse mixture of heterogeneous experts with dynamic early exit, over the
 stacked fields; its per-depth estimators give the logits and its router losses the auxiliary loss
 (docs/methods.md section 3). Rows routed away from an expert or exiting early give some
-parameters no gradient in a step: the arch has a dynamic graph."""
+parameters no gradient in a step; with the gather dispatch (the CPU's default) an expert no row was
+routed to, or a depth no row reached, runs nothing and its parameters get no gradient at all: the
+arch has a dynamic graph."""
 
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ class MoESpec(StrictModel):
     z_loss_weight: float = 1e-3
     expert_prior: list[float] = Field(default_factory=lambda: [0.2, 0.2, 0.4, 0.1, 0.1])
     exit_prior: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.6, 0.1])
+    # how the experts and depths execute, with the same results: "static" runs every expert and
+    # depth on every row (no host-device sync: fast on an accelerator), "gather" runs each expert
+    # only on its routed rows still in the stack (fast on the CPU); "auto" = static on an
+    # accelerator, gather on the CPU, chosen per forward from the input's device
+    dispatch: Literal["auto", "static", "gather"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> MoESpec:
