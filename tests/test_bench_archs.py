@@ -36,7 +36,7 @@ from recsys.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
-# runs `python -m recsys.bench.archs --quick` (and the same through `python -m recsys.cli`) in a
+# runs `python -m recsys.cli bench archs --quick` (twice, with different options) in a
 # fresh interpreter where the heavy packages cannot be imported; it fails if recsys code even
 # tries to import one of them (also inside a try), as tests/test_pure_torch.py does
 BLOCKED_RUN = r'''
@@ -86,7 +86,7 @@ def run_blocked(module: str, out: Path, *extra: str) -> subprocess.CompletedProc
 
 
 def test_quick_run_with_torch_alone_writes_every_arch(tmp_path: Path) -> None:
-    run_blocked("recsys.bench.archs", tmp_path)
+    run_blocked("recsys.cli", tmp_path)
     result = json.loads((tmp_path / "archs.json").read_text())
     assert result["benchmark"] == "archs" and result["device"] == "cpu"
     assert result["threads"] == 1 and "torch" in result["machine"]

@@ -408,3 +408,20 @@ def test_gftrl_refuses_column_shards_and_mixed_replication(types: list[str], mes
     assert message in str(e.value)
     validate_constraints(small_spec([{"table": "user_id", "types": ["data_parallel"]}],
                                     optimizer="gftrl"), "cpu")  # replicated alone is fine
+
+
+def test_report_counts_fp16_tables_at_two_bytes_per_weight() -> None:
+    from recsys.spec import validate_spec
+
+    raw = small_spec().model_dump(mode="json")
+    raw["features"]["data_type"] = "fp16"
+    half = validate_spec(raw)
+    topology = make_topology(2, "cpu")
+    full_summary = plan_summary(small_spec(), constructed_plan(small_spec()), topology)
+    half_summary = plan_summary(half, constructed_plan(half), topology)
+    params = sum(rows * dim for rows, dim in SMALL.values())
+    assert full_summary["totals"]["weight_bytes"] == 4 * params
+    assert half_summary["totals"]["weight_bytes"] == 2 * params
+    for f, h in zip(full_summary["ranks"], half_summary["ranks"], strict=True):
+        assert h["weight_bytes"] * 2 == f["weight_bytes"]
+        assert h["optimizer_bytes"] == f["optimizer_bytes"]  # the state stays fp32

@@ -45,7 +45,7 @@ run() {  # run SECONDS OUTDIR [options...]
     shift 2
     say "recsys bench archs $* (at most ${seconds}s)"
     timeout --signal=INT --kill-after=15 "$seconds" \
-        "$PY" -m recsys.bench.archs --device cuda --out "$dest" "$@" 2>&1 | tee -a "$LOG"
+        "$PY" -m recsys.cli bench archs --device cuda --out "$dest" "$@" 2>&1 | tee -a "$LOG"
     local rc="${PIPESTATUS[0]}"
     [ "$rc" -eq 0 ] || { say "exit status $rc"; status=1; }
 }

@@ -12,7 +12,7 @@ Step-time ratios: each arch against ``dcn``, ``dynint`` against ``pin``, and bf1
 
 The models are built here from the pure-torch layers of :mod:`recsys.modules` and the loss of
 :mod:`recsys.losses`, never from ``recsys.models.archs`` (pydantic, torchrec): the benchmark runs
-where only torch is installed (``PYTHONPATH=. python -m recsys.bench.archs --device cuda``; see
+where only torch is installed (``PYTHONPATH=. python -m recsys.cli bench archs --device cuda``; see
 ``tools/bench_archs_device.sh``). Each mirrors its arch's ``build`` with the defaults of the arch
 and of its spec under ``specs/`` (``tests/test_bench_archs.py`` checks the parameter shapes against
 the registry's models):
@@ -767,17 +767,3 @@ def run_and_write(cfg: ArchBenchConfig, out_dir: str | Path, echo: bool = True) 
         print(text)
         print(f"\nwrote {path}")
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m recsys.bench.archs [options]`` = ``recsys bench archs [options]`` (the
-    command's options and exit statuses live in recsys/cli/bench.py; nothing there needs more
-    than torch)."""
-    from recsys.cli import main as cli_main
-
-    return cli_main(["bench", "archs", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

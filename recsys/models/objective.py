@@ -50,6 +50,16 @@ def ranker_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
     return torch.stack(losses).sum()
 
 
+def _float32(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's outputs with half-precision tensors upcast to fp32 (ids stay as they are).
+
+    Under ``train.precision = "bf16"`` the over-arch returns bf16 logits. Autocast runs BCE in
+    fp32 by itself but not ESMM's log-space terms (``logsigmoid``, ``log1p(-exp(x))``), which
+    would keep 8 bits of mantissa; the listwise and cascade losses upcast on their own. One cast
+    here puts every term in fp32 whatever each loss does. A no-op in fp32 training."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
+
+
 class OnlineUserCodes(nn.Module):
     """RVQ codes of each row's user, from the model's own pooled user-side embeddings.
 
@@ -123,6 +133,7 @@ class RankingObjective(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         spec = self.loss
+        outputs = _float32(outputs)
         bce_loss = ranker_loss(outputs, batch.labels, self.tasks, self.esmm)
         loss = spec.bce_weight * bce_loss + outputs[AUX_LOSS]
         stats = {"loss/bce": bce_loss.detach(), "loss/aux": outputs[AUX_LOSS].detach()}

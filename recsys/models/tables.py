@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys.models.archs import Fields
-from recsys.spec import FeaturesSpec, Pooling
+from recsys.spec import FeaturesSpec, Pooling, TableDataType
 
 _POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
+# the weights' storage; FBGEMM's fused kernels (CPU and CUDA) and TorchRec's plain and quantized
+# EBCs all read fp16 rows and pool into fp32
+_DATA_TYPE = {TableDataType.FP32: DataType.FP32, TableDataType.FP16: DataType.FP16}
 
 
 def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
-    """One EmbeddingBagConfig per table that some feature looks up, with those features.
+    """One EmbeddingBagConfig per table that some feature looks up, with those features and the
+    table's weight data type (``features.data_type`` unless the table sets its own).
 
     Example:
         >>> [c.name for c in embedding_bag_configs(spec.features)]
@@ -26,7 +30,8 @@ def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
     return [
         EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
                            embedding_dim=int(t.embedding_dim or features.embedding_dim),
-                           feature_names=users[t.name], pooling=_POOLING[t.pooling or Pooling.SUM])
+                           feature_names=users[t.name], pooling=_POOLING[t.pooling or Pooling.SUM],
+                           data_type=_DATA_TYPE[t.data_type or features.data_type])
         for t in features.resolved_tables() if t.name in users
     ]
 

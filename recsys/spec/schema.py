@@ -35,6 +35,7 @@ from recsys.spec.data import (
     PrepareSpec,
     Side,
     SyntheticSpec,
+    TableDataType,
     TableSpec,
 )
 from recsys.validation import KeyedError, StrictModel, positive
@@ -62,6 +63,7 @@ __all__ = [
     "ModelSpec",
     "OOVPolicy",
     "Pooling",
+    "Precision",
     "PrepareSpec",
     "RVQSpec",
     "ShardingType",
@@ -70,6 +72,7 @@ __all__ = [
     "SparseOptimizerSpec",
     "Spec",
     "SyntheticSpec",
+    "TableDataType",
     "TableSharding",
     "TableSpec",
     "TrainSpec",
@@ -102,6 +105,13 @@ class DenseOptimizer(StrEnum):
     ADAM = "adam"
     ADAMW = "adamw"
     FTRL = "ftrl"
+
+
+class Precision(StrEnum):
+    """The arithmetic of the training forward (``train.precision``); no parameter changes dtype."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"  # the forward and the losses under torch.autocast(bfloat16); losses upcast
 
 
 class LRSchedule(StrEnum):
@@ -290,6 +300,9 @@ class TrainSpec(StrictModel):
     # higher is better except for logloss, ne, ece
     headline_metric: str = "auc"
     device: str = "auto"  # auto | cpu | cuda
+    # bf16: the training steps' forward (over-arch and losses) under autocast; evaluation,
+    # prediction and export stay fp32 (recsys/train/trainer.py)
+    precision: Precision = Precision.FP32
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -355,6 +368,7 @@ class Spec(StrictModel):
                 raise KeyedError("distributed.sharding",
                                   f"names table '{s.table}', which is not a table of this spec "
                                   f"(known: {', '.join(sorted(tables))})")
+        self._check_fp16_tables(tables)
         arch = ARCHS[self.model.arch]
         if arch.stacks_fields:
             dims = {t.embedding_dim for t in tables.values()}
@@ -371,4 +385,20 @@ class Spec(StrictModel):
                               f"{unknown} are not among data.labels {self.data.labels}")
         return self
 
+    def _check_fp16_tables(self, tables: dict[str, TableSpec]) -> None:
+        """fp16 tables may not be data-parallel.
 
+        Sharded tables are updated by FBGEMM's fused optimizers or by sharded group-lasso FTRL,
+        which both keep their state in fp32. A data-parallel table is a dense parameter updated by
+        a PyTorch optimizer whose state takes the weights' dtype: in fp16, an eps of 1e-8 rounds
+        to 0 (rows without a gradient become 0/0 = NaN in unfused Adam and Adagrad), small squared
+        gradients underflow and FTRL's summed-loss ones overflow 65504.
+        """
+        fp16 = {n for n, t in tables.items() if t.data_type == TableDataType.FP16}
+        for s in self.distributed.sharding:
+            if s.table in fp16 and ShardingType.DATA_PARALLEL in s.types:
+                raise KeyedError(f"distributed.sharding[table={s.table}].types",
+                                 f"table '{s.table}' is fp16 and may be data_parallel, whose "
+                                 "PyTorch optimizer would keep its state in fp16 (NaN or lost "
+                                 "updates); list only sharded types for it or make the table "
+                                 "fp32 (its data_type)")

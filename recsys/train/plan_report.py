@@ -22,6 +22,8 @@ from recsys.spec import SparseOptimizer, Spec
 from recsys.tables import format_table
 from recsys.train.planning import GIB, OPTIMIZER_STATE, WEIGHT_BYTES
 
+DATA_TYPE_BYTES = {"FP32": 4, "FP16": 2}  # TorchRec's DataType names
+
 
 def _shards(ps: ParameterSharding, cfg: EmbeddingBagConfig, world_size: int
             ) -> list[dict[str, int]]:
@@ -35,15 +37,25 @@ def _shards(ps: ParameterSharding, cfg: EmbeddingBagConfig, world_size: int
             for m in ps.sharding_spec.shards]  # type: ignore[attr-defined]
 
 
-def shard_state_bytes(rows: int, cols: int, optimizer: SparseOptimizer) -> tuple[int, int]:
-    """(weight bytes, optimizer-state bytes) of one fp32 shard under ``optimizer``.
+def shard_state_bytes(rows: int, cols: int, optimizer: SparseOptimizer,
+                      weight_bytes: int = WEIGHT_BYTES) -> tuple[int, int]:
+    """(weight bytes, optimizer-state bytes) of one shard under ``optimizer``, its weights
+    ``weight_bytes`` each (4: fp32, 2: fp16); the optimizer state is fp32 either way.
 
     Example:
         >>> shard_state_bytes(1000, 16, SparseOptimizer.ROWWISE_ADAGRAD)
         (64000, 4000)
+        >>> shard_state_bytes(1000, 16, SparseOptimizer.ROWWISE_ADAGRAD, weight_bytes=2)
+        (32000, 4000)
     """
     per_weight, per_row = OPTIMIZER_STATE[optimizer]
-    return rows * cols * WEIGHT_BYTES, (per_weight * rows * cols + per_row * rows) * WEIGHT_BYTES
+    return rows * cols * weight_bytes, (per_weight * rows * cols + per_row * rows) * WEIGHT_BYTES
+
+
+def table_weight_bytes(cfg: Any) -> int:
+    """Bytes per weight of a table config (its ``data_type``: fp32 4, fp16 2)."""
+    return DATA_TYPE_BYTES.get(str(getattr(cfg.data_type, "name", cfg.data_type)).upper(),
+                               WEIGHT_BYTES)
 
 
 def memory_convention(optimizer: SparseOptimizer) -> str:
@@ -51,7 +63,7 @@ def memory_convention(optimizer: SparseOptimizer) -> str:
     per_weight, per_row = OPTIMIZER_STATE[optimizer]
     state = {(0, 0): "none", (0, 1): "one fp32 per row of each shard"}.get(
         (per_weight, per_row), f"{per_weight} fp32 per weight")
-    return (f"weights are fp32: rows x cols x {WEIGHT_BYTES} bytes per shard; optimizer state "
+    return (f"weights are fp32: rows x cols x 4 bytes per shard (2 for fp16 tables); optimizer state "
             f"({optimizer.value}): {state}; a data-parallel table counts in full on every rank. "
             "The planner's estimates add input/output buffers and hold no optimizer state.")
 
@@ -79,7 +91,8 @@ def plan_summary(spec: Spec, plan: ShardingPlan, topology: Topology,
             cfg = cfgs[name]
             shards = _shards(ps, cfg, ws)
             for s in shards:
-                weight, state = shard_state_bytes(s["rows"], s["cols"], optimizer)
+                weight, state = shard_state_bytes(s["rows"], s["cols"], optimizer,
+                                                  table_weight_bytes(cfg))
                 entry = ranks[s["rank"]]
                 entry["shards"] += 1
                 entry["parameters"] += s["rows"] * s["cols"]
@@ -96,6 +109,8 @@ def plan_summary(spec: Spec, plan: ShardingPlan, topology: Topology,
         entry["estimated_hbm_bytes"] = int(est.hbm) if est is not None else None
         entry["estimated_ddr_bytes"] = int(est.ddr) if est is not None else None
     logical = sum(t["rows"] * t["dim"] for t in tables)
+    logical_bytes = sum(t["rows"] * t["dim"] * table_weight_bytes(cfgs[t["name"]])
+                        for t in tables)
     return {
         "spec": spec.name,
         "world_size": ws,
@@ -109,7 +124,7 @@ def plan_summary(spec: Spec, plan: ShardingPlan, topology: Topology,
             "tables": len(tables),
             "rows": sum(t["rows"] for t in tables),
             "parameters": logical,
-            "weight_bytes": logical * WEIGHT_BYTES,  # one copy of every table
+            "weight_bytes": logical_bytes,  # one copy of every table
             "placed_weight_bytes": sum(r["weight_bytes"] for r in ranks),  # replicas included
             "placed_optimizer_bytes": sum(r["optimizer_bytes"] for r in ranks),
             "placed_total_bytes": sum(r["total_bytes"] for r in ranks),

@@ -69,7 +69,7 @@ CUDA_LOCAL_WORLD_SIZE = 8
 # activations and input batches. A fixed share, because the planner sees only the EBC (its
 # heuristic reservation measures the dense part of the module it plans, which is nothing here).
 RESERVED_FRACTION = 0.15
-# The spec's tables are fp32 (EmbeddingBagConfig's default data type).
+# Bytes per fp32 weight (and per optimizer-state value); fp16 tables take 2 per weight.
 WEIGHT_BYTES = 4
 # A column-wise shard asked for explicitly is at least this wide (FBGEMM needs multiples of 4).
 MIN_COLUMN_SHARD_DIM = 8

@@ -39,6 +39,18 @@ class ShardedModel:
     interaction_weights: list[torch.nn.Parameter]  # PIN's W_l (replicated on every rank)
 
 
+class _DataParallelBeyondOneRank(DefaultDataParallelWrapper):
+    """TorchRec's DDP wrapping of the dense part, except on one process, where DDP would only add
+    its hooks and an all-reduce with itself to every step (most of a small model's fixed cost).
+    The state dict's keys are the same either way (DistributedModelParallel unwraps DDP)."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: Any, device: torch.device) -> None:
+        if env.world_size == 1:
+            dmp._dmp_wrapped_module.to(device)
+            return
+        super().wrap(dmp, env, device)
+
+
 def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
                         total_steps: int) -> ShardedModel:
     """Plan the spec's tables on rank 0 (broadcast to all), shard them, attach the optimizers.
@@ -71,7 +83,7 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
     # parameters (and the graph is not static); every other arch keeps TorchRec's faster
     # static-graph default
     dynamic = arch_of(spec.model).dynamic_graph
-    wrapper_ddp = DefaultDataParallelWrapper(static_graph=not dynamic,
+    wrapper_ddp = _DataParallelBeyondOneRank(static_graph=not dynamic,
                                              find_unused_parameters=dynamic)
     dmp = DistributedModelParallel(module=wrapper, device=device, plan=plan, sharders=sharders,
                                    data_parallel_wrapper=wrapper_ddp)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from recsys.evaluate.accumulator import EvalAccumulator
 from recsys.evaluate.cascade import prerank_metrics
 from recsys.models.ranker import probabilities
 from recsys.progress import progress_bar
-from recsys.spec import HEADLINE_METRICS, Spec
+from recsys.spec import HEADLINE_METRICS, Precision, Spec
 from recsys.train import checkpoint
 from recsys.train.checkpoint import Position
 from recsys.train.distributed import (
@@ -99,7 +99,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, spec.train.max_steps)
         self.model = self._build_model()
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device,
-                                                execute_all_batches=True)
+                                                execute_all_batches=True,
+                                                custom_model_fwd=self._training_forward())
         self.step = 0
         self.position = Position(0, 0, 0)
         self.history = History()
@@ -160,6 +161,27 @@ class Trainer:
         self.built = built
         self.plan, self.optimizer = built.plan, built.optimizer
         return built.dmp
+
+    def _training_forward(self) -> Callable[[Batch], Any] | None:
+        """The pipeline's forward under ``train.precision``: None (the model itself) for fp32;
+        for bf16 the model's forward under ``torch.autocast(bfloat16)``.
+
+        Only the forward is autocast: the pipeline runs the backward and the optimizer step after
+        this returns, outside the context, as autocast asks. The embedding lookups are FBGEMM ops
+        autocast leaves alone; the over-arch's matmuls run in bf16 with fp32 weights; the objective
+        upcasts the logits, so every loss is computed in fp32. Evaluation (:meth:`_scored`) calls
+        the model directly, in fp32, so the recorded metrics are those of the fp32 model that
+        export and predict serve.
+        """
+        if self.spec.train.precision == Precision.FP32:
+            return None
+        model, device_type = self.model, self.ctx.device.type
+
+        def forward(batch: Batch) -> Any:
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                return model(batch)
+
+        return forward
 
     # ---- training -----------------------------------------------------------------------------
 
