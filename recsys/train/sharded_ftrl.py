@@ -34,6 +34,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.distributed.model_parallel import get_unwrapped_module
 from torchrec.optim.fused import FusedOptimizer
 
 from recsys.optim.ftrl import group_ftrl_rows
@@ -201,9 +202,6 @@ def _route_through_ftrl(kernel: BatchedFusedEmbeddingBag, group: _ShardGroup) ->
     module.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
 
 
-_DMP_WRAPPER = "_dmp_wrapped_module"  # DistributedModelParallel's own level, left out of its keys
-
-
 class ShardedGroupFTRL(FusedOptimizer):
     """Group-lasso FTRL over every model-parallel table of a DistributedModelParallel model,
     applied in backward (``step`` is a no-op, as for TorchRec's fused optimizers).
@@ -225,10 +223,11 @@ class ShardedGroupFTRL(FusedOptimizer):
         self.groups: list[_ShardGroup] = []
         shards: dict[str, list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         meta: dict[str, Any] = {}
-        for path, sebc in model.named_modules():
+        # keys without DistributedModelParallel's and DDP's own levels, as in the model's state
+        # dict: the same on one process (no DDP) and on many
+        for path, sebc in get_unwrapped_module(model).named_modules():
             if not isinstance(sebc, ShardedEmbeddingBagCollection):
                 continue
-            path = ".".join(p for p in path.split(".") if p != _DMP_WRAPPER)  # as in state_dict
             prefix = f"{path}.embedding_bags." if path else "embedding_bags."
             # the lookups are a plain list, not submodules (TorchRec keeps them out of
             # named_modules): reach the FBGEMM kernels through them
