@@ -178,3 +178,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
+# The prologue of a subprocess script that must run with torch alone: any import of the heavy
+# packages (or of a submodule) raises ImportError, and every attempt made from recsys code (even
+# one a ``try`` swallows) is recorded in ``attempts`` as (module, the recsys frame that asked).
+# Format ``{why}`` with what the script checks. Used by test_pure_torch and test_bench_archs.
+IMPORT_BLOCKER = r'''
+import importlib.abc
+import sys
+import traceback
+from pathlib import Path
+
+BLOCKED = ("torchrec", "fbgemm_gpu", "pydantic", "pyarrow")
+RECSYS = str(Path.cwd() / "recsys")
+attempts = []
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in BLOCKED:
+            return None
+        ours = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack()
+                if f.filename.startswith(RECSYS)]
+        if ours:
+            attempts.append((name, ours[-1]))
+        raise ImportError(f"{name} is blocked: WHY")
+
+
+assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], "imported before the test"
+sys.meta_path.insert(0, Block())
+'''
+
+
+def import_blocker(why: str) -> str:
+    """:data:`IMPORT_BLOCKER` with the reason its ImportError gives."""
+    return IMPORT_BLOCKER.replace("WHY", why)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import import_blocker
 from torch import nn
 
 from recsys.bench.archs import (
@@ -39,30 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 # runs `python -m recsys.cli bench archs --quick` (twice, with different options) in a
 # fresh interpreter where the heavy packages cannot be imported; it fails if recsys code even
 # tries to import one of them (also inside a try), as tests/test_pure_torch.py does
-BLOCKED_RUN = r'''
-import importlib.abc
+BLOCKED_RUN = import_blocker("bench archs must run with torch alone") + r'''
 import runpy
-import sys
-import traceback
-from pathlib import Path
-
-BLOCKED = ("torchrec", "fbgemm_gpu", "pydantic", "pyarrow")
-RECSYS = str(Path.cwd() / "recsys")
-attempts = []
-
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] not in BLOCKED:
-            return None
-        ours = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack()
-                if f.filename.startswith(RECSYS)]
-        if ours:
-            attempts.append((name, ours[-1]))
-        raise ImportError(f"{name} is blocked: bench archs must run with torch alone")
-
-
-sys.meta_path.insert(0, Block())
 module, out = sys.argv[1], sys.argv[2]
 prefix = ["bench", "archs"] if module == "recsys.cli" else []
 sys.argv = [module, *prefix, "--quick", "--no-progress", "--out", out, *sys.argv[3:]]

@@ -14,34 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import import_blocker
+
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = r'''
+SCRIPT = import_blocker("the pure-torch layers must not import it") + r'''
 import importlib
-import importlib.abc
 import pkgutil
-import sys
-import traceback
-from pathlib import Path
-
-BLOCKED = ("torchrec", "fbgemm_gpu", "pydantic", "pyarrow")
-RECSYS = str(Path.cwd() / "recsys")
-attempts = []  # (module, the recsys frame that asked for it)
-
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] not in BLOCKED:
-            return None
-        ours = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack()
-                if f.filename.startswith(RECSYS)]
-        if ours:
-            attempts.append((name, ours[-1]))
-        raise ImportError(f"{name} is blocked: the pure-torch layers must not import it")
-
-
-assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], "imported before the test"
-sys.meta_path.insert(0, Block())
 
 import torch  # noqa: E402
 

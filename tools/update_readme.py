@@ -3,8 +3,9 @@
     python tools/update_readme.py [DIR ...]     # default: bench-results report
 
 Every ``NAME.json`` / ``NAME.md`` pair that ``recsys bench NAME --out DIR`` or ``recsys report --out
-DIR`` wrote becomes one subsection, with the machine and versions it was measured on. The section sits between the
-markers below; everything else in the README is left as it is.
+DIR`` wrote becomes one subsection, with the machine and versions it was measured on; subsections
+of results not in DIR stay as they were. The section sits between the markers below; everything
+else in the README is left as it is.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def results_section(dirs: list[Path]) -> str:
-    parts = [START, ""]
-    # the targets summary (recsys bench all) first, then every benchmark by name
+def measured_sections(dirs: list[Path]) -> dict[str, str]:
+    """``{heading: subsection}`` for every ``NAME.json`` / ``NAME.md`` pair in ``dirs``, the
+    targets summary (recsys bench all) first, then by name."""
+    sections: dict[str, str] = {}
     paths = [p for d in dirs for p in sorted(d.glob("*.json"), key=lambda p: (p.stem != "targets",
                                                                              p.stem))]
     for path in paths:
@@ -29,15 +31,34 @@ def results_section(dirs: list[Path]) -> str:
             raise SystemExit(f"{table}: missing (rerun `recsys bench {path.stem}`)")
         m = result.get("machine", {})
         command = result.get("command", f"recsys bench {result.get('benchmark', path.stem)}")
-        parts += [f"### `{command}`", "",
-                  table.read_text().strip(), "",
-                  f"_Measured on {m.get('cores', '?')} cores ({m.get('cpu', '?')}), Python "
-                  f"{m.get('python', '?')}, torch {m.get('torch', '?')}, pyarrow "
-                  f"{m.get('pyarrow', '?')}._", ""]
-    if len(parts) == 2:
+        heading = f"### `{command}`"
+        sections[heading] = "\n".join([
+            heading, "", table.read_text().strip(), "",
+            f"_Measured on {m.get('cores', '?')} cores ({m.get('cpu', '?')}), Python "
+            f"{m.get('python', '?')}, torch {m.get('torch', '?')}, pyarrow "
+            f"{m.get('pyarrow', '?')}._", ""])
+    return sections
+
+
+def kept_sections(old: str) -> dict[str, str]:
+    """The subsections of the current results section, by heading."""
+    sections: dict[str, str] = {}
+    for chunk in ("\n" + old).split("\n### ")[1:]:
+        heading, _, body = chunk.partition("\n")
+        sections[f"### {heading}"] = f"### {heading}\n{body}".rstrip() + "\n"
+    return sections
+
+
+def results_section(dirs: list[Path], old: str = "") -> str:
+    """The new results section: a subsection per result in ``dirs``; a subsection of ``old`` whose
+    benchmark or report is not among them is kept as it was (``make bench`` does not rerun
+    ``recsys report``)."""
+    fresh = measured_sections(dirs)
+    if not fresh:
         raise SystemExit(f"{', '.join(map(str, dirs))}: no results (run `recsys bench ...` or "
                          "`recsys report` first)")
-    return "\n".join([*parts, END])
+    kept = {h: body for h, body in kept_sections(old).items() if h not in fresh}
+    return "\n".join([START, "", *fresh.values(), *kept.values(), END])
 
 
 def main(argv: list[str]) -> int:
@@ -48,8 +69,8 @@ def main(argv: list[str]) -> int:
     if START not in text or END not in text:
         raise SystemExit(f"{readme}: the markers {START} and {END} are missing")
     head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(head + results_section(dirs) + tail)
+    old, tail = rest.split(END, 1)
+    readme.write_text(head + results_section(dirs, old) + tail)
     print(f"rewrote the results section of {readme} from {', '.join(map(str, dirs))}")
     return 0
 

@@ -26,11 +26,15 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(out_dir: str | Path, name: str, result: dict[str, Any], table: str) -> Path:
-    """Write ``NAME.json`` (the numbers and the machine) and ``NAME.md`` (the table) into out_dir."""
+    """Write ``NAME.json`` (the numbers and the machine, unless ``result`` brings its own record)
+    and ``NAME.md`` (the table) into out_dir."""
     from recsys.fsutil import atomic_write_text, writing
 
     out = Path(out_dir)
-    payload = {"benchmark": name, "machine": machine(), **result}
+    # a result may bring its own machine record (recsys bench archs: torch alone, no pyarrow)
+    payload = {"benchmark": name, **result}
+    if "machine" not in payload:
+        payload["machine"] = machine()
     path = out / f"{name}.json"
     # whole files or none (a full disk must not leave a truncated JSON that later runs read)
     with writing(out):

@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recsys.bench import write_result
 from recsys.losses.pointwise import bce
 from recsys.modules.cross import CrossNet
 from recsys.modules.dynint import DynamicPIN
@@ -740,29 +741,12 @@ def table(result: dict[str, Any]) -> str:
     return text
 
 
-def write(out_dir: str | Path, result: dict[str, Any], text: str) -> Path:
-    """``archs.json`` (the numbers and the machine) and ``archs.md`` into ``out_dir``: what
-    :func:`recsys.bench.write_result` writes, without its machine record, which needs pyarrow."""
-    import json
-
-    from recsys.fsutil import atomic_write_text, writing
-
-    out = Path(out_dir)
-    payload = {"benchmark": NAME, **result}
-    path = out / f"{NAME}.json"
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-        atomic_write_text(out / f"{NAME}.md", text + "\n")
-    return path
-
-
 def run_and_write(cfg: ArchBenchConfig, out_dir: str | Path, echo: bool = True) -> Path:
     """:func:`run`, then write ``archs.json`` / ``archs.md`` into ``out_dir`` (and print the
     table)."""
-    result = run(cfg, partial=lambda so_far: write(out_dir, so_far, table(so_far)))
+    result = run(cfg, partial=lambda so_far: write_result(out_dir, NAME, so_far, table(so_far)))
     text = table(result)
-    path = write(out_dir, result, text)
+    path = write_result(out_dir, NAME, result, text)
     if echo:
         print(text)
         print(f"\nwrote {path}")
