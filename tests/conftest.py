@@ -32,6 +32,14 @@ TINY_SYNTHETIC: dict[str, Any] = {
     "row_group_size": 1000,
 }
 
+# Under pytest-xdist the workers share the machine's cores: one intra-op thread each, or the
+# workers' OpenMP pools spin against each other and an in-process training step takes many times
+# longer (subprocess tests set OMP_NUM_THREADS=1 themselves)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 # item_brand cardinality of the tiny world: max(8, num_items // 20)
 TINY_NUM_BRANDS = 20
 

@@ -392,7 +392,11 @@ class AttentionExpert(nn.Module):
 
     @torch.jit.unused
     def _eager_attention(self, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
-        if qt.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if qt.device.type == "cpu":
+            if torch.is_autocast_enabled("cpu"):
+                # the chunked kernel in fp32 beats the whole-batch products in bf16 on CPU
+                with torch.autocast("cpu", enabled=False):
+                    return _ChunkedAttention.apply(qt.float(), kt.float(), vt.float())
             return _ChunkedAttention.apply(qt, kt, vt)
         return _attention(qt, kt, vt)
 
