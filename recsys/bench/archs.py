@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recsys.bench import run_and_write as bench_run_and_write
 from recsys.bench import write_result
 from recsys.losses.pointwise import bce
 from recsys.modules.cross import CrossNet
@@ -744,10 +745,8 @@ def table(result: dict[str, Any]) -> str:
 def run_and_write(cfg: ArchBenchConfig, out_dir: str | Path, echo: bool = True) -> Path:
     """:func:`run`, then write ``archs.json`` / ``archs.md`` into ``out_dir`` (and print the
     table)."""
-    result = run(cfg, partial=lambda so_far: write_result(out_dir, NAME, so_far, table(so_far)))
-    text = table(result)
-    path = write_result(out_dir, NAME, result, text)
-    if echo:
-        print(text)
-        print(f"\nwrote {path}")
-    return path
+    # each finished batch size / dtype group is written as it completes, so a cut run keeps it
+    def run_writing(c: ArchBenchConfig) -> dict[str, Any]:
+        return run(c, partial=lambda so_far: write_result(out_dir, NAME, so_far, table(so_far)))
+
+    return bench_run_and_write(NAME, run_writing, table, cfg, out_dir, echo)

@@ -100,7 +100,13 @@ def model_spec(name: str, cfg: ModelsBenchConfig) -> dict[str, Any]:
 
 def run(cfg: ModelsBenchConfig, progress: bool = True) -> tuple[dict[str, Any], str]:
     """Train every model ``cfg.repeats`` times in turn; returns (result dict, table)."""
-    from recsys.bench.train import TrainBenchConfig, _run_child, random_batches, save_batches
+    from recsys.bench.train import (
+        TrainBenchConfig,
+        _run_child,
+        random_batches,
+        repeat_line,
+        save_batches,
+    )
     from recsys.spec import validate_spec
 
     specs = {m: validate_spec(model_spec(m, cfg), f"<bench models: {m}>") for m in cfg.models}
@@ -125,9 +131,7 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> tuple[dict[str, Any], 
                 r = _run_child("sharded", work, train_cfg, rep)
                 runs[m].append(r)
                 if progress:
-                    print(f"  repeat {rep + 1}/{cfg.repeats}  {m:<17} "
-                          f"{r['samples_per_s']:>10,.0f} samples/s  (loss {r['first_loss']:.4f}"
-                          f" -> {r['last_loss']:.4f})", flush=True)
+                    print(repeat_line(rep, cfg.repeats, m, r), flush=True)
     return summarise(cfg, specs, runs)
 
 

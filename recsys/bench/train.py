@@ -346,6 +346,12 @@ def _run_child(side: str, work: Path, cfg: TrainBenchConfig, repeat: int) -> dic
 # the benchmark
 
 
+def repeat_line(rep: int, repeats: int, label: str, r: Mapping[str, Any]) -> str:
+    """One repeat's progress line: samples/s and the first and last loss of ``label``'s run."""
+    return (f"  repeat {rep + 1}/{repeats}  {label:<17} {r['samples_per_s']:>10,.0f} samples/s  "
+            f"(loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})")
+
+
 def run(spec: Spec, cfg: TrainBenchConfig, batches: Sequence[Batch] | None = None,
         progress: bool = True) -> tuple[dict[str, Any], str]:
     """Both sides, ``cfg.repeats`` times each, alternating; returns (result dict, table).
@@ -379,9 +385,7 @@ def run(spec: Spec, cfg: TrainBenchConfig, batches: Sequence[Batch] | None = Non
                 r = _run_child(side, work, cfg, rep)
                 runs[side].append(r)
                 if progress:
-                    print(f"  repeat {rep + 1}/{cfg.repeats}  {side:<8} "
-                          f"{r['samples_per_s']:>12,.0f} samples/s  (loss {r['first_loss']:.4f}"
-                          f" -> {r['last_loss']:.4f})", flush=True)
+                    print(repeat_line(rep, cfg.repeats, side, r), flush=True)
     return summarise(spec, cfg, runs)
 
 
