@@ -1,4 +1,4 @@
-"""AdaEnsemble (recsys/modules/moe.py): routers, losses and experts against numpy oracles written
+"""AdaEnsemble (recsys/modules/moe.py, its experts in moe_experts.py): routers, losses and experts against numpy oracles written
 from the equations, both dispatches (static, gather) against a dense reference, against each other
 and the whole stack against a per-row loop (route, run the row's experts, exit at its depth), early
 exit (no gradient past a row's exit, forced exit truncates the stack), annealing, noise, no
@@ -16,17 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import recsys.modules.moe as moe_module
+import recsys.modules.moe_experts as experts_module
 from recsys.bench.moe import MoEBenchConfig, run, table
 from recsys.models.archs.moe import MoESpec
 from recsys.modules.moe import (
-    EXPERTS,
     AdaEnsemble,
-    AttentionExpert,
-    CNN1DExpert,
-    CrossExpert,
-    GatedDenseExpert,
-    PolynomialExpert,
     Router,
     SparseMoE,
     annealed_k,
@@ -38,6 +32,14 @@ from recsys.modules.moe import (
     router_z_loss,
     top_k_gates,
     top_k_mask,
+)
+from recsys.modules.moe_experts import (
+    EXPERTS,
+    AttentionExpert,
+    CNN1DExpert,
+    CrossExpert,
+    GatedDenseExpert,
+    PolynomialExpert,
 )
 
 M, D = 8, 8  # fields, dim: n = 64, so routers get a hidden width of n // 16 = 4
@@ -270,18 +272,18 @@ def test_attention_expert_matches_functional_reference(fields: int) -> None:
 def test_chunked_attention_equals_the_whole_batch_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 3 (row, head) matrices, a last chunk shorter: the same values and gradients
     (gradcheck in float64) as the plain products on the whole batch."""
-    monkeypatch.setattr(moe_module, "ATTENTION_CHUNK", 3)
+    monkeypatch.setattr(experts_module, "ATTENTION_CHUNK", 3)
     gen = torch.Generator().manual_seed(0)
     qkv = [torch.randn(7, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
            for _ in range(3)]
-    torch.testing.assert_close(moe_module._ChunkedAttention.apply(*qkv),
-                               moe_module._attention(*qkv))
-    assert torch.autograd.gradcheck(moe_module._ChunkedAttention.apply, tuple(qkv))
+    torch.testing.assert_close(experts_module._ChunkedAttention.apply(*qkv),
+                               experts_module._attention(*qkv))
+    assert torch.autograd.gradcheck(experts_module._ChunkedAttention.apply, tuple(qkv))
     ex = AttentionExpert(4, D)
     x = torch.randn(5, 4 * D, requires_grad=True)
     y = ex(x, x)
     (grad,) = torch.autograd.grad(y.square().sum(), x)
-    ex._eager_attention = moe_module._attention  # the instance's attention: the whole batch
+    ex._eager_attention = experts_module._attention  # the instance's attention: the whole batch
     want = ex(x, x)
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(grad, torch.autograd.grad(want.square().sum(), x)[0])

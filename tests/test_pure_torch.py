@@ -39,7 +39,8 @@ from recsys.losses import cascade, hierarchical, listwise, pointwise  # noqa: E4
 from recsys.modules.cross import CrossNet  # noqa: E402
 from recsys.modules.dynint import ACTIVATION_MODES, PARAMETER_MODES, DynamicPIN  # noqa: E402
 from recsys.modules.mlp import MLP  # noqa: E402
-from recsys.modules.moe import EXPERTS, AdaEnsemble  # noqa: E402
+from recsys.modules.moe import AdaEnsemble  # noqa: E402
+from recsys.modules.moe_experts import EXPERTS  # noqa: E402
 from recsys.modules.pin import PolynomialInteractionNetwork, XDeepIntReadout  # noqa: E402
 from recsys.modules.ranktower import DSSMNet, RankTowerNet  # noqa: E402
 from recsys.quantization import rvq  # noqa: E402
