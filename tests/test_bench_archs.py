@@ -22,17 +22,14 @@ import torch
 from conftest import import_blocker
 from torch import nn
 
-from recsys.bench.archs import (
+from recsys.bench.arch_models import (
     ARCHS,
     DYNINT_MODES,
-    ArchBenchConfig,
     DotInteraction,
     build_arch,
-    config_from_args,
     fm_second_order,
-    ratios,
-    targets,
 )
+from recsys.bench.archs import ArchBenchConfig, config_from_args, ratios, targets
 from recsys.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +294,7 @@ def test_sync_debug_reports_the_arches_that_sync(monkeypatch: pytest.MonkeyPatch
         finally:
             debugging["on"] = False
 
-    real_forward = archs.DotInteraction.forward
+    real_forward = DotInteraction.forward
 
     def forward(self: DotInteraction, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         if debugging["on"]:
@@ -305,7 +302,7 @@ def test_sync_debug_reports_the_arches_that_sync(monkeypatch: pytest.MonkeyPatch
         return real_forward(self, dense, sparse)
 
     monkeypatch.setattr(archs, "sync_debug_errors", fake_sync_debug)
-    monkeypatch.setattr(archs.DotInteraction, "forward", forward)
+    monkeypatch.setattr(DotInteraction, "forward", forward)
     cfg = ArchBenchConfig.quick(archs=("dcn", "dlrm"), dtypes=("fp32",), progress=False)
     cfg.sync_debug = True  # past the config's check (a CPU run never syncs)
     result = archs.run(cfg)
