@@ -74,12 +74,14 @@ class _ShardGroup:
         self.weights = module.split_embedding_weights()  # views of FBGEMM's buffer, (rows, D_t)
         dims = [w.shape[1] for w in self.weights]
         rows = [w.shape[0] for w in self.weights]
-        self.feature_table = torch.tensor(module.feature_table_map, dtype=torch.long)
+        self.feature_table = module.feature_table_map
         self.feature_dims = [dims[t] for t in module.feature_table_map]
-        self.row_base = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()][:-1],
-                                     dtype=torch.long)
         self.state_dtype = torch.float32
         device = self.weights[0].device if self.weights else torch.device("cpu")
+        # each feature's first row in the group's row space (its table's offset), on the device
+        # once, so that a step's row keys are one gather and one add
+        table_base = torch.tensor(rows, dtype=torch.long).cumsum(0) - torch.tensor(rows)
+        self.feature_base = table_base[torch.tensor(self.feature_table, dtype=torch.long)].to(device)
         init = settings.initial_accumulator
         uniform = len(set(dims)) == 1 and _contiguous(self.weights)
         if uniform:
@@ -118,8 +120,7 @@ class _ShardGroup:
             inv = 1.0 / lengths.clamp_min(1).to(self.state_dtype)
             scale = inv[bag] if scale is None else scale * inv[bag]
         grad_out = grad_out.to(self.state_dtype)
-        key = self.row_base.to(indices.device)[self.feature_table.to(indices.device)[feature]] \
-            + indices
+        key = self.feature_base[feature] + indices
         s = self.settings
         if self.whole is not None:
             dim = self.feature_dims[0]
@@ -140,7 +141,7 @@ class _ShardGroup:
             g = grad_out[row_in_batch[lo:hi], col:col + dim]
             if scale is not None:
                 g = g * scale[lo:hi, None]
-            per_table.setdefault(int(self.feature_table[f]), []).append((indices[lo:hi], g))
+            per_table.setdefault(self.feature_table[f], []).append((indices[lo:hi], g))
             col += dim
         for t, parts in per_table.items():
             ids = torch.cat([p[0] for p in parts])
