@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from recsys.data.loader import ParquetLoader, per_rank_batch
 from recsys.data.parquet import ParquetSplit, open_metadata
 from recsys.data.schema import (
@@ -10,6 +12,7 @@ from recsys.data.schema import (
     BatchSchema,
     DatasetManifest,
     check_spec_against_manifest,
+    with_dataset_sizes,
 )
 from recsys.errors import DataError
 from recsys.spec import DataSource, Spec
@@ -41,6 +44,23 @@ def ensure_dataset(spec: Spec, *, force: bool = False, progress: bool = True) ->
     check_spec_against_manifest(spec, manifest)
     verify_dataset(manifest)
     return manifest
+
+
+def sized_spec(spec: Spec) -> Spec:
+    """``spec`` with its ``"auto"`` table sizes read from the dataset already at ``data.path``
+    (for what needs sizes without making the dataset, e.g. planning); a SpecError naming the
+    tables when there is no dataset there yet.
+
+    Example:
+        >>> sized_spec(load_spec("specs/criteo.toml")).features.unsized_tables()
+        []
+    """
+    if not spec.features.unsized_tables():
+        return spec
+    if (Path(spec.data.path) / MANIFEST).is_file():
+        return with_dataset_sizes(spec, DatasetManifest.load(spec.data.path))
+    spec.features.require_sizes()
+    return spec
 
 
 def verify_dataset(manifest: DatasetManifest) -> None:

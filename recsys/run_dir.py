@@ -8,6 +8,7 @@ all through :class:`RunDir`. Layout::
     RUN/metrics.json        valid and test metrics at the end of training
     RUN/evaluation.json     the latest ``recsys evaluate``
     RUN/history.json, train.log, training_curve.png, calibration.png
+    RUN/tb/                 TensorBoard event files, written while the run trains
     RUN/checkpoints/step-0000123/   torch.distributed.checkpoint shards + COMPLETE.json
     RUN/.lock               held by the one process that writes the directory
 
@@ -57,7 +58,7 @@ class RunDir:
     """
 
     SPEC, RUN, METRICS, EVALUATION = "spec.toml", "run.json", "metrics.json", "evaluation.json"
-    HISTORY, LOG, LOCK = "history.json", "train.log", ".lock"
+    HISTORY, LOG, LOCK, TENSORBOARD = "history.json", "train.log", ".lock", "tb"
     # what a run writes besides checkpoints/ (an overwritten run's are removed)
     FILES = (SPEC, RUN, METRICS, HISTORY, LOG, "training_curve.png", "calibration.png",
              EVALUATION)
@@ -74,6 +75,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return checkpoint_dir(self.path)
+
+    @property
+    def tensorboard(self) -> Path:
+        """The TensorBoard event files (``tensorboard --logdir RUN/tb``)."""
+        return self.path / self.TENSORBOARD
 
     # ---- what it holds --------------------------------------------------------------------
 

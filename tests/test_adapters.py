@@ -51,9 +51,9 @@ def test_split_sizes_and_line_count(tmp_path: Path) -> None:
 
 
 def test_unknown_format_and_missing_input(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="known: movielens, criteo, libfm"):
+    with pytest.raises(ValueError, match="known: movielens, criteo, libfm, table"):
         prepare("csv", tmp_path, tmp_path / "out")
-    assert FORMATS == ("movielens", "criteo", "libfm")
+    assert FORMATS == ("movielens", "criteo", "libfm", "table")
     with pytest.raises(DataError, match="nope.*not found"):
         prepare("criteo", tmp_path / "nope", tmp_path / "out")
 

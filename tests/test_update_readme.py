@@ -1,5 +1,5 @@
-"""tools/update_readme.py: the README's results section from benchmark outputs, keeping the
-subsections of results that were not rerun."""
+"""tools/update_readme.py: docs/results.md from benchmark outputs, keeping the subsections of
+results that were not rerun, and the README's summary of them."""
 
 from __future__ import annotations
 
@@ -33,3 +33,26 @@ def test_fresh_results_replace_their_subsection_and_the_others_stay(tmp_path: Pa
     assert "new moe table" in section and "old moe table" not in section
     assert "the report" in section  # not rerun: kept as it was
     assert section.startswith(update_readme.START) and section.endswith(update_readme.END)
+
+
+def test_the_readme_summary_is_the_targets_table_and_a_link(tmp_path: Path) -> None:
+    _result(tmp_path, "targets", "| target | met |\n|:--|:--|\n| speed | yes |")
+    _result(tmp_path, "data", "data table")
+    section = update_readme.results_section([tmp_path], "")
+    summary = update_readme.summary_section(section)
+    assert summary.startswith(update_readme.SUMMARY_START)
+    assert summary.endswith(update_readme.SUMMARY_END)
+    assert "| speed | yes |" in summary and "data table" not in summary
+    assert "[docs/results.md](docs/results.md)" in summary
+    # without a targets table, only the link
+    no_targets = tmp_path / "other"
+    _result(no_targets, "moe", "moe table")
+    summary = update_readme.summary_section(update_readme.results_section([no_targets], ""))
+    assert "moe table" not in summary and "docs/results.md" in summary
+
+
+def test_the_shipped_files_have_their_markers() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert update_readme.SUMMARY_START in readme and update_readme.SUMMARY_END in readme
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert update_readme.START in results and update_readme.END in results

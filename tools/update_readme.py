@@ -1,11 +1,13 @@
-"""Rewrite the README's results section from benchmark outputs (never typed by hand).
+"""Rewrite the results in docs/results.md, and their summary in the README, from benchmark outputs
+(never typed by hand).
 
     python tools/update_readme.py [DIR ...]     # default: bench-results report
 
 Every ``NAME.json`` / ``NAME.md`` pair that ``recsys bench NAME --out DIR`` or ``recsys report --out
-DIR`` wrote becomes one subsection, with the machine and versions it was measured on; subsections
-of results not in DIR stay as they were. The section sits between the markers below; everything
-else in the README is left as it is.
+DIR`` wrote becomes one subsection of docs/results.md, with the machine and versions it was measured
+on; subsections of results not in DIR stay as they were. The README's summary is the targets table
+(``recsys bench all``) with a link to the rest. Each sits between its markers below; everything else
+in either file is left as it is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
+TARGETS = "### `recsys bench targets`"
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path("docs") / "results.md"
 
 
 def measured_sections(dirs: list[Path]) -> dict[str, str]:
@@ -61,17 +66,39 @@ def results_section(dirs: list[Path], old: str = "") -> str:
     return "\n".join([START, "", *fresh.values(), *kept.values(), END])
 
 
+def summary_section(results: str) -> str:
+    """The README's summary: the targets subsection of ``results`` (when there is one) and a link
+    to the whole of docs/results.md."""
+    targets = kept_sections(results.split(START, 1)[-1].split(END, 1)[0]).get(TARGETS)
+    body = [targets.replace(TARGETS, "**Targets** (`recsys bench targets`)", 1).strip()] \
+        if targets else []
+    body.append(f"Every table (training, data, serving, the methods' benchmarks and the quality "
+                f"experiments over seeds): [{RESULTS}]({RESULTS}).")
+    return "\n".join([SUMMARY_START, "", "\n\n".join(body), "", SUMMARY_END])
+
+
+def between(text: str, start: str, end: str, new: str, where: Path) -> str:
+    """``text`` with what lies between ``start`` and ``end`` (markers included) replaced."""
+    if start not in text or end not in text:
+        raise SystemExit(f"{where}: the markers {start} and {end} are missing")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + new + tail
+
+
 def main(argv: list[str]) -> int:
     dirs = [Path(a) for a in argv] or [ROOT / "bench-results", ROOT / "report"]
     dirs = [d for d in dirs if d.is_dir()]
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    results_path, readme = ROOT / RESULTS, ROOT / "README.md"
+    text = results_path.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{readme}: the markers {START} and {END} are missing")
-    head, rest = text.split(START, 1)
-    old, tail = rest.split(END, 1)
-    readme.write_text(head + results_section(dirs, old) + tail)
-    print(f"rewrote the results section of {readme} from {', '.join(map(str, dirs))}")
+        raise SystemExit(f"{results_path}: the markers {START} and {END} are missing")
+    old = text.split(START, 1)[1].split(END, 1)[0]
+    section = results_section(dirs, old)
+    results_path.write_text(between(text, START, END, section, results_path))
+    readme.write_text(between(readme.read_text(), SUMMARY_START, SUMMARY_END,
+                              summary_section(section), readme))
+    print(f"rewrote {results_path} and the README's summary from {', '.join(map(str, dirs))}")
     return 0
 
 

@@ -10,13 +10,14 @@
     recsys plan SPEC --world-size 64 --device cuda
     recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]
     recsys predict EXPORT_DIR --data PARQUET --out PARQUET
+    recsys serve EXPORT_DIR [--host H] [--port N] [--max-batch-rows R] [--max-wait-ms W]
     recsys rvq encode RUN_DIR --out DIR
-    recsys bench data|train|moe|serve|hgr|ranktower|scaling|rvq|all [--out DIR] [--quick] [...]
+    recsys bench data|train|moe|serve|serve-http|hgr|ranktower|scaling|rvq|all [--out DIR] [--quick]
     recsys report [--only NAME ...] [--seeds N] [--quick] [--out DIR]
 
 One module per command group registers its parsers beside its handlers (``spec``, ``data``,
-``train``: train, evaluate and plan; ``export``: export and predict; ``rvq``, ``bench``,
-``report``); ``common`` holds what they share and turns errors into exit statuses. Handlers
+``train``: train, evaluate and plan; ``export``: export and predict; ``serve``, ``rvq``,
+``bench``, ``report``); ``common`` holds what they share and turns errors into exit statuses. Handlers
 import torch and the library when they run, so ``recsys --help`` stays fast.
 
 The text from the exit statuses on is the epilog of ``recsys --help``:
@@ -38,6 +39,7 @@ examples:
   recsys evaluate runs/qs --scores qs-test.parquet
   recsys export runs/qs --out exports/qs --quantize int8
   recsys predict exports/qs --data data/quickstart/impressions/test --out scores.parquet
+  recsys serve exports/qs --port 8080
   recsys plan specs/industrial.toml --world-size 64 --device cuda
   recsys bench data --out bench-results
   recsys bench all --quick --out bench-results
@@ -54,7 +56,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from recsys.cli import bench, data, export, report, rvq, spec, train
+from recsys.cli import bench, data, export, report, rvq, serve, spec, train
 from recsys.cli.common import EXIT_PIPE, drop_stdout, error, internal_error, run_handler
 from recsys.cli.report import REPORTS
 from recsys.fsutil import output_error
@@ -62,7 +64,7 @@ from recsys.fsutil import output_error
 __all__ = ["REPORTS", "build_parser", "main"]
 
 # the command groups, in the order `recsys --help` lists them
-GROUPS = (spec, data, train, export, rvq, bench, report)
+GROUPS = (spec, data, train, export, serve, rvq, bench, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""``recsys bench data | train | models | moe | serve | archs | hgr | ranktower | scaling | rvq |
-all``:
+"""``recsys bench data | train | models | moe | serve | serve-http | archs | hgr | ranktower |
+scaling | rvq | prepare | all``:
 benchmarks, each writing NAME.json and a NAME.md table."""
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def register(sub: SubParsers) -> None:
     _add_models(bench)
     _add_moe(bench)
     _add_serve(bench)
+    _add_serve_http(bench)
     _add_archs(bench)
+    _add_prepare(bench)
     for name, what in ONLY_IN_ALL.items():
         p = add_command(bench, name, cmd_bench_all, what)
         p.add_argument("--out", default="bench-results",
@@ -210,6 +212,48 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve-http (not part of `bench all`) -------------------------------------------------------
+
+def _add_serve_http(bench: SubParsers) -> None:
+    p = add_command(bench, "serve-http", cmd_bench_serve_http, "recsys serve under concurrent "
+                    "HTTP clients (p50/p99 latency, requests/s, rows/s) beside in-process calls "
+                    "of the same TorchScript module")
+    p.add_argument("--out", default="bench-results", help="where serve-http.json / .md go")
+    p.add_argument("--export", help="an export directory to serve (default: a random-weight "
+                   "stress model exported on the fly)")
+    p.add_argument("--tables", type=int, help="random model: sparse features (default 26)")
+    p.add_argument("--rows", type=int, help="random model: rows per table (default 100k)")
+    p.add_argument("--dim", type=int, help="random model: embedding dim (default 16)")
+    p.add_argument("--dense", type=int, help="random model: dense features (default 13)")
+    p.add_argument("--clients", type=int, help="concurrent clients (default 8)")
+    p.add_argument("--requests", type=int, help="requests to send at most (default 2000)")
+    p.add_argument("--rows-per-request", dest="rows_per_request", type=int,
+                   help="rows in each request (default 16)")
+    p.add_argument("--seconds", type=float, help="time limit of the driving (default 60)")
+    p.add_argument("--max-batch-rows", dest="max_batch_rows", type=int,
+                   help="the server's --max-batch-rows (default 1024)")
+    p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float,
+                   help="the server's --max-wait-ms (default 2)")
+    p.add_argument("--threads", type=int, help="torch threads, server and in-process "
+                   "(default: every core but one, as recsys serve)")
+    p.add_argument("--inprocess-calls", dest="inprocess_calls", type=int,
+                   help="timed in-process calls (default 500)")
+    p.add_argument("--warmup", type=int, help="untimed requests / calls first (default 20)")
+    p.add_argument("--seed", type=int, help="seeds the weights and the requests (default 0)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path")
+
+
+def cmd_bench_serve_http(args: argparse.Namespace) -> int:
+    from recsys.bench.serve_http import config_from_args, run_and_write
+
+    cfg = check_options(lambda: config_from_args(args), "--tables", "--rows", "--dim", "--dense",
+                        "--clients", "--requests", "--rows-per-request", "--seconds",
+                        "--max-batch-rows", "--max-wait-ms", "--threads", "--inprocess-calls",
+                        "--warmup")
+    run_and_write(cfg, args.out)
+    return 0
+
+
 # ---- archs ----------------------------------------------------------------------------------------
 
 def _add_archs(bench: SubParsers) -> None:
@@ -253,6 +297,35 @@ def cmd_bench_archs(args: argparse.Namespace) -> int:
             message = re.sub(rf"\b{field}\b", "--" + field.replace("_", "-"), message)
         raise UsageError(message) from None
     run_and_write(cfg, args.out)
+    return 0
+
+
+# ---- prepare (not part of `bench all`) ----------------------------------------------------------
+
+def _add_prepare(bench: SubParsers) -> None:
+    p = add_command(bench, "prepare", cmd_bench_prepare, "rows/s per core of `recsys data "
+                    "prepare table` on a 20-column table from CSV and Parquet, and its peak "
+                    "memory against the input's size")
+    p.add_argument("--out", default="bench-results", help="where prepare.json / prepare.md go")
+    p.add_argument("--rows", type=int, help="rows of the generated table (default 2,000,000)")
+    p.add_argument("--repeats", type=int, help="best of this many per case (default 1)")
+    p.add_argument("--all-cores", action="store_true", help="do not pin to one core")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path")
+
+
+def cmd_bench_prepare(args: argparse.Namespace) -> int:
+    from recsys.bench import run_and_write
+    from recsys.bench.prepare import NAME, PrepareBenchConfig, format_result, run
+
+    def config() -> PrepareBenchConfig:
+        base = PrepareBenchConfig.quick() if args.quick else PrepareBenchConfig()
+        given = {k: v for k, v in (("rows", args.rows), ("repeats", args.repeats))
+                 if v is not None}
+        return PrepareBenchConfig(**{**vars(base), **given, "one_core": not args.all_cores})
+
+    cfg = check_options(config, "--rows", "--repeats")
+    run_and_write(NAME, lambda c: run(c, progress=not args.quick)[0], format_result, cfg,
+                  args.out)
     return 0
 
 

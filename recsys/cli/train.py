@@ -29,6 +29,9 @@ def _add_train(sub: SubParsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in the run directory (without it, training into "
                         "a directory that holds a run is an error)")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="warm start: begin from another run's latest weights (tables matched by "
+                        "name, rows through the datasets' vocabularies; optimizer state fresh)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recsys.train.run import run_training
 
     run_training(load(args), args.run_dir, progress=not args.no_progress, resume=args.resume,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, init_from=args.init_from)
     return 0
 
 
@@ -80,12 +83,13 @@ def _add_plan(sub: SubParsers) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from recsys.datasets import sized_spec
     from recsys.fsutil import atomic_write_text
     from recsys.sysinfo import peak_rss_bytes
     from recsys.train.plan_report import plan_report, plan_summary
     from recsys.train.planning import plan_spec
 
-    spec = load(args)
+    spec = sized_spec(load(args))
     world_size = spec.distributed.world_size if args.world_size is None else args.world_size
     try:
         result = plan_spec(spec, world_size, args.device, batch_size=args.batch_size,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
-from recsys.data.schema import MANIFEST, BatchSchema, ColumnInfo, DatasetManifest
+from recsys.data.schema import MANIFEST, BatchSchema, ColumnInfo, DatasetManifest, VocabInfo
 from recsys.errors import DataError
 from recsys.fsutil import sibling_lock
 
@@ -138,6 +138,7 @@ def foreign_entries(out: Path, manifest: DatasetManifest) -> list[str]:
     the shards the manifest lists and the folders that hold them."""
     own_files = {MANIFEST} | {f for splits in manifest.views.values()
                               for files in splits.values() for f in files}
+    own_files |= {v.file for v in manifest.vocabularies.values() if v.file}
     own_dirs = {str(parent) for f in own_files for parent in Path(f).parents} - {"."}
     foreign: list[str] = []
     for here, dirs, files in os.walk(out):
@@ -225,6 +226,7 @@ class DatasetWriter:
         self.columns, self.schema = columns, schema
         self.rows_per_shard, self.row_group_size = rows_per_shard, row_group_size
         self._writers: dict[tuple[str, str], ShardWriter] = {}
+        self._adopted: dict[tuple[str, str], tuple[list[str], int]] = {}
         missing = [c.name for c in columns if c.name not in schema.names]
         if missing:
             raise ValueError(f"columns {missing} are described but not in the Arrow schema")
@@ -236,16 +238,33 @@ class DatasetWriter:
                                              self.rows_per_shard, self.row_group_size)
         self._writers[key].write(table)
 
-    def finish(self) -> DatasetManifest:
+    def adopt(self, view: str, split: str, files: list[str], rows: int) -> None:
+        """List shards written by someone else (e.g. worker processes, each with its own
+        :class:`ShardWriter` under ``self.partial / view / split``) as the next ones of
+        ``view``/``split``, after those :meth:`write` made; ``files`` are relative to the dataset
+        directory, in order, and hold ``rows`` rows in all.
+
+        Example:
+            >>> dw.adopt("impressions", "train", ["impressions/train/day_00/part-00000.parquet"], 9)
+        """
+        files_so_far, rows_so_far = self._adopted.get((view, split), ([], 0))
+        self._adopted[(view, split)] = (files_so_far + list(files), rows_so_far + rows)
+
+    def finish(self, vocabularies: dict[str, VocabInfo] | None = None) -> DatasetManifest:
+        """Close every shard, write ``dataset.json`` (with ``vocabularies``, whose files the
+        caller wrote under :attr:`partial`) and publish the directory as ``out``."""
         views: dict[str, dict[str, list[str]]] = {}
         rows: dict[str, dict[str, int]] = {}
         for (view, split), w in self._writers.items():
             files = w.close()
             views.setdefault(view, {})[split] = [f"{view}/{split}/{f}" for f in files]
             rows.setdefault(view, {})[split] = w.rows
+        for (view, split), (files, n) in self._adopted.items():
+            views.setdefault(view, {}).setdefault(split, []).extend(files)
+            rows.setdefault(view, {})[split] = rows.get(view, {}).get(split, 0) + n
         manifest = DatasetManifest(name=self.name, source=self.source,
                                    config_hash=self.config_hash, columns=self.columns,
-                                   views=views, rows=rows)
+                                   views=views, rows=rows, vocabularies=vocabularies or {})
         manifest.save(self.partial)
         if self.out.exists():
             # move the old dataset aside before the new one takes its name, so that a crash in

@@ -54,6 +54,31 @@ class ColumnInfo(BaseModel):
     description: str = ""
 
 
+class VocabKind(StrEnum):
+    VOCAB = "vocab"  # a learned vocabulary: raw value -> id in [1, size), id 0 = unknown / rare
+    HASH = "hash"  # a stable hash of the raw value into [0, hash_buckets)
+
+
+class VocabInfo(BaseModel):
+    """How the raw values of one id column became its ids (``dataset.json`` ``vocabularies``), so
+    that ``predict``, ``serve`` and warm starts map raw values exactly as the preparation did.
+
+    A ``vocab`` column's ids are ``1 + position`` of the raw value in ``file`` (a Parquet file
+    with one column ``value``, relative to the dataset directory); raw values seen fewer than
+    ``min_count`` times in train, or never, get id 0. A ``hash`` column has no file: its id is
+    :func:`recsys.data.vocab.stable_hash` of the raw value modulo ``hash_buckets``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: VocabKind
+    size: int  # the table rows the column needs: ids lie in [0, size)
+    value_type: str  # "string" or "int64": the raw values' type
+    file: str | None = None
+    min_count: int = 1
+    hash_buckets: int | None = None
+
+
 class DatasetManifest(BaseModel):
     """The contents of ``dataset.json``.
 
@@ -73,6 +98,8 @@ class DatasetManifest(BaseModel):
     # view -> split -> shard paths relative to the dataset directory
     views: dict[str, dict[str, list[str]]]
     rows: dict[str, dict[str, int]]
+    # id column -> how its raw values map to ids (datasets made by `recsys data prepare table`)
+    vocabularies: dict[str, VocabInfo] = {}
     root: Path | None = None  # set on load, not stored
 
     @classmethod
@@ -170,7 +197,10 @@ class BatchSchema:
     def from_spec(cls, spec: Spec, manifest: DatasetManifest | None = None) -> BatchSchema:
         """The spec's features plus whatever labels, groups, stage, teacher and oracle columns the
         dataset has (those are optional; features and labels are not)."""
+        if manifest is not None:
+            spec = with_dataset_sizes(spec, manifest)
         feats = spec.features
+        feats.require_sizes()
         sparse = [_sparse_column(f, feats.table_of(f).num_embeddings) for f in feats.sparse_fields()]
         have = {c.name for c in manifest.columns} if manifest else None
 
@@ -226,7 +256,7 @@ def check_spec_against_manifest(spec: Spec, manifest: DatasetManifest) -> None:
                             f"{col.role} values, the spec declares kind = '{f.kind}'")
         if f.kind != FeatureKind.DENSE and f.oov == OOVPolicy.ERROR and col.cardinality:
             n = spec.features.table_of(f).num_embeddings
-            if col.cardinality > n:
+            if n is not None and col.cardinality > n:  # None: sized from this very column
                 raise DataError(where, f"features.fields[{f.name}]: ids go up to "
                                 f"{col.cardinality - 1} but the table has {n} rows: raise "
                                 "num_embeddings or set oov = 'hash'")
@@ -237,3 +267,45 @@ def check_spec_against_manifest(spec: Spec, manifest: DatasetManifest) -> None:
             raise DataError(where, f"data.labels: '{lab}' is not a label column of the dataset "
                             f"(labels: {labels})")
 
+
+
+def with_dataset_sizes(spec: Spec, manifest: DatasetManifest) -> Spec:
+    """``spec`` with every ``num_embeddings = "auto"`` (or left out) filled in from the dataset:
+    a field's own table gets its column's cardinality, a shared table the largest cardinality of
+    the columns of the features that use it. A spec with every size given comes back as it is.
+
+    Example:
+        >>> spec = with_dataset_sizes(load_spec("specs/criteo.toml"), manifest)
+        >>> spec.features.field("C1").num_embeddings
+        1048577
+    """
+    feats = spec.features
+    if not feats.unsized_tables():
+        return spec
+    where = str((manifest.root or Path(".")) / MANIFEST)
+
+    def cardinality(f: FeatureSpec, key: str) -> int:
+        col = manifest.column(f.source_column)
+        if col is None:
+            raise DataError(where, f"{key} is 'auto' but the dataset has no column "
+                            f"'{f.source_column}' (features.fields[{f.name}])")
+        if not col.cardinality:
+            raise DataError(where, f"{key} is 'auto' but the dataset does not record the "
+                            f"cardinality of column '{col.name}': set num_embeddings")
+        return int(col.cardinality)
+
+    fields = [f.model_copy(update={"num_embeddings": cardinality(
+                  f, f"features.fields[{f.name}].num_embeddings")})
+              if f.kind != FeatureKind.DENSE and f.table is None and f.num_embeddings is None
+              else f for f in feats.fields]
+    tables = []
+    for t in feats.tables:
+        if t.num_embeddings is None:
+            key = f"features.tables[{t.name}].num_embeddings"
+            sizes = [cardinality(f, key) for f in feats.fields if f.table == t.name]
+            if not sizes:
+                raise DataError(where, f"{key} is 'auto' but no feature uses table '{t.name}'")
+            t = t.model_copy(update={"num_embeddings": max(sizes)})
+        tables.append(t)
+    features = feats.model_copy(update={"fields": fields, "tables": tables})
+    return spec.model_copy(update={"features": features})

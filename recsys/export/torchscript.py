@@ -9,6 +9,9 @@
   feature-major (TorchRec's KeyedJaggedTensor layout). Loading needs torch and fbgemm_gpu only.
 - ``manifest.json``: feature order, dense columns, tables (rows, dim, quantization), tasks,
   versions and the spec hash.
+- ``vocab/<column>.parquet``, when the run's dataset maps raw values to ids: its vocabularies
+  (the manifest's ``vocabularies``), so that ``recsys serve`` takes raw values from the export
+  alone.
 
 The path: the run's spec builds a plain (unsharded) ranker on CPU; its weights come from the run's
 latest checkpoint (``torch.distributed.checkpoint`` reshards a checkpoint written by any number of
@@ -36,7 +39,7 @@ from torchrec.inference.modules import quantize_embeddings
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys import __version__
-from recsys.errors import RunError
+from recsys.errors import DataError, RunError
 from recsys.export.inputs import flat_inputs
 from recsys.export.two_tower import export_split, time_cached_scoring
 from recsys.fsutil import sibling_lock, staging_dir, writing
@@ -44,7 +47,7 @@ from recsys.models.archs import arch_of
 from recsys.models.ranker import Ranker
 from recsys.models.tables import pooled_in_order
 from recsys.run_dir import RunDir
-from recsys.spec import Spec, spec_hash
+from recsys.spec import FeatureKind, Spec, spec_hash
 
 QUANTIZE = {"none": None, "fp16": torch.float16, "int8": torch.qint8}
 MODEL_FILE, MANIFEST_FILE = "model.pt", "manifest.json"
@@ -117,6 +120,9 @@ def manifest(spec: Spec, ranker: Ranker, keys: list[str], quantize: str) -> dict
             "feature_columns": {f.name: f.source_column for f in spec.features.sparse_fields()},
             # how training treated an id outside its table; predict applies the same
             "oov": {f.name: str(f.oov) for f in spec.features.sparse_fields()},
+            # the features that take a list of ids per row (the others take one id)
+            "multi_valued": [f.name for f in spec.features.sparse_fields()
+                             if f.kind == FeatureKind.MULTI_SPARSE],
             "layout": "forward(dense (B, n_dense) float32, values (sum of lengths,) int64, "
                       "lengths (n_features * B,) int32 feature-major)",
         },
@@ -168,6 +174,9 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
                 info["parity"] = parity(spec, ranker, exported.module)
                 info["parity"]["recorded"] = _against_recorded(run_dir, path, info["parity"])
                 _require_parity(out, info["parity"], quantize)
+            vocabularies = copy_vocabularies(spec, staging)
+            if vocabularies:
+                info["vocabularies"] = vocabularies
             if arch_of(spec.model).two_tower:
                 info["serving_split"] = export_split(spec, ranker, staging)
                 info["serving_split"]["score_1000_cached"] = time_cached_scoring(staging)
@@ -176,6 +185,28 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return info
+
+
+def copy_vocabularies(spec: Spec, out: Path) -> dict[str, Any]:
+    """Copy the files of the run's dataset vocabularies (``vocab/<column>.parquet``) into the
+    export ``out``, so that the export alone maps raw values to ids as the data preparation did
+    (``recsys serve``); returns column -> VocabInfo as JSON, ``{}`` when the dataset has none."""
+    from recsys.data.schema import MANIFEST, DatasetManifest
+
+    root = Path(spec.data.path)
+    if not (root / MANIFEST).is_file():
+        return {}
+    dataset = DatasetManifest.load(root)
+    for column, info in dataset.vocabularies.items():
+        if info.file is None:  # a hashed column: its VocabInfo is the whole mapping
+            continue
+        source, target = root / info.file, out / info.file
+        if not source.is_file():
+            raise DataError(str(root / MANIFEST), f"the vocabulary of column '{column}' names "
+                            f"{info.file}, which is missing")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return {c: info.model_dump(mode="json") for c, info in dataset.vocabularies.items()}
 
 
 def _check_replaceable(out: Path) -> None:

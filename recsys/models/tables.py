@@ -24,6 +24,7 @@ def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
         >>> [c.name for c in embedding_bag_configs(spec.features)]
         ['category', 'user_id', ...]
     """
+    features.require_sizes()
     users: dict[str, list[str]] = {}
     for f in features.sparse_fields():
         users.setdefault(f.table_name, []).append(f.name)

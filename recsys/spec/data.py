@@ -6,8 +6,9 @@ synthetic world) and what the model reads of it (fields, sides, kinds and embedd
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from recsys.validation import KeyedError, StrictModel, positive, unique
 
@@ -51,6 +52,7 @@ class DataSource(StrEnum):
     MOVIELENS = "movielens"  # raw files in data.prepare.input, prepared into data.path when absent
     CRITEO = "criteo"
     LIBFM = "libfm"
+    TABLE = "table"  # any Parquet / CSV table, columns mapped by data.prepare (label, user, ...)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,8 +112,24 @@ class SyntheticSpec(StrictModel):
         return self
 
 
+# the options only format "table" reads (recsys.data.adapters.table); the other formats refuse
+# them (PrepareSpec.format_problem)
+TABLE_OPTIONS = ("label", "user", "item", "time", "request", "sparse", "multi", "dense", "split",
+                 "min_count", "hash_buckets", "dense_scale", "delimiter", "seed")
+SIDES = tuple(s.value for s in Side)
+
+
 class PrepareSpec(StrictModel):
-    """Where the raw files of a real dataset are, and how to convert them (recsys.data.adapters)."""
+    """Where the raw files of a real dataset are, and how to convert them (recsys.data.adapters).
+
+    The keys from ``label`` on are those of format ``table`` (a generic Parquet / CSV table):
+    which input column is the label, the user, the item, the time, the request, and which are
+    sparse (``"NAME"`` or ``"NAME:user|item|context"``), multi-valued and dense features.
+
+    Example:
+        >>> PrepareSpec(input="events.parquet", label="clicked", user="uid", item="sku",
+        ...             time="ts", sparse=["city:user", "device"], dense=["price"])
+    """
 
     input: str
     label_threshold: float | None = None  # default per format: MovieLens rating >= 4, libFM > 0
@@ -120,6 +138,27 @@ class PrepareSpec(StrictModel):
     hash_size: int = 1 << 20  # Criteo categorical buckets
     rows_per_shard: int = 1_000_000
     row_group_size: int = 65_536
+    # ---- format "criteo", a directory of day files day_N[.gz]: split by days, not by
+    # valid/test_fraction (the last test_days days are test, the valid_days before them valid)
+    valid_days: int = 1
+    test_days: int = 1
+    workers: int = 1  # processes converting day files in parallel; the output is the same for any
+    # ---- format "table"
+    label: str | None = None  # the 0/1 (or bool) label column; label_threshold binarises a number
+    user: str | None = None  # -> user_id (sparse, user side, the user group)
+    item: str | None = None  # -> item_id (sparse, item side)
+    time: str | None = None  # -> timestamp (kept, not a feature); needed by split = "time"
+    request: str | None = None  # -> request_id (the request group, contiguous ids)
+    sparse: list[str] | None = None  # one id per row: "NAME" or "NAME:side" (default context)
+    multi: list[str] | None = None  # id lists: Arrow lists, or strings split on `delimiter`
+    dense: list[str] | None = None  # numbers, scaled by dense_scale; "NAME:side" too
+    split: str | None = None  # "time", "random" or "column:NAME" (default: time if time is set)
+    min_count: int = 1  # raw ids seen fewer times in train get id 0
+    hash_buckets: int | None = None  # hash every id column into [0, N) instead of vocabularies
+    # "log": sign(x) * log1p(|x|); "standard": (x - mean) / std, mean and std from train
+    dense_scale: Literal["none", "log", "standard"] = "none"
+    delimiter: str = "|"
+    seed: int = 0  # split = "random"
 
     @model_validator(mode="after")
     def _check(self) -> PrepareSpec:
@@ -127,7 +166,59 @@ class PrepareSpec(StrictModel):
                 and self.valid_fraction + self.test_fraction < 1):
             raise ValueError("valid_fraction and test_fraction must be in [0, 1) with a sum < 1")
         positive("hash_size", self.hash_size)
+        positive("min_count", self.min_count)
+        positive("hash_buckets", self.hash_buckets)
+        if self.valid_days < 0:
+            raise KeyedError("valid_days", f"valid_days must be >= 0, got {self.valid_days}")
+        if self.test_days < 1:
+            raise KeyedError("test_days", f"test_days must be >= 1, got {self.test_days}")
+        if self.workers < 1:
+            raise KeyedError("workers", f"workers must be >= 1, got {self.workers}")
+        if not self.delimiter:
+            raise KeyedError("delimiter", "must not be empty")
+        if self.split is not None and self.split not in ("time", "random") \
+                and not (self.split.startswith("column:") and len(self.split) > len("column:")):
+            raise KeyedError("split", f"must be 'time', 'random' or 'column:NAME', got "
+                             f"'{self.split}'")
+        for key in ("sparse", "multi", "dense"):
+            for entry in getattr(self, key) or []:
+                name, _, side = entry.partition(":")
+                if not name or (side and side not in SIDES):
+                    raise KeyedError(key, f"'{entry}' is not NAME or NAME:SIDE (SIDE one of "
+                                     f"{', '.join(SIDES)})")
         return self
+
+    def table_split(self) -> tuple[str, str | None]:
+        """The split rule of format table: ("time" | "random" | "column", column or None).
+
+        Example:
+            >>> PrepareSpec(input="t.csv", label="y", split="column:fold").table_split()
+            ('column', 'fold')
+        """
+        split = self.split or ("time" if self.time else "random")
+        kind, _, column = split.partition(":")
+        return kind, column or None
+
+    def format_problem(self, fmt: str) -> tuple[str, str] | None:
+        """(key, message) of what makes these options unusable for format ``fmt``, or None: the
+        table format needs ``label`` (and ``time`` for a time split); the others take none of
+        the table's options.
+
+        Example:
+            >>> PrepareSpec(input="t.csv").format_problem("table")
+            ('label', "format 'table' needs label = the label column's name")
+        """
+        if fmt == "table":
+            if self.label is None:
+                return "label", "format 'table' needs label = the label column's name"
+            if self.table_split()[0] == "time" and self.time is None:
+                return "time", "split = 'time' needs time = the time column's name"
+            return None
+        defaults = PrepareSpec.model_fields
+        for key in TABLE_OPTIONS:
+            if getattr(self, key) != defaults[key].default:
+                return key, f"is an option of format 'table', not of '{fmt}'"
+        return None
 
 
 class DataSpec(StrictModel):
@@ -160,10 +251,14 @@ class DataSpec(StrictModel):
             raise ValueError(f"graded_labels {unknown} are not among labels {self.labels}")
         if self.source == DataSource.SYNTHETIC and self.synthetic is None:
             self.synthetic = SyntheticSpec()
-        if self.source in (DataSource.MOVIELENS, DataSource.CRITEO, DataSource.LIBFM) \
-                and self.prepare is None:
+        if self.source in (DataSource.MOVIELENS, DataSource.CRITEO, DataSource.LIBFM,
+                           DataSource.TABLE) and self.prepare is None:
             raise ValueError(f"source '{self.source}' needs a [data.prepare] section with "
                              "input = PATH of the raw files")
+        if self.prepare is not None:
+            problem = self.prepare.format_problem(str(self.source))
+            if problem is not None:
+                raise KeyedError(f"prepare.{problem[0]}", problem[1])
         return self
 
 
@@ -171,14 +266,27 @@ class DataSpec(StrictModel):
 # features
 
 
+AUTO = "auto"
+
+
+def _auto_is_none(value: object) -> object:
+    """``num_embeddings = "auto"`` and a missing ``num_embeddings`` mean the same: the size comes
+    from the prepared dataset's ``dataset.json`` at load time
+    (:func:`recsys.data.schema.with_dataset_sizes`); both are held as None until then."""
+    return None if value == AUTO else value
+
+
 class TableSpec(StrictModel):
-    """An embedding table that several features may share."""
+    """An embedding table that several features may share. ``num_embeddings`` left out (or
+    ``"auto"``) is the largest cardinality among the columns of the features that use it."""
 
     name: str
-    num_embeddings: int
+    num_embeddings: int | Literal["auto"] | None = None
     embedding_dim: int | None = None  # default: features.embedding_dim
     pooling: Pooling | None = None  # default: what its id-list features ask for, else sum
     data_type: TableDataType | None = None  # default: features.data_type
+
+    _auto = field_validator("num_embeddings")(_auto_is_none)
 
     @model_validator(mode="after")
     def _check(self) -> TableSpec:
@@ -190,8 +298,9 @@ class TableSpec(StrictModel):
 class FeatureSpec(StrictModel):
     """One input field: dense (a float column) or sparse (ids looked up in an embedding table).
 
-    A sparse field names a shared table with ``table`` or declares its own with ``num_embeddings``
-    (and optionally ``embedding_dim``); its table is then named after the field.
+    A sparse field names a shared table with ``table`` or has its own, named after the field, with
+    ``num_embeddings`` rows (and optionally ``embedding_dim``); ``num_embeddings`` left out (or
+    ``"auto"``) is the column's cardinality in the dataset's ``dataset.json``.
     """
 
     name: str
@@ -199,7 +308,7 @@ class FeatureSpec(StrictModel):
     kind: FeatureKind
     column: str | None = None  # Parquet column; default: name
     table: str | None = None
-    num_embeddings: int | None = None
+    num_embeddings: int | Literal["auto"] | None = None
     embedding_dim: int | None = None
     # how an id list is pooled; TorchRec pools per table, so the id-list features of a shared
     # table must agree (for a single id, sum and mean are the same)
@@ -209,6 +318,8 @@ class FeatureSpec(StrictModel):
     # the weights' storage of the field's own table (default: features.data_type); a shared
     # table's is set on its [[features.tables]] entry
     data_type: TableDataType | None = None
+
+    _auto = field_validator("num_embeddings")(_auto_is_none)
 
     @property
     def source_column(self) -> str:
@@ -233,9 +344,6 @@ class FeatureSpec(StrictModel):
             # silently ignoring it would train a table in another dtype than the field asks for
             raise KeyedError("data_type", f"field '{self.name}' shares table '{self.table}': set "
                              f"data_type on that table (features.tables[{self.table}].data_type)")
-        if self.table is None and self.num_embeddings is None:
-            raise ValueError("a sparse feature needs table = NAME of a [[features.tables]] entry "
-                             "or num_embeddings = N for its own table")
         positive("num_embeddings", self.num_embeddings)
         positive("embedding_dim", self.embedding_dim)
         if self.weights is not None and self.kind != FeatureKind.MULTI_SPARSE:
@@ -301,6 +409,23 @@ class FeaturesSpec(StrictModel):
                                      pooling=pooling.get(f.name, Pooling.SUM),
                                      data_type=f.data_type or self.data_type))
         return out
+
+    def unsized_tables(self) -> list[str]:
+        """The tables whose ``num_embeddings`` is still ``"auto"`` (not yet read from a dataset)."""
+        return [t.name for t in self.resolved_tables() if t.num_embeddings is None]
+
+    def require_sizes(self) -> None:
+        """Raise a SpecError naming every table whose size is still ``"auto"``: what builds
+        tables or checks ids needs them, and only a prepared dataset can tell them."""
+        unsized = self.unsized_tables()
+        if unsized:
+            from recsys.errors import SpecError
+
+            raise SpecError("spec", [
+                f"features: num_embeddings of {', '.join(unsized)} is 'auto': the sizes come "
+                "from the prepared dataset's dataset.json (data.path), read once the dataset "
+                "exists (`recsys data prepare` / `recsys data synth`, or the first `recsys "
+                "train`); or set num_embeddings"])
 
     def field(self, name: str) -> FeatureSpec:
         """The field called ``name`` (KeyError naming the known fields otherwise)."""

@@ -3,7 +3,7 @@
 A run directory holds: ``spec.toml`` (the resolved spec) and ``run.json`` (its hash, the world,
 versions, steps and timings), ``train.log``, ``history.json``, ``metrics.json``
 (``{"valid": {...}, "test": {...}, "oracle": {...}, "tasks": {...}, "sparsity": {...}}``), ``training_curve.png``
-and ``calibration.png``.
+and ``calibration.png``, and ``tb/`` (TensorBoard events, written while it trains).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool = True,
-                 resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                 resume: bool = False, overwrite: bool = False,
+                 init_from: str | Path | None = None) -> dict[str, Any]:
     """Train and evaluate ``spec`` on this process (and its torchrun peers); rank 0 writes the
     run directory. Returns the metrics.json content (on every rank).
 
@@ -66,11 +67,17 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
     replaces it once the new run's data and model are ready; without either it is an error. Rank
     0 holds the directory's lock for the whole run, so a second writer fails at once.
 
+    ``init_from`` starts from the weights of another run's latest checkpoint (a warm start:
+    :mod:`recsys.train.warm_start`), unless ``resume`` finds a checkpoint of this run.
+
     Example:
         >>> metrics = run_training(load_spec("specs/quickstart.toml"), "runs/qs")
         >>> metrics["test"]["auc"]
     """
     out = Path(run_dir) if run_dir else default_run_dir(spec)
+    if init_from is not None and Path(init_from).resolve() == out.resolve():
+        raise RunError(str(out), "--init-from names this run's own directory; use --resume to "
+                       "continue it")
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
     lock: list[ExclusiveLock] = []
     try:
@@ -78,6 +85,7 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         on_main(lambda: lock.append(_claim_for_training(RunDir(out), spec, resume, overwrite)))
         started = time.time()
         trainer = Trainer(spec, ctx, progress, run_dir=out)
+        spec = trainer.spec  # with the table sizes the dataset gave where the spec said "auto"
         # the data and the model are ready: only now is an overwritten run's content replaced
         on_main(lambda: _start_run_directory(RunDir(out), spec, replace=overwrite))
         setup_logging(out, ctx.is_main)
@@ -89,8 +97,15 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
                         "failed)%s", restarts, ": resuming from the last checkpoint" if resume
                         else "; without --resume this run starts over from step 0")
         log.info("sharding plan:\n%s", _plan_summary(trainer))
-        if resume and trainer.restore() is None:
+        restored = trainer.restore() if resume else None
+        if resume and restored is None:
             log.info("no checkpoint in %s yet: starting from step 0", out)
+        if init_from is not None:
+            if restored is not None:
+                log.info("resumed from %s: its weights are kept, --init-from %s is not applied",
+                         restored, init_from)
+            else:
+                trainer.warm_start(init_from)
         trainer.fit()
         return _evaluate_and_write(trainer, out, started)
     finally:
@@ -129,10 +144,13 @@ def _start_run_directory(run: RunDir, spec: Spec, replace: bool) -> None:
     with writing(run.path):
         if replace:
             shutil.rmtree(run.checkpoints, ignore_errors=True)
+            shutil.rmtree(run.tensorboard, ignore_errors=True)
             for name in RunDir.FILES:
                 run.file(name).unlink(missing_ok=True)
-        elif run.file(RunDir.LOG).is_file() and not run.holds_run():
-            run.file(RunDir.LOG).unlink()  # the log of an earlier attempt that trained nothing
+        elif not run.holds_run():  # what an earlier attempt that trained nothing left
+            if run.file(RunDir.LOG).is_file():
+                run.file(RunDir.LOG).unlink()
+            shutil.rmtree(run.tensorboard, ignore_errors=True)
         atomic_write_text(run.file(RunDir.SPEC), dump_toml(spec))
 
 
@@ -242,6 +260,10 @@ def _log_sparsity(s: dict[str, Any]) -> None:
 
 def _check_same_spec(run: RunDir, spec: Spec) -> None:
     before = run.spec()
+    if spec.features.unsized_tables():  # the run recorded the sizes its dataset gave
+        from recsys.data.schema import DatasetManifest, with_dataset_sizes
+
+        spec = with_dataset_sizes(spec, DatasetManifest.load(spec.data.path))
     if spec_hash(before) != spec_hash(spec):
         raise RunError(str(run.file(RunDir.SPEC)),
                        f"--resume: the run was started from spec hash {spec_hash(before)}, this "
@@ -281,6 +303,8 @@ def _write_run(out: Path, spec: Spec, trainer: Trainer, metrics: dict[str, Any],
         curves["oracle"] = arrays["oracle"][task]
     plots.reliability_diagram(arrays["labels"][task], curves, out / "calibration.png",
                               title=f"{spec.name}: {task} on test")
+    # last, so that TensorBoard gets every plot the run wrote
+    trainer.board.final(trainer.step, metrics["tasks"], sorted(out.glob("*.png")))
 
 
 def _rank_bytes(trainer: Trainer) -> list[int]:

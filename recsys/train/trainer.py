@@ -24,7 +24,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetLoader, per_rank_batch
-from recsys.data.schema import TEACHER, DatasetManifest
+from recsys.data.schema import TEACHER, DatasetManifest, with_dataset_sizes
 from recsys.datasets import ensure_dataset, make_loader, open_split
 from recsys.errors import DataError, RunError
 from recsys.evaluate.accumulator import EvalAccumulator
@@ -42,6 +42,7 @@ from recsys.train.distributed import (
     seed_everything,
 )
 from recsys.train.sharded import build_sharded_model
+from recsys.train.tensorboard import open_board, optimizer_sparse_lr
 
 log = logging.getLogger("recsys.train")
 
@@ -105,6 +106,11 @@ class Trainer:
         self.position = Position(0, 0, 0)
         self.history = History()
         self.timing: dict[str, float] = {}
+        self.warm_started: dict[str, Any] | None = None  # what --init-from loaded, if used
+        # TensorBoard events (rank 0 of a run with a directory); its file opens at the first
+        # event, from the step that restore() may still move
+        self.board = open_board(run_dir, ctx.is_main, lambda: self.position.step,
+                                spec.train.batch_size)
 
     def restore(self, path: Path | None = None) -> Path | None:
         """Continue from ``path`` or the run's latest complete checkpoint (None if there is none).
@@ -133,6 +139,16 @@ class Trainer:
                  self.position.epoch, self.position.epoch_step)
         return path
 
+    def warm_start(self, source: str | Path) -> None:
+        """Start from the weights of run ``source`` (tables matched by name, rows through the
+        datasets' vocabularies; :mod:`recsys.train.warm_start`), logging what was loaded and what
+        starts fresh. A collective: every rank calls it."""
+        from recsys.train.warm_start import warm_start
+
+        report = warm_start(self.model, self.spec, self.manifest, source)
+        self.warm_started = report.as_dict()
+        log.info("%s", report.summary())
+
     def save_checkpoint(self, epoch: int, epoch_step: int, best: float, bad_rounds: int) -> None:
         if self.run_dir is None:
             return
@@ -153,6 +169,8 @@ class Trainer:
         barrier()
         if not self.ctx.is_main:
             manifest = ensure_dataset(self.spec, progress=False)
+        # sizes left "auto" come from the dataset: the run's spec.toml records them
+        self.spec = with_dataset_sizes(self.spec, manifest)
         return manifest
 
     def _build_model(self) -> DistributedModelParallel:
@@ -212,6 +230,9 @@ class Trainer:
                     self.history.lr.append(self.optimizer.dense_lr)
                     for key, value in out.stats.items():
                         self.history.stats.setdefault(key, []).append(float(value))
+                    self.board.training(self.step, self.history.loss[-1],
+                                        {k: float(v) for k, v in out.stats.items()},
+                                        self.history.lr[-1], optimizer_sparse_lr(self.optimizer))
                     bar.set_postfix(loss=f"{float(out.loss):.4f}")
                 bar.update()
                 if every and self.step % every == 0 and self.step < self.total_steps:
@@ -263,6 +284,7 @@ class Trainer:
         self.history.valid.append({k: v for k, v in valid[self.spec.model.tasks[0]].items()
                                    if isinstance(v, float)})
         log.info("step %d valid: %s", self.step, _short(valid[self.spec.model.tasks[0]]))
+        self.board.validation(self.step, valid)
 
     def _headline(self, metrics: dict[str, Any]) -> float:
         """train.headline_metric of the first task, signed so that higher is better."""

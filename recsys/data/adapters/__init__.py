@@ -1,4 +1,5 @@
-"""Adapters: raw public formats (MovieLens, Criteo TSV, libFM) -> prepared Parquet datasets.
+"""Adapters: raw public formats (MovieLens, Criteo TSV, libFM) and any Parquet / CSV table
+(``table``) -> prepared Parquet datasets.
 
 Every adapter writes one view, ``impressions``, with the splits ``train``, ``valid`` and ``test``
 through :class:`~recsys.data.parquet.DatasetWriter`, and describes every column in ``dataset.json``
@@ -36,16 +37,17 @@ from recsys.data.adapters.common import (
     first_bad_cast,
     hint_cut_short,
     label_threshold,
+    recorded_options,
     source_info,
     split_sizes,
     unterminated_last_line,
 )
 from recsys.data.parquet import claim_output, current_dataset, dataset_write
 from recsys.data.schema import DatasetManifest
-from recsys.errors import DataError
+from recsys.errors import DataError, UsageError
 from recsys.spec import PrepareSpec
 
-FORMATS = ("movielens", "criteo", "libfm")
+FORMATS = ("movielens", "criteo", "libfm", "table")
 
 
 def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec | None = None, *,
@@ -60,9 +62,12 @@ def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec |
 
     Args:
         fmt: one of :data:`FORMATS`.
-        input: MovieLens: the directory of the release; Criteo, libFM: the file.
+        input: MovieLens: the directory of the release; Criteo: the file, or a directory of
+            day files day_N[.gz] (split by days); libFM: the file; table: a
+            Parquet / CSV file or a folder of them.
         out: the dataset directory to write (``dataset.json`` + Parquet shards).
-        options: splits, label threshold, hashing and shard sizes (defaults when None).
+        options: splits, label threshold, hashing and shard sizes (defaults when None); format
+            table needs at least ``label``.
         force: replace a dataset in ``out`` that was prepared from something else.
         progress: show a progress bar.
 
@@ -79,6 +84,9 @@ def prepare(fmt: str, input: str | Path, out: str | Path, options: PrepareSpec |
     if not input.exists():
         raise DataError(str(input), f"not found (the raw {fmt} input to prepare)")
     options = options if options is not None else PrepareSpec(input=str(input))
+    problem = options.format_problem(fmt)
+    if problem is not None:
+        raise UsageError(f"{problem[0]}: {problem[1]}")
     chash = config_hash(fmt, input, options)
     existing = current_dataset(out, chash)  # the common case, a complete dataset: no lock
     if existing is not None:
@@ -95,14 +103,16 @@ def config_hash(fmt: str, input: str | Path, options: PrepareSpec) -> str:
     """16 hex digits that identify a preparation: format, absolute input path and options.
 
     ``options.input`` is left out: the resolved path stands for it, so a spec read from another
-    working directory still finds its dataset.
+    working directory still finds its dataset; so is ``workers``, which does not change the output,
+    and options added after the first datasets were made count only when set away from their
+    default (:func:`~recsys.data.adapters.common.recorded_options`).
 
     Example:
         >>> len(config_hash("libfm", "a.libfm", PrepareSpec(input="a.libfm")))
         16
     """
     canon = json.dumps({"format": fmt, "input": str(Path(input).resolve()),
-                        "options": options.model_dump(mode="json", exclude={"input"})},
+                        "options": recorded_options(options)},
                        sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -110,4 +120,4 @@ def config_hash(fmt: str, input: str | Path, options: PrepareSpec) -> str:
 # the helpers of recsys.data.adapters.common stay importable from here
 __all__ = ["FORMATS", "VIEW", "PositionalSplitWriter", "check_text", "column", "config_hash",
            "count_lines", "first_bad_cast", "hint_cut_short", "label_threshold", "prepare",
-           "source_info", "split_sizes", "unterminated_last_line"]
+           "recorded_options", "source_info", "split_sizes", "unterminated_last_line"]

@@ -31,10 +31,32 @@ FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32")
                 (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
+# PrepareSpec keys that every config hash has held from the start; keys added since join it only
+# when set away from their default, so a new option never orphans the datasets prepared before it
+HASHED_ALWAYS = frozenset({"label_threshold", "valid_fraction", "test_fraction", "hash_size",
+                           "rows_per_shard", "row_group_size"})
+# input: its resolved path stands for it; workers: the output is the same for any number of them
+NOT_HASHED = frozenset({"input", "workers"})
+
+
+def recorded_options(options: PrepareSpec) -> dict[str, object]:
+    """The options that shape a prepared dataset, as hashed and recorded in ``dataset.json``.
+
+    Example:
+        >>> sorted(recorded_options(PrepareSpec(input="x", workers=4, test_days=2)))
+        ['hash_size', 'label_threshold', 'row_group_size', 'rows_per_shard', 'test_days', \
+'test_fraction', 'valid_fraction']
+    """
+    fields = type(options).model_fields
+    return {key: value for key, value in options.model_dump(mode="json", exclude=NOT_HASHED).items()
+            if key in HASHED_ALWAYS
+            or getattr(options, key) != fields[key].get_default(call_default_factory=True)}
+
+
 def source_info(fmt: str, input: Path, options: PrepareSpec) -> dict[str, object]:
     """What ``dataset.json`` records about where a prepared dataset came from."""
     return {"adapter": f"{ADAPTERS}.{fmt}", "format": fmt, "input": str(input.resolve()),
-            "options": options.model_dump(mode="json", exclude={"input"})}
+            "options": recorded_options(options)}
 
 
 def split_sizes(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -80,6 +102,16 @@ def check_text(path: Path, *, utf8: bool = True) -> None:
             head = f.read(SNIFF_BYTES)
     except OSError as e:
         raise DataError(str(path), f"cannot read: {e.strerror or e}") from None
+    check_head(path, head, utf8=utf8)
+
+
+def check_head(path: Path, head: bytes, *, utf8: bool = True) -> None:
+    """:func:`check_text` of the first bytes ``head`` of ``path``'s text, however they were read
+    (e.g. decompressed from a ``.gz`` file).
+
+    Example:
+        >>> check_head(Path("day_0.gz"), gzip.open("day_0.gz").read(SNIFF_BYTES))
+    """
     for bom, name in FOREIGN_BOMS:
         if head.startswith(bom):
             raise DataError(str(path), f"is {name} text (it starts with a {name} byte-order "

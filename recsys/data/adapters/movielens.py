@@ -1,13 +1,26 @@
 """MovieLens ratings -> a prepared dataset: one row per rating, ``click`` = rating >= threshold.
 
-Two layouts are recognised in the input directory:
+Four layouts are recognised in the input directory:
 
 * **classic** (ML-100K): ``u.data`` (tab-separated ``user item rating timestamp``), ``u.user``
   (``id|age|gender|occupation|zip``) and ``u.item`` (``id|title|release date|video release
   date|IMDb URL|`` + 19 genre flags, latin-1);
 * **latest** (ml-latest, ml-latest-small, ML-20M/25M/32M): ``ratings.csv``
   (``userId,movieId,rating,timestamp``) and ``movies.csv`` (``movieId,title,genres``, genres
-  ``|``-separated, ``(no genres listed)`` = none).
+  ``|``-separated, ``(no genres listed)`` = none);
+* **ml-1m** (MovieLens-1M): ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``),
+  ``movies.dat`` (``MovieID::Title::Genres``, latin-1, genres ``|``-separated) and ``users.dat``
+  (``UserID::Gender::Age::Occupation::Zip-code``; Age is already one of the group codes 1, 18,
+  25, 35, 45, 50, 56 and Occupation a code 0..20, :data:`ML1M_OCCUPATIONS`);
+* **ml-10m** (MovieLens-10M): ``ratings.dat`` and ``movies.dat`` as ML-1M (half-star ratings),
+  no ``users.dat``, so no user features; ``tags.dat`` is not read.
+
+pyarrow.csv splits on one byte only, so the ``::`` files are read through :class:`SeparatorStream`,
+which replaces ``::`` by the control byte 0x1f in streamed chunks before Arrow parses them. Chosen
+over ``pyarrow.compute.split_pattern`` because Arrow's multi-threaded CSV parser then does the
+splitting and the typed conversion in one pass (about as fast as for ``ratings.csv``), and every
+error path of the CSV layouts (a wrong field count, a value that does not convert) works, and names
+its line, unchanged. A file that holds 0x1f itself is refused, naming the line.
 
 Columns (every vocabulary keeps id 0 for "unknown"):
 
@@ -19,9 +32,9 @@ Columns (every vocabulary keeps id 0 for "unknown"):
 ``item_year``                 sparse, item  5-year bucket of the release year (:func:`year_bucket`)
 ``hour``, ``weekday``         sparse, ctx   UTC hour 0..23 and weekday 0..6 (Monday = 0)
 ``user_prior_count``          dense, user   log1p(ratings the user gave strictly before this one)
-``user_age``                  sparse, user  classic only: 7 age buckets (:data:`AGE_EDGES`)
-``user_gender``               sparse, user  classic only
-``user_occupation``           sparse, user  classic only
+``user_age``                  sparse, user  classic, ml-1m: 7 age buckets (:data:`AGE_EDGES`)
+``user_gender``               sparse, user  classic, ml-1m: 1 + alphabetical rank (F 1, M 2)
+``user_occupation``           sparse, user  classic, ml-1m: 1 + alphabetical rank of the name
 ``click``                     label         rating >= label_threshold (default 4.0)
 ``rating``, ``timestamp``     other         the raw rating and Unix time, kept for analysis
 ============================  ============  =====================================================
@@ -36,12 +49,16 @@ Example:
     >>> m = prepare("movielens", "../shared/data/ml-latest-small", "data/movielens")
     >>> m.column("user_id").cardinality
     611
+    >>> prepare("movielens", "ml-1m", "data/ml-1m").rows["impressions"]
+    {'train': 800167, 'valid': 100021, 'test': 100021}
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +84,18 @@ from recsys.spec import PrepareSpec, Side
 
 CLASSIC_FILES = ("u.data", "u.user", "u.item")
 LATEST_FILES = ("ratings.csv", "movies.csv")
-README_FILES = ("README.txt", "README")  # the terms of use travel with the data
+DAT_FILES = ("ratings.dat", "movies.dat")  # ML-1M and ML-10M; ML-1M also has USERS_DAT
+USERS_DAT = "users.dat"
+README_FILES = ("README.txt", "README", "README.html")  # the terms of use travel with the data
+DAT_SEPARATOR = "::"
+UNIT_SEPARATOR = b"\x1f"  # ASCII "unit separator": a control byte no MovieLens text holds
+SEPARATOR_CHUNK_BYTES = 1 << 22  # bytes SeparatorStream translates at a time
+# users.dat's occupation codes 0..20, from the ML-1M README
+ML1M_OCCUPATIONS = ("other or not specified", "academic/educator", "artist", "clerical/admin",
+                    "college/grad student", "customer service", "doctor/health care",
+                    "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer",
+                    "programmer", "retired", "sales/marketing", "scientist", "self-employed",
+                    "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
 DEFAULT_LABEL_THRESHOLD = 4.0
 # u.item's 19 genre flags, in file order (u.genre); "unknown" is treated as no genre
 CLASSIC_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -105,7 +133,7 @@ class Movies:
 
 @dataclass
 class Users:
-    """Classic layout only: one row per user of ``u.user``."""
+    """Classic and ml-1m layouts: one row per user of ``u.user`` / ``users.dat``."""
 
     raw_id: np.ndarray
     age: np.ndarray  # int64 years
@@ -114,7 +142,8 @@ class Users:
 
 
 def detect_layout(directory: Path) -> str:
-    """``"classic"`` or ``"latest"``; DataError naming the directory and the files looked for.
+    """``"classic"``, ``"latest"``, ``"ml-1m"`` or ``"ml-10m"``; DataError naming the directory
+    and the files looked for.
 
     Example:
         >>> detect_layout(Path("../shared/data/ml-latest-small"))
@@ -122,17 +151,21 @@ def detect_layout(directory: Path) -> str:
     """
     if not directory.is_dir():
         raise DataError(str(directory), "expected a MovieLens directory (with "
-                        f"{', '.join(LATEST_FILES)} or {', '.join(CLASSIC_FILES)}), found a file")
-    for layout, files in (("classic", CLASSIC_FILES), ("latest", LATEST_FILES)):
+                        f"{', '.join(LATEST_FILES)}, {', '.join(DAT_FILES)} or "
+                        f"{', '.join(CLASSIC_FILES)}), found a file")
+    for layout, files in (("classic", CLASSIC_FILES), ("latest", LATEST_FILES),
+                          ("dat", DAT_FILES)):
         if (directory / files[0]).is_file():
             missing = [f for f in files if not (directory / f).is_file()]
             if missing:
                 raise DataError(str(directory), f"has {files[0]} ({layout} layout) but not "
                                 f"{', '.join(missing)}")
+            if layout == "dat":  # ML-1M and ML-10M differ in users.dat only
+                return "ml-1m" if (directory / USERS_DAT).is_file() else "ml-10m"
             return layout
     raise DataError(str(directory), "no MovieLens layout found: looked for "
-                    f"{' + '.join(LATEST_FILES)} (latest) and {' + '.join(CLASSIC_FILES)} "
-                    "(classic ML-100K)")
+                    f"{' + '.join(LATEST_FILES)} (latest), {' + '.join(DAT_FILES)} (ML-1M with "
+                    f"{USERS_DAT}, ML-10M) and {' + '.join(CLASSIC_FILES)} (classic ML-100K)")
 
 
 def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
@@ -146,12 +179,15 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
         ...         config_hash="0123456789abcdef")
     """
     layout = detect_layout(input)
-    files = CLASSIC_FILES if layout == "classic" else LATEST_FILES
+    files = {"classic": CLASSIC_FILES, "latest": LATEST_FILES}.get(layout,
+                                                                  (*DAT_FILES, USERS_DAT))
     with hint_cut_short(*(input / f for f in files)):
         if layout == "classic":
             ratings, movies, users = read_classic(input)
-        else:
+        elif layout == "latest":
             (ratings, movies), users = read_latest(input), None
+        else:
+            ratings, movies, users = read_dat(input)
     threshold = options.label_threshold
     threshold = DEFAULT_LABEL_THRESHOLD if threshold is None else threshold
     table, columns = build_table(ratings, movies, users, threshold)
@@ -236,26 +272,139 @@ def read_classic(directory: Path) -> tuple[Ratings, Movies, Users]:
     return ratings, movies, users
 
 
+def read_dat(directory: Path) -> tuple[Ratings, Movies, Users | None]:
+    """``ratings.dat`` and ``movies.dat`` of ML-1M / ML-10M, and ML-1M's ``users.dat``.
+
+    Example:
+        >>> ratings, movies, users = read_dat(Path("ml-1m"))
+        >>> len(ratings.user), len(users.raw_id)
+        (1000209, 6040)
+    """
+    path = directory / "ratings.dat"
+    names = ["user", "item", "rating", "timestamp"]
+    t = _read_dat(path, {"user": pa.int64(), "item": pa.int64(), "rating": pa.float64(),
+                         "timestamp": pa.int64()})
+    ratings = _ratings(t, path, names)
+
+    # titles are latin-1 in ML-1M; they only feed the year, which is ASCII, so latin-1 (which
+    # decodes any byte) reads a UTF-8 movies.dat just as well
+    path = directory / "movies.dat"
+    m = _read_dat(path, {"id": pa.int64(), "title": pa.string(), "genres": pa.string()},
+                  encoding="latin-1")
+    raw_id = _unique_ids(m, path, "id")
+    genres, genre_names = _encode_genres(
+        pc.split_pattern(m.column("genres").combine_chunks().fill_null(""), "|"))
+    movies = Movies(raw_id, genres, genre_names, _year(m.column("title")))
+
+    path = directory / USERS_DAT
+    if not path.is_file():
+        return ratings, movies, None
+    u = _read_dat(path, {"id": pa.int64(), "gender": pa.string(), "age": pa.int64(),
+                         "occupation": pa.int64(), "zip": pa.string()}, encoding="latin-1")
+    age = _required(u, path, "age")
+    occupation = _required(u, path, "occupation")
+    bad = (occupation < 0) | (occupation >= len(ML1M_OCCUPATIONS))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{path}:{row + 1}", f"column 'occupation' holds {occupation[row]}; "
+                        f"expected a code 0..{len(ML1M_OCCUPATIONS) - 1}")
+    users = Users(_unique_ids(u, path, "id"), age, u.column("gender").combine_chunks(),
+                  pa.array(np.array(ML1M_OCCUPATIONS, dtype=object)[occupation], pa.string()))
+    return ratings, movies, users
+
+
+def _read_dat(path: Path, types: dict[str, pa.DataType], encoding: str = "utf8") -> pa.Table:
+    """A ``::``-separated file without a header (columns named as ``types``), through
+    :class:`SeparatorStream`."""
+    def source() -> pa.PythonFile:
+        return pa.PythonFile(SeparatorStream(path), mode="r")
+
+    return _read_csv(path, csv.ReadOptions(column_names=list(types), encoding=encoding),
+                     csv.ParseOptions(delimiter=UNIT_SEPARATOR.decode(), quote_char=False),
+                     types, source=source, shown_delimiter=DAT_SEPARATOR)
+
+
+class SeparatorStream(io.RawIOBase):
+    """The bytes of ``path`` with every ``::`` replaced by :data:`UNIT_SEPARATOR`, translated
+    :data:`SEPARATOR_CHUNK_BYTES` at a time (memory stays flat), for pyarrow.csv, which splits on
+    one byte only. Pairs are taken from the start of each run of colons, as ``bytes.replace``
+    does on the whole file; a byte 0x1f already in the file is a DataError naming its line.
+
+    Example:
+        >>> SeparatorStream(Path("ratings.dat")).read()[:12]
+        b'1\x1f1193\x1f5\x1f97'
+    """
+
+    def __init__(self, path: Path, chunk_bytes: int = SEPARATOR_CHUNK_BYTES) -> None:
+        super().__init__()
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._chunk_bytes = chunk_bytes
+        self._pending = memoryview(b"")
+        self._tail = b""  # an odd run of colons' last colon, which the next chunk may pair
+        self._lines = 0  # newlines before the pending bytes (for error messages)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._pending:
+            if not self._refill():
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def _refill(self) -> bool:
+        chunk = self._file.read(self._chunk_bytes)
+        if not chunk and not self._tail:
+            return False
+        data = self._tail + chunk
+        if chunk:
+            odd_run = (len(data) - len(data.rstrip(b":"))) % 2
+            data, self._tail = data[:len(data) - odd_run], data[len(data) - odd_run:]
+        else:
+            self._tail = b""
+        found = data.find(UNIT_SEPARATOR)
+        if found >= 0:
+            line = self._lines + data.count(b"\n", 0, found) + 1
+            raise DataError(f"{self.path}:{line}", "holds the control byte 0x1f, which the "
+                            f"{DAT_SEPARATOR!r} reader uses as its field separator")
+        self._lines += data.count(b"\n")
+        self._pending = memoryview(data.replace(DAT_SEPARATOR.encode(), UNIT_SEPARATOR))
+        return True
+
+
 def _read_csv(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
-              types: dict[str, pa.DataType], *, header: bool = False) -> pa.Table:
+              types: dict[str, pa.DataType], *, header: bool = False,
+              source: Callable[[], object] | None = None,
+              shown_delimiter: str | None = None) -> pa.Table:
     """Read a whole CSV with the given column types; any problem is a DataError naming the
     file, and a row with the wrong number of fields or a value that does not convert also names
-    its line (and column)."""
+    its line (and column). ``source()`` gives a fresh stream to read instead of ``path`` (which
+    errors still name); ``shown_delimiter`` is the separator the messages name."""
     check_text(path, utf8=read.encoding.lower().replace("-", "") == "utf8")
+    open_source = source or (lambda: path)
     convert = csv.ConvertOptions(column_types=types, include_columns=list(types),
                                  null_values=[""], strings_can_be_null=True)
     try:
-        return csv.read_csv(path, read_options=read, parse_options=parse,
+        return csv.read_csv(open_source(), read_options=read, parse_options=parse,
                             convert_options=convert)
     except pa.ArrowInvalid as e:
         if "invalid UTF8" in str(e):
             _raise_not_utf8(path)
         if "Expected" in str(e) and "columns" in str(e):
-            _raise_bad_row(path, read, parse, convert)
+            _raise_bad_row(path, open_source, read, parse, convert,
+                           shown_delimiter or parse.delimiter)
         if "conversion error" in str(e):
             as_text = csv.ConvertOptions(column_types={c: pa.string() for c in types},
                                          include_columns=list(types), strings_can_be_null=True)
-            text = csv.read_csv(path, read_options=read, parse_options=parse,
+            text = csv.read_csv(open_source(), read_options=read, parse_options=parse,
                                 convert_options=as_text)
             _raise_first_bad_value(path, text, types, header)
         raise DataError(str(path), f"cannot read: {e}") from None
@@ -263,8 +412,8 @@ def _read_csv(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
         raise DataError(str(path), f"cannot read: {e}") from None
 
 
-def _raise_bad_row(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
-                   convert: csv.ConvertOptions) -> None:
+def _raise_bad_row(path: Path, source: Callable[[], object], read: csv.ReadOptions,
+                   parse: csv.ParseOptions, convert: csv.ConvertOptions, delimiter: str) -> None:
     """Name the line of the first row with the wrong number of fields: read again on one thread,
     where Arrow knows each row's line number (the error path only)."""
     rows: list[csv.InvalidRow] = []
@@ -276,12 +425,13 @@ def _raise_bad_row(path: Path, read: csv.ReadOptions, parse: csv.ParseOptions,
     read.use_threads = False
     parse.invalid_row_handler = keep
     with contextlib.suppress(pa.ArrowInvalid):
-        csv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        csv.read_csv(source(), read_options=read, parse_options=parse, convert_options=convert)
     if rows:
         row = rows[0]
         where = f"{path}:{row.number}" if row.number is not None else str(path)
-        shown = row.text if len(row.text) <= 80 else row.text[:80] + "..."
-        raise DataError(where, f"expected {row.expected_columns} {parse.delimiter!r}-separated "
+        text = row.text.replace(parse.delimiter, delimiter)
+        shown = text if len(text) <= 80 else text[:80] + "..."
+        raise DataError(where, f"expected {row.expected_columns} {delimiter!r}-separated "
                         f"fields, found {row.actual_columns}: {shown!r}")
 
 
