@@ -29,12 +29,12 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# the benchmarks, then the README's results section rewritten from their output
+# the benchmarks, then docs/results.md and the README's summary rewritten from their output
 bench: install
 	$(RECSYS) bench all --out bench-results
 	$(PY) tools/update_readme.py bench-results report
 
-# the quality experiments over seeds (about 30 minutes on 2 cores), then the README's results
+# the quality experiments over seeds (about 30 minutes on 2 cores), then docs/results.md
 report: install
 	$(RECSYS) report --out report
 	$(PY) tools/update_readme.py bench-results report

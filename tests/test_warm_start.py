@@ -131,3 +131,66 @@ def test_a_source_with_another_dim_starts_the_table_fresh(tiny_dataset, source_r
         shutdown()
     assert "embedding dim 8 in the source, 4 here" in trainer.warm_started["fresh"][
         "ebc.embedding_bags.hour.weight"]
+
+
+def _events(rng: np.random.Generator, rows: int, users: int, items: int, bias_u: np.ndarray,
+            bias_i: np.ndarray) -> dict:
+    """Clicks that depend on who and what only: what a model learns in its id embeddings."""
+    u = rng.integers(0, users, rows)
+    i = rng.integers(0, items, rows)
+    p = 1 / (1 + np.exp(-(bias_u[u] + bias_i[i] - 0.5)))
+    return {"user": [f"u{k}" for k in u], "item": [f"i{k}" for k in i],
+            "clicked": (rng.random(rows) < p).astype(np.int8)}
+
+
+@pytest.mark.slow
+def test_warm_start_on_day_six_beats_a_cold_start(tmp_path: Path) -> None:
+    """Days 1-5 train a model; day 6 brings new users and items (the vocabularies grow and
+    reorder). Warm-started from the days 1-5 run, a short run on day 6 scores day 6's test
+    rows better than the same run from scratch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.data.adapters import prepare
+    from recsys.spec import PrepareSpec, load_spec
+    from recsys.spec_init import init_spec
+
+    rng = np.random.default_rng(0)
+    bias_u, bias_i = rng.normal(0, 1.5, 340), rng.normal(0, 1.5, 170)
+    pq.write_table(pa.table(_events(rng, 15_000, 300, 150, bias_u, bias_i)),
+                   tmp_path / "days1-5.parquet")
+    day6 = _events(rng, 4000, 340, 170, bias_u, bias_i)  # 40 new users, 20 new items
+    day6["fold"] = ["train"] * 1200 + ["valid"] * 200 + ["test"] * 2600
+    pq.write_table(pa.table(day6), tmp_path / "day6.parquet")
+    options = {"label": "clicked", "user": "user", "item": "item"}
+    prepare("table", tmp_path / "days1-5.parquet", tmp_path / "d15",
+            PrepareSpec(input="x", split="random", **options), progress=False)
+    d6 = prepare("table", tmp_path / "day6.parquet", tmp_path / "d6",
+                 PrepareSpec(input="x", split="column:fold", **options), progress=False)
+
+    def spec(dataset: Path, name: str, *overrides: str):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(init_spec(dataset, "mlp", name=name))
+        return load_spec(path, ["model.mlp.hidden=[16]", "train.sparse_optimizer.lr=0.1",
+                                "train.eval_cascade=false", *overrides])
+
+    run_training(spec(tmp_path / "d15", "days", "train.batch_size=256", "train.epochs=4"),
+                 tmp_path / "days", progress=False)
+    day6_spec = spec(tmp_path / "d6", "day6", "train.batch_size=128", "train.epochs=1")
+    cold = run_training(day6_spec, tmp_path / "cold", progress=False)
+    warm = run_training(day6_spec, tmp_path / "warm", progress=False,
+                        init_from=tmp_path / "days")
+    assert warm["test"]["auc"] > cold["test"]["auc"] + 0.05, (warm["test"], cold["test"])
+    log = (tmp_path / "warm" / "train.log").read_text()
+    assert "warm start from" in log and "vocabulary" in log
+    # the rows matched are exactly day 6's users that days 1-5 saw (+ id 0, the unknown user)
+    old_users = set(pq.read_table(tmp_path / "d15" / "vocab" / "user_id.parquet")
+                    .column("value").to_pylist())
+    new_users = pq.read_table(tmp_path / "d6" / "vocab" / "user_id.parquet").column(
+        "value").to_pylist()
+    matched = 1 + sum(u in old_users for u in new_users)
+    rows = {cells[0]: cells[1:] for line in log.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]}
+    assert rows["user_id"] == [f"{len(new_users) + 1:,}", f"{matched:,}",
+                               f"{len(new_users) + 1 - matched:,}", "vocabulary"]
+    assert d6.vocabularies["user_id"].size == len(new_users) + 1

@@ -20,7 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
-from recsys.data.schema import MANIFEST, BatchSchema, ColumnInfo, DatasetManifest, VocabInfo
+from recsys.data.schema import (
+    MANIFEST,
+    BatchSchema,
+    ColumnInfo,
+    DatasetManifest,
+    DenseScaling,
+    VocabInfo,
+)
 from recsys.errors import DataError
 from recsys.fsutil import sibling_lock
 
@@ -250,7 +257,8 @@ class DatasetWriter:
         files_so_far, rows_so_far = self._adopted.get((view, split), ([], 0))
         self._adopted[(view, split)] = (files_so_far + list(files), rows_so_far + rows)
 
-    def finish(self, vocabularies: dict[str, VocabInfo] | None = None) -> DatasetManifest:
+    def finish(self, vocabularies: dict[str, VocabInfo] | None = None,
+               dense_scaling: dict[str, DenseScaling] | None = None) -> DatasetManifest:
         """Close every shard, write ``dataset.json`` (with ``vocabularies``, whose files the
         caller wrote under :attr:`partial`) and publish the directory as ``out``."""
         views: dict[str, dict[str, list[str]]] = {}
@@ -264,7 +272,8 @@ class DatasetWriter:
             rows.setdefault(view, {})[split] = rows.get(view, {}).get(split, 0) + n
         manifest = DatasetManifest(name=self.name, source=self.source,
                                    config_hash=self.config_hash, columns=self.columns,
-                                   views=views, rows=rows, vocabularies=vocabularies or {})
+                                   views=views, rows=rows, vocabularies=vocabularies or {},
+                                   dense_scaling=dense_scaling or {})
         manifest.save(self.partial)
         if self.out.exists():
             # move the old dataset aside before the new one takes its name, so that a crash in

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from recsys.errors import DataError
@@ -79,6 +81,37 @@ class VocabInfo(BaseModel):
     hash_buckets: int | None = None
 
 
+class DenseScaling(BaseModel):
+    """How a dense column's raw values x became its feature (``dataset.json`` ``dense_scaling``):
+    ``none`` x, ``log`` sign(x) log1p(|x|), ``standard`` (x - mean) / std with the train split's
+    moments. ``recsys serve`` applies it to the raw values a request sends.
+
+    Example:
+        >>> DenseScaling(kind="standard", mean=2.0, std=4.0).apply(np.array([6.0]))
+        array([1.])
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["none", "log", "standard"]
+    mean: float = 0.0
+    std: float = 1.0
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == "log":
+            return np.sign(x) * np.log1p(np.abs(x))
+        if self.kind == "standard":
+            return (x - self.mean) / self.std
+        return x
+
+    def describe(self) -> str:
+        if self.kind == "log":
+            return "sign(x) * log1p(|x|)"
+        if self.kind == "standard":
+            return f"(x - {self.mean:.6g}) / {self.std:.6g} (train mean / std)"
+        return "x as it is"
+
+
 class DatasetManifest(BaseModel):
     """The contents of ``dataset.json``.
 
@@ -100,6 +133,8 @@ class DatasetManifest(BaseModel):
     rows: dict[str, dict[str, int]]
     # id column -> how its raw values map to ids (datasets made by `recsys data prepare table`)
     vocabularies: dict[str, VocabInfo] = {}
+    # dense column -> how its raw values were scaled (datasets made by `prepare table`)
+    dense_scaling: dict[str, DenseScaling] = {}
     root: Path | None = None  # set on load, not stored
 
     @classmethod

@@ -177,6 +177,9 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
             vocabularies = copy_vocabularies(spec, staging)
             if vocabularies:
                 info["vocabularies"] = vocabularies
+            scaling = dense_scaling(spec)
+            if scaling:
+                info["dense_scaling"] = scaling
             if arch_of(spec.model).two_tower:
                 info["serving_split"] = export_split(spec, ranker, staging)
                 info["serving_split"]["score_1000_cached"] = time_cached_scoring(staging)
@@ -207,6 +210,19 @@ def copy_vocabularies(spec: Spec, out: Path) -> dict[str, Any]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
     return {c: info.model_dump(mode="json") for c, info in dataset.vocabularies.items()}
+
+
+def dense_scaling(spec: Spec) -> dict[str, Any]:
+    """How the run's dataset scaled its dense columns (``dataset.json`` ``dense_scaling``), as
+    JSON: ``recsys serve`` applies it to the raw numbers a request sends."""
+    from recsys.data.schema import MANIFEST, DatasetManifest
+
+    root = Path(spec.data.path)
+    if not (root / MANIFEST).is_file():
+        return {}
+    dense = {f.source_column for f in spec.features.dense_fields()}
+    return {c: s.model_dump(mode="json")
+            for c, s in DatasetManifest.load(root).dense_scaling.items() if c in dense}
 
 
 def _check_replaceable(out: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from recsys.data.schema import DenseScaling
 from recsys.errors import DataError
 from recsys.export.predictor import Predictor
 from recsys.serve.batching import Flat
@@ -145,6 +146,8 @@ class RowParser:
             columns and tables; its :meth:`~Predictor.tensors` does the conversion).
         multi: the features that take a list of ids; None: unknown (either form is taken).
         raw_ids: column -> its vocabulary, for the columns whose raw values are mapped.
+        scaling: dense column -> how the data preparation scaled it; a request sends raw
+            numbers and they are scaled the same way here.
 
     Example:
         >>> RowParser(predictor, multi=set(), raw_ids={}).fields["item_price"]
@@ -152,9 +155,12 @@ class RowParser:
     """
 
     def __init__(self, predictor: Predictor, multi: Collection[str] | None,
-                 raw_ids: Mapping[str, RawIds]) -> None:
+                 raw_ids: Mapping[str, RawIds],
+                 scaling: Mapping[str, DenseScaling] | None = None) -> None:
         self.predictor = predictor
         self.dense = list(predictor.dense)
+        self.scaling = [(j, scaling[c]) for j, c in enumerate(self.dense)
+                        if scaling and c in scaling]
         by_column: dict[str, list[str]] = {}
         for f, c in predictor.feature_columns.items():
             by_column.setdefault(c, []).append(f)
@@ -167,7 +173,9 @@ class RowParser:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each input field: its name, kind and, for sparse ones, its features and raw type."""
-        out: list[dict[str, Any]] = [{"name": c, "kind": "dense", "type": "number"}
+        scaled = {self.dense[j]: scale.describe() for j, scale in self.scaling}
+        out: list[dict[str, Any]] = [{"name": c, "kind": "dense", "type": "number",
+                                      "scaling": scaled.get(c, "x as it is")}
                                      for c in self.dense]
         for s in self.sparse:
             features = [f for f, c in self.predictor.feature_columns.items() if c == s.column]
@@ -195,6 +203,8 @@ class RowParser:
                 dense[i, j] = self._number(row[c], c, i)
             for k, s in enumerate(self.sparse):
                 lengths[k, i] = self._ids(row[s.column], s, i, raw[k])
+        for j, scale in self.scaling:
+            dense[:, j] = scale.apply(dense[:, j])
         columns: dict[str, pa.Array] = {c: pa.array(dense[:, j]) for j, c in enumerate(self.dense)}
         for k, s in enumerate(self.sparse):
             columns[s.column] = _id_column(id_array(raw[k], s.raw), lengths[k], s.multi is False)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recsys.data.schema import DenseScaling
 from recsys.errors import DataError
 from recsys.export.predictor import MANIFEST_FILE, Predictor
 from recsys.serve.batching import Flat, MicroBatcher, merge_flat, split_rows
@@ -123,6 +124,19 @@ def load_raw_ids(export_dir: Path, manifest: dict[str, Any]) -> dict[str, RawIds
     return out
 
 
+def load_dense_scaling(export_dir: Path, manifest: dict[str, Any]) -> dict[str, DenseScaling]:
+    """The export's dense scaling (``manifest.json`` ``dense_scaling``): column -> how the data
+    preparation scaled its raw values, applied to the numbers a request sends."""
+    where = str(export_dir / MANIFEST_FILE)
+    out = {}
+    for column, raw in (manifest.get("dense_scaling") or {}).items():
+        try:
+            out[column] = DenseScaling.model_validate(raw)
+        except ValueError as e:
+            raise DataError(where, f"dense_scaling.{column}: {e}") from None
+    return out
+
+
 def _side_predictor(predictor: Predictor, module: torch.jit.ScriptModule,
                     split: dict[str, Any], where: str) -> Predictor:
     """A Predictor over the user side's inputs (``user_dense``, ``user_features``), for its
@@ -142,7 +156,8 @@ def _side_predictor(predictor: Predictor, module: torch.jit.ScriptModule,
 
 
 def load_two_tower(export_dir: Path, predictor: Predictor, multi: set[str] | None,
-                   raw_ids: dict[str, RawIds]) -> TwoTower | None:
+                   raw_ids: dict[str, RawIds],
+                   scaling: dict[str, DenseScaling] | None = None) -> TwoTower | None:
     """The serving split of a two-tower export, or None for a plain ranker."""
     split = predictor.manifest.get("serving_split")
     if not split:
@@ -161,7 +176,7 @@ def load_two_tower(export_dir: Path, predictor: Predictor, multi: set[str] | Non
     user = _side_predictor(predictor, user_tower, split, where)
     column = predictor.feature_columns.get(ITEM_FEATURE, ITEM_FEATURE)
     return TwoTower(
-        parser=RowParser(user, multi, raw_ids), user_tower=user_tower.eval(),
+        parser=RowParser(user, multi, raw_ids, scaling), user_tower=user_tower.eval(),
         scorer=scorer.eval(), reprs=cache["repr"], prepared=cache.get("prepared"),
         index=CandidateIndex(cache["item_id"].numpy(), column, raw_ids.get(column)),
         task=predictor.tasks[0])
@@ -181,8 +196,9 @@ class ScoringService:
         self.export_dir, self.predictor, self.cfg = export_dir, predictor, cfg
         multi = predictor.manifest["inputs"].get("multi_valued")
         multi_set = set(multi) if multi is not None else None
-        self.parser = RowParser(predictor, multi_set, raw_ids)
-        self.two_tower = load_two_tower(export_dir, predictor, multi_set, raw_ids)
+        scaling = load_dense_scaling(export_dir, predictor.manifest)
+        self.parser = RowParser(predictor, multi_set, raw_ids, scaling)
+        self.two_tower = load_two_tower(export_dir, predictor, multi_set, raw_ids, scaling)
         m = predictor.manifest
         self.model_name = f"{m.get('spec', 'model')}@{str(m.get('spec_hash', '?'))[:12]}"
         if cfg.threads is not None:

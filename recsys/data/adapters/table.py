@@ -84,6 +84,7 @@ from recsys.data.schema import (
     DatasetManifest,
     VocabKind,
 )
+from recsys.data.schema import DenseScaling as Scaling
 from recsys.data.vocab import (
     STRING,
     ValueCounter,
@@ -893,38 +894,15 @@ def _write(spill: Path, input: Path, out: Path, options: PrepareSpec, config_has
     source["table"] = summary_record(layout, options, stats, vocabs, scaling, oov, cuts, requests)
     for vocab in vocabs.values():
         vocab.save(writer.partial)
-    return writer.finish(vocabularies={name: v.info for name, v in vocabs.items()})
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How a dense column's raw values x become its feature: ``none`` x, ``log``
-    sign(x) log1p(|x|), ``standard`` (x - mean) / std with the train split's moments."""
-
-    kind: str  # PrepareSpec.dense_scale: "none", "log" or "standard"
-    mean: float = 0.0
-    std: float = 1.0
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "log":
-            return np.sign(x) * np.log1p(np.abs(x))
-        if self.kind == "standard":
-            return (x - self.mean) / self.std
-        return x
-
-    def describe(self) -> str:
-        if self.kind == "log":
-            return "sign(x) * log1p(|x|)"
-        if self.kind == "standard":
-            return f"(x - {self.mean:.6g}) / {self.std:.6g} (train mean / std)"
-        return "x as it is"
+    return writer.finish(vocabularies={name: v.info for name, v in vocabs.items()},
+                         dense_scaling={n: sc for n, sc in scaling.items() if sc.kind != "none"})
 
 
 def _scaling(kind: str, moments: Moments) -> Scaling:
     if kind != "standard":
-        return Scaling(kind)
+        return Scaling(kind=kind)
     # a constant (or empty) train column would divide by zero: it is only centred
-    return Scaling(kind, moments.mean, moments.std if moments.std > 0 else 1.0)
+    return Scaling(kind=kind, mean=moments.mean, std=moments.std if moments.std > 0 else 1.0)
 
 
 def transform(table: pa.Table, layout: Layout, vocabs: dict[str, Vocabulary],
