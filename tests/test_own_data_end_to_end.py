@@ -75,3 +75,25 @@ def test_raw_table_to_served_scores(tmp_path: Path, capsys) -> None:
     assert price["scaling"] == "sign(x) * log1p(|x|)"
     np.testing.assert_allclose(served["scores"]["clicked"], expected["clicked"], rtol=0, atol=1e-6)
     assert len(unseen["scores"]["clicked"]) == 1  # an unknown user is id 0, not an error
+
+
+def test_gauc_groups_users_that_train_never_saw_apart(tmp_path: Path) -> None:
+    """user_id's vocabulary is fitted on train, so every user first seen in test is id 0; GAUC
+    must still group test rows by their real user: the user_group column, ids over all rows."""
+    from recsys.data.adapters import prepare
+    from recsys.data.schema import BatchSchema
+    from recsys.spec import PrepareSpec, load_spec
+    from recsys.spec_init import init_spec
+
+    table = pa.table({"uid": ["a", "b", "a", "b", "c", "d", "c", "d"], "ts": list(range(8)),
+                      "sku": ["x", "y"] * 4, "clicked": [1, 0, 0, 1, 1, 0, 0, 1]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    manifest = prepare("table", tmp_path / "t.parquet", tmp_path / "d", PrepareSpec(
+        input="x", label="clicked", user="uid", item="sku", time="ts", valid_fraction=0.0,
+        test_fraction=0.5), progress=False)
+    test = pq.read_table(manifest.files("impressions", "test")).to_pydict()
+    assert test["user_id"] == [0, 0, 0, 0]  # c and d: never in train
+    assert test["user_group"] == [3, 4, 3, 4]  # a=1, b=2 (counted first), c=3, d=4
+    (tmp_path / "s.toml").write_text(init_spec(tmp_path / "d", "mlp"))
+    schema = BatchSchema.from_spec(load_spec(tmp_path / "s.toml"), manifest)
+    assert schema.groups["user"] == "user_group"

@@ -115,6 +115,23 @@ def bench_serve(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     return result, table(result)
 
 
+def bench_prepare(cfg: AllConfig) -> tuple[dict[str, Any], str]:
+    """``recsys data prepare table`` on a 20-column table (CSV and Parquet), rows/s per core."""
+    from recsys.bench.prepare import PrepareBenchConfig, format_result, run
+
+    result, _ = run(PrepareBenchConfig.quick() if cfg.quick else PrepareBenchConfig(),
+                    progress=not cfg.quick)
+    return result, format_result(result)
+
+
+def bench_serve_http(cfg: AllConfig) -> tuple[dict[str, Any], str]:
+    """``recsys serve`` under concurrent HTTP clients on the loopback, against in-process calls."""
+    from recsys.bench.serve_http import ServeHttpBenchConfig, run, table
+
+    result = run(ServeHttpBenchConfig(quick=cfg.quick), progress=not cfg.quick)
+    return result, table(result)
+
+
 def bench_models(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     """Full sharded training of every ranking arch on one Criteo-shaped world (quick: dcn and
     xdeepint with gftrl only, 2 tables of 1,000 rows, batch 256, 2 steps, one repeat)."""
@@ -257,7 +274,7 @@ def bench_rvq(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 BENCHES: dict[str, Callable[[AllConfig], tuple[dict[str, Any], str]]] = {
     "data": bench_data, "train": bench_train, "small": bench_small, "models": bench_models,
     "moe": bench_moe,
-    "serve": bench_serve,
+    "serve": bench_serve, "serve-http": bench_serve_http, "prepare": bench_prepare,
     "archs": bench_archs, "hgr": bench_hgr, "ranktower": bench_ranktower,
     "scaling": bench_scaling, "rvq": bench_rvq,
 }
@@ -288,6 +305,13 @@ def headline(name: str, result: dict[str, Any]) -> str:
             g = result["goals"]
             return (f"int8 / fp32 size {g['size_ratio_int8_fp32']:.3f}; int8 / eager throughput "
                     f"{g['throughput_ratio_int8_eager']:.2f}x")
+        if name == "prepare":
+            per_core = result["rows_per_s_per_core"]
+            return "; ".join(f"{fmt} {v:,.0f} rows/s per core" for fmt, v in per_core.items())
+        if name == "serve-http":
+            http = result["http"]
+            return (f"HTTP p50 {http['p50_ms']:.1f} ms, {http['requests_per_s']:,.0f} "
+                    "requests/s")
         if name == "archs":
             row = next(iter(result["results"]["fp32"].values()))
             return (f"fp32 train samples/s: dcn {row['dcn']['train']['samples_per_s']:,.0f}, "

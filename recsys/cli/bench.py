@@ -12,8 +12,8 @@ from recsys.cli.common import SubParsers, add_command, add_group, add_overrides,
 from recsys.errors import UsageError
 
 # the benchmarks that `recsys bench all` runs (recsys.bench.all.BENCHES, which imports torch)
-BENCHES = ("data", "train", "small", "models", "moe", "serve", "archs", "hgr", "ranktower",
-           "scaling", "rvq")
+BENCHES = ("data", "train", "small", "models", "moe", "serve", "serve-http", "prepare", "archs",
+           "hgr", "ranktower", "scaling", "rvq")
 
 # the benchmarks with no options of their own: each runs as `recsys bench all --only NAME`
 ONLY_IN_ALL = {

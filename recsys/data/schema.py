@@ -28,6 +28,9 @@ SPLITS = ("train", "valid", "test")
 # Column names shared by every writer and the loader.
 REQUEST_ID = "request_id"
 USER_ID = "user_id"
+# the user group of GAUC where the user_id feature cannot be one: ids over every row of every split
+# (a vocabulary fitted on train maps every user that train never saw to id 0, one "user")
+USER_GROUP = "user_group"
 STAGE = "stage"
 TEACHER = "teacher"
 RVQ_CODE = "rvq_code"  # the auxiliary sparse feature: L trie-node ids per row
@@ -242,7 +245,8 @@ class BatchSchema:
         def present(col: str) -> bool:
             return have is None or col in have
 
-        groups = {k: c for k, c in (("request", REQUEST_ID), ("user", USER_ID)) if present(c)}
+        user = USER_GROUP if have is not None and USER_GROUP in have else USER_ID
+        groups = {k: c for k, c in (("request", REQUEST_ID), ("user", user)) if present(c)}
         oracle = {lab: f"{lab}_prob" for lab in spec.data.labels if present(f"{lab}_prob")}
         if manifest is not None:
             oracle = {lab: col for lab, col in oracle.items()

@@ -78,6 +78,7 @@ from recsys.data.parquet import DatasetWriter
 from recsys.data.schema import (
     REQUEST_ID,
     SPLITS,
+    USER_GROUP,
     USER_ID,
     ColumnInfo,
     ColumnRole,
@@ -177,8 +178,13 @@ class Layout:
     def outputs(self) -> list[str]:
         """The output columns, in the order they are written."""
         names = [REQUEST_ID] if self.request else []
+        names += [USER_GROUP] if self.has_user else []
         names += [f.name for f in self.features] + [self.label]
         return names + ([TIMESTAMP] if self.time else [])
+
+    @property
+    def has_user(self) -> bool:
+        return any(f.name == USER_ID for f in self.features)
 
     def inputs(self) -> list[str]:
         """The input columns to read, each once."""
@@ -669,6 +675,7 @@ class Stats:
     options: PrepareSpec
     builders: dict[str, VocabularyBuilder] = field(default_factory=dict)
     requests: VocabularyBuilder | None = None
+    users: VocabularyBuilder | None = None  # every row's user: the GAUC group (USER_GROUP)
     times: ValueCounter | None = None
     moments: dict[str, Moments] = field(default_factory=dict)
     nulls: dict[str, int] = field(default_factory=dict)
@@ -682,6 +689,8 @@ class Stats:
         self.nulls = {f.name: 0 for f in lay.dense}
         if lay.request:
             self.requests = VocabularyBuilder(REQUEST_ID, 1)
+        if lay.has_user:
+            self.users = VocabularyBuilder(USER_GROUP, 1)
         if lay.split == "time":
             self.times = ValueCounter()
 
@@ -690,6 +699,8 @@ class Stats:
         self.rows += table.num_rows
         if self.requests is not None:
             self.requests.update(table.column(REQUEST_ID))
+        if self.users is not None:
+            self.users.update(table.column(USER_ID))
         if self.times is not None:
             self.times.update(table.column(TIMESTAMP))
         for name in self.nulls:
@@ -864,8 +875,9 @@ def _write(spill: Path, input: Path, out: Path, options: PrepareSpec, config_has
            progress: bool) -> DatasetManifest:
     """The last pass: ids, scaled dense values, labels, groups -> Parquet shards per split."""
     requests = stats.requests.finish() if stats.requests is not None else None
+    users = stats.users.finish() if stats.users is not None else None
     scaling = {f.name: _scaling(options.dense_scale, stats.moments[f.name]) for f in layout.dense}
-    columns = describe_columns(layout, options, vocabs, scaling, requests)
+    columns = describe_columns(layout, options, vocabs, scaling, requests, users)
     arrow = output_schema(layout, schema)
     source = source_info("table", input, options)
     writer = DatasetWriter(out, "table", source, config_hash, columns, arrow,
@@ -879,7 +891,7 @@ def _write(spill: Path, input: Path, out: Path, options: PrepareSpec, config_has
                        disable=not progress)
     for table in _spilled(spill):
         codes = _codes(table, cuts)
-        data = transform(table, layout, vocabs, scaling, requests, codes, oov)
+        data = transform(table, layout, vocabs, scaling, requests, codes, oov, users)
         for code, split in enumerate(SPLITS):
             mask = codes == code
             n = int(mask.sum())
@@ -907,11 +919,13 @@ def _scaling(kind: str, moments: Moments) -> Scaling:
 
 def transform(table: pa.Table, layout: Layout, vocabs: dict[str, Vocabulary],
               scaling: dict[str, Scaling], requests: Vocabulary | None, codes: np.ndarray,
-              oov: dict[str, Oov]) -> pa.Table:
+              oov: dict[str, Oov], users: Vocabulary | None = None) -> pa.Table:
     """One spilled block -> output rows (all splits; the caller cuts them)."""
     out: dict[str, pa.Array | np.ndarray] = {}
     if requests is not None:
         out[REQUEST_ID] = requests.ids(table.column(REQUEST_ID))
+    if users is not None:
+        out[USER_GROUP] = users.ids(table.column(USER_ID))
     for f in layout.features:
         col = table.column(f.name).combine_chunks()
         if f.role == ColumnRole.DENSE:
@@ -948,6 +962,7 @@ def _count_oov(oov: Oov, raw: pa.Array, ids: np.ndarray, codes: np.ndarray) -> N
 def output_schema(layout: Layout, spill: pa.Schema) -> pa.Schema:
     """The Parquet schema: ids int64, id lists list<int64>, dense float32, the label int8."""
     fields = [pa.field(REQUEST_ID, pa.int64())] if layout.request else []
+    fields += [pa.field(USER_GROUP, pa.int64())] if layout.has_user else []
     for f in layout.features:
         typ = {ColumnRole.DENSE: pa.float32(), ColumnRole.MULTI_SPARSE: pa.list_(pa.int64())
                }.get(f.role, pa.int64())
@@ -959,14 +974,19 @@ def output_schema(layout: Layout, spill: pa.Schema) -> pa.Schema:
 
 
 def describe_columns(layout: Layout, options: PrepareSpec, vocabs: dict[str, Vocabulary],
-                     scaling: dict[str, Scaling], requests: Vocabulary | None
-                     ) -> list[ColumnInfo]:
+                     scaling: dict[str, Scaling], requests: Vocabulary | None,
+                     users: Vocabulary | None = None) -> list[ColumnInfo]:
     """``dataset.json``'s description of every output column."""
     cols = []
     if requests is not None:
         cols.append(column(REQUEST_ID, ColumnRole.GROUP, None, None,
                            f"request group from input column '{layout.request}': contiguous ids "
                            f"1..{requests.info.size - 1} (0 = missing)"))
+    if users is not None:
+        cols.append(column(USER_GROUP, ColumnRole.GROUP, None, None,
+                           "the user group of GAUC: every row's user (all splits) as ids "
+                           f"1..{users.info.size - 1} (0 = missing); user_id, the feature, maps "
+                           "users that train never saw to 0"))
     for f in layout.features:
         if f.role == ColumnRole.DENSE:
             cols.append(column(f.name, f.role, f.side, None, f"input column '{f.source}': "
