@@ -1,10 +1,11 @@
 """The ``recsys`` command line: thin wrappers over the library.
 
     recsys spec show SPEC [--set k=v ...]
+    recsys spec init DATASET --arch ARCH -o SPEC.toml
     recsys data synth SPEC [--out DIR] [--force]
     recsys data prepare FORMAT --input PATH --out DIR [...]
     recsys data inspect SPEC [--view V]
-    recsys train SPEC [--set k=v ...] [--run-dir DIR] [--resume | --overwrite]
+    recsys train SPEC [--set k=v ...] [--run-dir DIR] [--resume | --overwrite] [--init-from RUN]
                                                            (one process, or under torchrun)
     recsys evaluate RUN_DIR [--scores PARQUET]
     recsys plan SPEC --world-size 64 --device cuda
@@ -12,7 +13,8 @@
     recsys predict EXPORT_DIR --data PARQUET --out PARQUET
     recsys serve EXPORT_DIR [--host H] [--port N] [--max-batch-rows R] [--max-wait-ms W]
     recsys rvq encode RUN_DIR --out DIR
-    recsys bench data|train|moe|serve|serve-http|hgr|ranktower|scaling|rvq|all [--out DIR] [--quick]
+    recsys bench data|train|small|models|moe|serve|serve-http|prepare|archs|hgr|ranktower|scaling|rvq|all
+                 [--out DIR] [--quick]
     recsys report [--only NAME ...] [--seeds N] [--quick] [--out DIR]
 
 One module per command group registers its parsers beside its handlers (``spec``, ``data``,
@@ -35,7 +37,11 @@ examples:
   recsys spec show specs/quickstart.toml --set train.batch_size=4096
   recsys data synth specs/quickstart.toml
   recsys data prepare movielens --input ../shared/data/ml-latest-small --out data/movielens
+  recsys data prepare table --input events.parquet --out data/events --label clicked \\
+      --user user_id --item item_id --time ts --sparse city:user,device --dense price
+  recsys spec init data/events --arch dcn -o specs/events.toml
   recsys train specs/quickstart.toml --run-dir runs/qs
+  recsys train specs/quickstart.toml --run-dir runs/qs-warm --init-from runs/qs
   recsys evaluate runs/qs --scores qs-test.parquet
   recsys export runs/qs --out exports/qs --quantize int8
   recsys predict exports/qs --data data/quickstart/impressions/test --out scores.parquet

@@ -212,7 +212,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- serve-http (not part of `bench all`) -------------------------------------------------------
+# ---- serve-http ----------------------------------------------------------------------------------
 
 def _add_serve_http(bench: SubParsers) -> None:
     p = add_command(bench, "serve-http", cmd_bench_serve_http, "recsys serve under concurrent "
@@ -300,7 +300,7 @@ def cmd_bench_archs(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- prepare (not part of `bench all`) ----------------------------------------------------------
+# ---- prepare -------------------------------------------------------------------------------------
 
 def _add_prepare(bench: SubParsers) -> None:
     p = add_command(bench, "prepare", cmd_bench_prepare, "rows/s per core of `recsys data "
