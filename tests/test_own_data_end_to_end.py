@@ -76,6 +76,23 @@ def test_raw_table_to_served_scores(tmp_path: Path, capsys) -> None:
     np.testing.assert_allclose(served["scores"]["clicked"], expected["clicked"], rtol=0, atol=1e-6)
     assert len(unseen["scores"]["clicked"]) == 1  # an unknown user is id 0, not an error
 
+    # batch scoring of the raw test rows (their own column names, text ids, "a|b" lists,
+    # unscaled prices) through the export alone: the scores of the prepared rows
+    raw_test = raw.slice(raw.num_rows - prepared.num_rows)
+    pq.write_table(raw_test, tmp_path / "raw-test.parquet")
+    scores = tmp_path / "scores.parquet"
+    assert main(["predict", str(export), "--data", str(tmp_path / "raw-test.parquet"),
+                 "--out", str(scores), "--raw", "--no-progress"]) == 0
+    got = pq.read_table(scores)
+    assert got.column("uid").to_pylist() == raw_test.column("uid").to_pylist()  # joinable
+    everything = Predictor.load(export).predict_table(prepared, where="test")
+    np.testing.assert_allclose(got.column("clicked_prob").to_numpy(), everything["clicked"],
+                               rtol=0, atol=1e-6)
+    # without --raw, the raw file is refused with the column it cannot read
+    assert main(["predict", str(export), "--data", str(tmp_path / "raw-test.parquet"),
+                 "--out", str(scores), "--no-progress"]) == 2
+    assert "user_id" in capsys.readouterr().err
+
 
 def test_gauc_groups_users_that_train_never_saw_apart(tmp_path: Path) -> None:
     """user_id's vocabulary is fitted on train, so every user first seen in test is id 0; GAUC

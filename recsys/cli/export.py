@@ -68,6 +68,10 @@ def _add_predict(sub: SubParsers) -> None:
     p.add_argument("--batch-size", type=int, default=8192,
                    help="rows per call of the model (default 8192)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--raw", action="store_true",
+                   help="the data is raw, as `recsys data prepare table` read it (its column "
+                        "names, raw ids, unscaled numbers): map it through the export's "
+                        "vocabularies and dense scaling first")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -77,7 +81,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     with writing(args.out):
         s = predict_parquet(args.export_dir, args.data, args.out, batch_size=args.batch_size,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, raw=args.raw)
     means = ", ".join(f"{t} {v:.4f}" for t, v in s["mean_prob"].items() if v is not None)
     print(f"scored {s['rows']:,} rows from {s['files']} file(s) in {s['seconds']:.1f} s "
           f"({s['rows_per_s']:,.0f} rows/s); mean probability: {means or '-'}; wrote {s['out']}")

@@ -362,7 +362,7 @@ def parquet_files(data: str | Path) -> list[Path]:
 
 def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: str | Path,
                     batch_size: int = 8192, keep: Iterable[str] = KEEP,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, raw: bool = False) -> dict[str, Any]:
     """Score a Parquet file (or a directory of ``part-*.parquet`` files) batch by batch.
 
     Every file's columns are checked before anything is scored. ``out`` gets, in input row
@@ -377,6 +377,10 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
         batch_size: rows scored at a time (bounds the memory used).
         keep: input columns copied to the output where present (ids to join the scores on).
         progress: show a progress bar.
+        raw: ``data`` is a raw table of the kind ``recsys data prepare table`` read (its own
+            column names, raw ids, unscaled numbers): it is mapped through the export's
+            vocabularies and dense scaling first (:mod:`recsys.export.raw`); ``keep`` then names
+            model columns whose raw columns are copied.
 
     Returns:
         ``{"rows", "files", "seconds", "rows_per_s", "mean_prob": {task: float | None},
@@ -389,6 +393,7 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     predictor = export_dir if isinstance(export_dir, Predictor) else Predictor.open(export_dir)
+    mapper = _raw_input(export_dir) if raw else None
     files = parquet_files(data)
     out = Path(out)
     if out.is_dir():
@@ -397,8 +402,13 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
     # check every file up front (metadata only): a bad last file must not waste a long run
     schemas = [_read_schema(path) for path in files]
     for path, schema in zip(files, schemas, strict=True):
-        predictor.check_schema(schema, str(path))
+        if mapper is None:
+            predictor.check_schema(schema, str(path))
+        else:
+            mapper.check(schema.names, predictor.columns, str(path))
     outputs = [f"{t}_prob" for t in predictor.tasks]
+    if mapper is not None:  # keep the raw columns behind the model's id columns
+        keep = [mapper.input_column(c) for c in keep]
     kept = [c for c in dict.fromkeys(keep) if c in schemas[0].names]
     clash = [c for c in kept if c in outputs]
     if clash:
@@ -411,7 +421,9 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
                             f"{files[0].name} has")
     out_schema = pa.schema([schemas[0].field(c) for c in kept]
                            + [pa.field(c, pa.float32()) for c in outputs])
-    read_columns = list(dict.fromkeys([*predictor.columns, *kept]))
+    model_columns = predictor.columns if mapper is None else \
+        [mapper.input_column(c) for c in predictor.columns]
+    read_columns = list(dict.fromkeys([*model_columns, *kept]))
     total_rows = sum(_num_rows(path) for path in files)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -424,7 +436,9 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
     try:
         with pq.ParquetWriter(partial, out_schema) as writer:
             for path, first_row, table in _batches(files, read_columns, batch_size):
-                probs = predictor.predict_table(table, str(path), first_row)
+                model_input = table if mapper is None else \
+                    mapper.convert(table, str(path), first_row, predictor.columns)
+                probs = predictor.predict_table(model_input, str(path), first_row)
                 columns = [_conform(table.column(c), out_schema.field(c), path) for c in kept]
                 columns += [pa.array(probs[t], type=pa.float32()) for t in predictor.tasks]
                 writer.write_table(pa.Table.from_arrays(columns, schema=out_schema))
@@ -446,6 +460,16 @@ def predict_parquet(export_dir: str | Path | Predictor, data: str | Path, out: s
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _raw_input(export_dir: str | Path | Predictor):  # type: ignore[no-untyped-def]
+    """The raw-input mapping of an export directory (``--raw``)."""
+    from recsys.export.raw import RawInput
+
+    if isinstance(export_dir, Predictor) or not (Path(export_dir) / MANIFEST_FILE).is_file():
+        raise DataError(str(export_dir), "--raw maps raw values through an export's "
+                        "vocabularies: give an export directory (recsys export RUN_DIR --out DIR)")
+    return RawInput.load(export_dir)
 
 
 def _tensor(x: ArrayLike) -> torch.Tensor:

@@ -180,6 +180,9 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
             scaling = dense_scaling(spec)
             if scaling:
                 info["dense_scaling"] = scaling
+            raw_input = raw_input_of(spec)
+            if raw_input:
+                info["raw_input"] = raw_input
             if arch_of(spec.model).two_tower:
                 info["serving_split"] = export_split(spec, ranker, staging)
                 info["serving_split"]["score_1000_cached"] = time_cached_scoring(staging)
@@ -223,6 +226,18 @@ def dense_scaling(spec: Spec) -> dict[str, Any]:
     dense = {f.source_column for f in spec.features.dense_fields()}
     return {c: s.model_dump(mode="json")
             for c, s in DatasetManifest.load(root).dense_scaling.items() if c in dense}
+
+
+def raw_input_of(spec: Spec) -> dict[str, Any] | None:
+    """How raw tables map to the model's columns, for a dataset made by `recsys data prepare
+    table` (``recsys predict --raw``; :mod:`recsys.export.raw`)."""
+    from recsys.data.schema import MANIFEST, DatasetManifest
+    from recsys.export.raw import describe_raw_input
+
+    root = Path(spec.data.path)
+    if not (root / MANIFEST).is_file():
+        return None
+    return describe_raw_input(DatasetManifest.load(root))
 
 
 def _check_replaceable(out: Path) -> None:
