@@ -9,6 +9,7 @@
                                                            (one process, or under torchrun)
     recsys evaluate RUN_DIR [--scores PARQUET]
     recsys plan SPEC --world-size 64 --device cuda
+    recsys tune SPEC --trials N [--jobs J] [--study NAME] [--storage URL] [--study-dir DIR]
     recsys export RUN_DIR --out DIR [--quantize int8|fp16|none]
     recsys predict EXPORT_DIR --data PARQUET --out PARQUET
     recsys serve EXPORT_DIR [--host H] [--port N] [--max-batch-rows R] [--max-wait-ms W]
@@ -18,7 +19,7 @@
     recsys report [--only NAME ...] [--seeds N] [--quick] [--out DIR]
 
 One module per command group registers its parsers beside its handlers (``spec``, ``data``,
-``train``: train, evaluate and plan; ``export``: export and predict; ``serve``, ``rvq``,
+``train``: train, evaluate and plan; ``tune``; ``export``: export and predict; ``serve``, ``rvq``,
 ``bench``, ``report``); ``common`` holds what they share and turns errors into exit statuses. Handlers
 import torch and the library when they run, so ``recsys --help`` stays fast.
 
@@ -47,6 +48,7 @@ examples:
   recsys predict exports/qs --data data/quickstart/impressions/test --out scores.parquet
   recsys serve exports/qs --port 8080
   recsys plan specs/industrial.toml --world-size 64 --device cuda
+  recsys tune specs/quickstart.toml --trials 40 --jobs 2
   recsys bench data --out bench-results
   recsys bench all --quick --out bench-results
   # several processes, with torchrun or torchx (locally, Slurm, Kubernetes: docs/launching.md)
@@ -62,7 +64,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from recsys.cli import bench, data, export, report, rvq, serve, spec, train
+from recsys.cli import bench, data, export, report, rvq, serve, spec, train, tune
 from recsys.cli.common import EXIT_PIPE, drop_stdout, error, internal_error, run_handler
 from recsys.cli.report import REPORTS
 from recsys.fsutil import output_error
@@ -70,7 +72,7 @@ from recsys.fsutil import output_error
 __all__ = ["REPORTS", "build_parser", "main"]
 
 # the command groups, in the order `recsys --help` lists them
-GROUPS = (spec, data, train, export, serve, rvq, bench, report)
+GROUPS = (spec, data, train, tune, export, serve, rvq, bench, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

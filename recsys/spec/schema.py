@@ -38,6 +38,7 @@ from recsys.spec.data import (
     TableDataType,
     TableSpec,
 )
+from recsys.spec.tune import PrunerSpec, SpaceEntry, TuneSpec
 from recsys.validation import KeyedError, StrictModel, positive
 
 __all__ = [
@@ -55,6 +56,9 @@ __all__ = [
     "FeatureSpec",
     "FeaturesSpec",
     "HierarchicalSpec",
+    "PrunerSpec",
+    "SpaceEntry",
+    "TuneSpec",
     "LRSchedule",
     "ListwiseGroup",
     "ListwiseSpec",
@@ -350,6 +354,8 @@ class Spec(StrictModel):
     loss: LossSpec = Field(default_factory=LossSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    # recsys tune's search space; left out of the resolved spec (and so of its hash) when absent
+    tune: TuneSpec | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="before")
     @classmethod
@@ -379,6 +385,9 @@ class Spec(StrictModel):
                                  f"arch '{arch.name}' needs one: set interaction_dim")
             for key, message in self.model.check_dims(dim or next(iter(dims))):
                 raise KeyedError(f"model.{key}", message)
+        if self.tune is not None and self.tune.metric not in (None, *HEADLINE_METRICS):
+            raise KeyedError("tune.metric", f"must be one of {', '.join(HEADLINE_METRICS)}, "
+                             f"got '{self.tune.metric}'")
         unknown = [t for t in self.model.tasks if t not in self.data.labels]
         if unknown:
             raise KeyedError("model.tasks",

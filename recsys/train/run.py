@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool = True,
                  resume: bool = False, overwrite: bool = False,
-                 init_from: str | Path | None = None) -> dict[str, Any]:
+                 init_from: str | Path | None = None,
+                 on_validation: Callable[[int, float], bool] | None = None) -> dict[str, Any]:
     """Train and evaluate ``spec`` on this process (and its torchrun peers); rank 0 writes the
     run directory. Returns the metrics.json content (on every rank).
 
@@ -69,6 +71,9 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
 
     ``init_from`` starts from the weights of another run's latest checkpoint (a warm start:
     :mod:`recsys.train.warm_start`), unless ``resume`` finds a checkpoint of this run.
+
+    ``on_validation`` becomes :attr:`Trainer.on_validation` (called after each periodic
+    validation; True stops training; recsys tune prunes with it).
 
     Example:
         >>> metrics = run_training(load_spec("specs/quickstart.toml"), "runs/qs")
@@ -85,6 +90,7 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         on_main(lambda: lock.append(_claim_for_training(RunDir(out), spec, resume, overwrite)))
         started = time.time()
         trainer = Trainer(spec, ctx, progress, run_dir=out)
+        trainer.on_validation = on_validation
         spec = trainer.spec  # with the table sizes the dataset gave where the spec said "auto"
         # the data and the model are ready: only now is an overwritten run's content replaced
         on_main(lambda: _start_run_directory(RunDir(out), spec, replace=overwrite))

@@ -107,6 +107,9 @@ class Trainer:
         self.history = History()
         self.timing: dict[str, float] = {}
         self.warm_started: dict[str, Any] | None = None  # what --init-from loaded, if used
+        # called after each periodic validation with (step, valid train.headline_metric of the
+        # first task); returning True stops training there (recsys tune prunes trials with it)
+        self.on_validation: Callable[[int, float], bool] | None = None
         # TensorBoard events (rank 0 of a run with a directory); its file opens at the first
         # event, from the step that restore() may still move
         self.board = open_board(run_dir, ctx.is_main, lambda: self.position.step,
@@ -249,6 +252,10 @@ class Trainer:
                                      spec.train.headline_metric, abs(metric), abs(best),
                                      patience)
                             stop = True
+                    if self.on_validation is not None and self.on_validation(
+                            self.step, abs(metric)):
+                        log.info("stopped at step %d by the validation hook", self.step)
+                        stop = True
                     self.model.train()
                 if self.step >= self.total_steps:
                     stop = True
