@@ -31,7 +31,7 @@ from recsys.fsutil import ExclusiveLock, atomic_write_text, writing
 from recsys.run_dir import RunDir
 from recsys.spec import Spec, dump_toml, spec_hash
 from recsys.tables import format_table
-from recsys.train.distributed import init_distributed, on_main, shutdown
+from recsys.train.distributed import barrier, init_distributed, on_main, shutdown
 from recsys.train.sharded import held_embedding_bytes, sparsity
 from recsys.train.trainer import Trainer
 
@@ -113,7 +113,12 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
             else:
                 trainer.warm_start(init_from)
         trainer.fit()
-        return _evaluate_and_write(trainer, out, started)
+        metrics = _evaluate_and_write(trainer, out, started)
+        # every rank leaves together: rank 0 writes the run directory (plots, TensorBoard images)
+        # while the others would already tear their gloo connections down, which can abort a
+        # peer still inside the process group
+        barrier()
+        return metrics
     finally:
         for held in lock:
             held.release()
@@ -198,6 +203,7 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
             print(evaluation_table(metrics, recorded), file=sys.stderr)
             log.info("evaluated %s on %d process(es); wrote %s%s", path, ctx.world_size,
                      run.file(RunDir.EVALUATION), f" and {scores}" if scores else "")
+        barrier()  # leave together (see run_training)
         return metrics
     finally:
         for held in lock:
