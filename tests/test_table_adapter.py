@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.cli import main
-from recsys.data.adapters import config_hash, prepare, recorded_options
+from recsys.data.adapters import config_hash, prepare, recorded_options, table_input
 from recsys.data.adapters import table as table_adapter
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema, DatasetManifest, SparseColumn, VocabKind
@@ -257,8 +257,8 @@ def test_random_split_is_deterministic_per_seed_and_block_size(tmp_path: Path) -
     other = table_adapter.convert(path, tmp_path / "c", options.model_copy(update={"seed": 4}),
                                   config_hash="x", progress=False)
     assert other.rows != a.rows or read(other, "test") != read(a, "test")
-    codes = table_adapter.random_split(0, 400, 3, 0.2, 0.2)
-    assert np.array_equal(codes[100:], table_adapter.random_split(100, 300, 3, 0.2, 0.2))
+    codes = table_input.random_split(0, 400, 3, 0.2, 0.2)
+    assert np.array_equal(codes[100:], table_input.random_split(100, 300, 3, 0.2, 0.2))
 
 
 def test_column_split_and_a_bad_split_name(tmp_path: Path) -> None:

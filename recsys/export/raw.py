@@ -3,7 +3,7 @@
 A model trained on a prepared table reads ids and scaled numbers. Tomorrow's events arrive raw:
 the user column under its own name (``uid``), string ids, id lists as ``"a|b"`` text, unscaled
 prices. :class:`RawInput` maps such a table the way the preparation did, with the same decoders
-(:mod:`recsys.data.adapters.table`), the dataset's vocabularies (unknown values -> id 0) and its
+(:mod:`recsys.data.adapters.table_input`), the dataset's vocabularies (unknown values -> id 0) and its
 dense scaling (missing -> 0 after scaling). ``recsys export`` records what it needs in the
 export's ``manifest.json`` (``raw_input``, ``vocabularies``, ``dense_scaling``), so the export
 alone scores raw data (``recsys predict EXPORT --data RAW --raw``).
@@ -35,7 +35,7 @@ def describe_raw_input(dataset: DatasetManifest) -> dict[str, Any] | None:
     """What an export records to map raw tables (None unless the dataset came from
     ``recsys data prepare table``): output column -> (input column, role), and the delimiter
     of id lists stored as text."""
-    from recsys.data.adapters.table import Layout
+    from recsys.data.adapters.table_input import Layout
     from recsys.spec import PrepareSpec
 
     if dataset.source.get("format") != "table":
@@ -103,7 +103,7 @@ class RawInput:
                 needed: list[str] | None = None) -> pa.Table:
         """The model columns ``needed`` (default: every mapped one) of a raw ``table``: ids
         through the vocabularies, id lists split on the delimiter, numbers scaled."""
-        from recsys.data.adapters.table import Block, decode_dense, decode_ids, decode_multi
+        from recsys.data.adapters.table_input import Block, decode_dense, decode_ids, decode_multi
 
         needed = list(self.columns) if needed is None else needed
         self.check(table.column_names, needed, where)
