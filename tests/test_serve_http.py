@@ -32,7 +32,7 @@ from recsys.data.schema import DatasetManifest, VocabInfo
 from recsys.data.vocab import Vocabulary, hashed
 from recsys.errors import DataError
 from recsys.export.predictor import Predictor
-from recsys.export.torchscript import copy_vocabularies
+from recsys.export.torchscript import raw_value_maps
 from recsys.serve.app import BackgroundServer
 from recsys.serve.batching import Flat, MicroBatcher, merge_flat
 from recsys.serve.service import ServeConfig
@@ -348,14 +348,14 @@ def test_export_copies_the_dataset_vocabularies(tiny_dataset: DatasetManifest,
     spec = validate_spec(tiny_spec_dict(data), "tiny.toml")
     out = tmp_path / "export"
     out.mkdir()
-    recorded = copy_vocabularies(spec, out)
+    recorded = raw_value_maps(spec, out)["vocabularies"]
     assert recorded == manifest["vocabularies"]
     assert (out / "vocab/user_id.parquet").read_bytes() == \
         (data / "vocab/user_id.parquet").read_bytes()
     assert Vocabulary.load(out, "user_id", vocab.info).ids(["b", "z"]).tolist() == [2, 0]
     (data / "vocab/user_id.parquet").unlink()
     with pytest.raises(DataError, match="user_id.*vocab/user_id.parquet, which is missing"):
-        copy_vocabularies(spec, tmp_path / "export2")
+        raw_value_maps(spec, tmp_path / "export2")
 
 
 # ---- two-tower ----------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def export_untrained(spec: Any, out: str | Path, seed: int = 0, quantize: str = 
     from recsys.export.torchscript import (
         MANIFEST_FILE,
         MODEL_FILE,
-        copy_vocabularies,
+        raw_value_maps,
         script_ranker,
     )
     from recsys.export.two_tower import export_split
@@ -146,9 +146,7 @@ def export_untrained(spec: Any, out: str | Path, seed: int = 0, quantize: str = 
     try:
         exported.module.save(str(staging / MODEL_FILE))
         info = {**exported.manifest, "run": None, "weights": f"random (seed {seed})"}
-        vocabularies = copy_vocabularies(spec, staging)
-        if vocabularies:
-            info["vocabularies"] = vocabularies
+        info.update(raw_value_maps(spec, staging))
         if arch_of(spec.model).two_tower:
             info["serving_split"] = export_split(spec, ranker, staging)
         (staging / MANIFEST_FILE).write_text(json.dumps(info, indent=2))

@@ -174,15 +174,7 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
                 info["parity"] = parity(spec, ranker, exported.module)
                 info["parity"]["recorded"] = _against_recorded(run_dir, path, info["parity"])
                 _require_parity(out, info["parity"], quantize)
-            vocabularies = copy_vocabularies(spec, staging)
-            if vocabularies:
-                info["vocabularies"] = vocabularies
-            scaling = dense_scaling(spec)
-            if scaling:
-                info["dense_scaling"] = scaling
-            raw_input = raw_input_of(spec)
-            if raw_input:
-                info["raw_input"] = raw_input
+            info.update(raw_value_maps(spec, staging))
             if arch_of(spec.model).two_tower:
                 info["serving_split"] = export_split(spec, ranker, staging)
                 info["serving_split"]["score_1000_cached"] = time_cached_scoring(staging)
@@ -193,11 +185,18 @@ def export_run(run_dir: str | Path, out: str | Path, quantize: str = "none",
     return info
 
 
-def copy_vocabularies(spec: Spec, out: Path) -> dict[str, Any]:
-    """Copy the files of the run's dataset vocabularies (``vocab/<column>.parquet``) into the
-    export ``out``, so that the export alone maps raw values to ids as the data preparation did
-    (``recsys serve``); returns column -> VocabInfo as JSON, ``{}`` when the dataset has none."""
+def raw_value_maps(spec: Spec, out: Path) -> dict[str, Any]:
+    """What an export needs to take raw values as the data preparation read them, from the run's
+    dataset (read once): ``vocabularies`` (column -> VocabInfo, their files copied into ``out``),
+    ``dense_scaling`` (how the model's dense columns were scaled) and ``raw_input`` (raw column
+    names, for ``recsys predict --raw``; :mod:`recsys.export.raw`), each only where the dataset
+    has it; ``{}`` when the dataset is not there.
+
+    Example:
+        >>> info.update(raw_value_maps(spec, staging))   # manifest.json's entries
+    """
     from recsys.data.schema import MANIFEST, DatasetManifest
+    from recsys.export.raw import describe_raw_input
 
     root = Path(spec.data.path)
     if not (root / MANIFEST).is_file():
@@ -212,32 +211,15 @@ def copy_vocabularies(spec: Spec, out: Path) -> dict[str, Any]:
                             f"{info.file}, which is missing")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    return {c: info.model_dump(mode="json") for c, info in dataset.vocabularies.items()}
-
-
-def dense_scaling(spec: Spec) -> dict[str, Any]:
-    """How the run's dataset scaled its dense columns (``dataset.json`` ``dense_scaling``), as
-    JSON: ``recsys serve`` applies it to the raw numbers a request sends."""
-    from recsys.data.schema import MANIFEST, DatasetManifest
-
-    root = Path(spec.data.path)
-    if not (root / MANIFEST).is_file():
-        return {}
     dense = {f.source_column for f in spec.features.dense_fields()}
-    return {c: s.model_dump(mode="json")
-            for c, s in DatasetManifest.load(root).dense_scaling.items() if c in dense}
-
-
-def raw_input_of(spec: Spec) -> dict[str, Any] | None:
-    """How raw tables map to the model's columns, for a dataset made by `recsys data prepare
-    table` (``recsys predict --raw``; :mod:`recsys.export.raw`)."""
-    from recsys.data.schema import MANIFEST, DatasetManifest
-    from recsys.export.raw import describe_raw_input
-
-    root = Path(spec.data.path)
-    if not (root / MANIFEST).is_file():
-        return None
-    return describe_raw_input(DatasetManifest.load(root))
+    maps: dict[str, Any] = {
+        "vocabularies": {c: info.model_dump(mode="json")
+                         for c, info in dataset.vocabularies.items()},
+        "dense_scaling": {c: s.model_dump(mode="json")
+                          for c, s in dataset.dense_scaling.items() if c in dense},
+        "raw_input": describe_raw_input(dataset),
+    }
+    return {k: v for k, v in maps.items() if v}
 
 
 def _check_replaceable(out: Path) -> None:
