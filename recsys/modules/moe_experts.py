@@ -95,7 +95,7 @@ class CNN1DExpert(nn.Module):
     def __init__(self, num_fields: int, width: int, filters: int = 16, kernel_size: int = 4,
                  pool_size: int = 2) -> None:
         super().__init__()
-        self.uses_x0 = False  # reads x0: the gather dispatch selects its rows too
+        self.uses_x0 = False  # reads x_l only: the gather dispatch skips gathering its x0 rows
         positions = max(1, num_fields // 2)
         self.kernel = min(kernel_size, positions)
         length = positions - self.kernel + 1
@@ -193,7 +193,7 @@ class AttentionExpert(nn.Module):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
-        self.uses_x0 = False  # reads x0: the gather dispatch selects its rows too
+        self.uses_x0 = False  # reads x_l only: the gather dispatch skips gathering its x0 rows
         self.num_fields = num_fields
         self.dim = dim
         self.heads = heads
