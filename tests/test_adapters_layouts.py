@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from recsys.cli import main
 from recsys.data.adapters import config_hash, prepare
-from recsys.data.adapters.movielens import SeparatorStream, detect_layout
+from recsys.data.adapters.movielens_read import SeparatorStream, detect_layout
 from recsys.data.schema import DatasetManifest
 from recsys.errors import DataError, UsageError
 from recsys.spec import PrepareSpec
