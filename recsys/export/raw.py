@@ -48,6 +48,33 @@ def describe_raw_input(dataset: DatasetManifest) -> dict[str, Any] | None:
             "delimiter": options.delimiter}
 
 
+def export_vocabularies(export_dir: Path, manifest: dict[str, Any]) -> dict[str, Vocabulary]:
+    """An export's vocabularies (``manifest.json`` ``vocabularies``, files under ``vocab/``), by
+    column; a DataError naming the entry that does not read."""
+    where = str(export_dir / MANIFEST_FILE)
+    out = {}
+    for column, raw in (manifest.get("vocabularies") or {}).items():
+        try:
+            info = VocabInfo.model_validate(raw)
+        except ValueError as e:
+            raise DataError(where, f"vocabularies.{column}: {e}") from None
+        out[column] = Vocabulary.load(export_dir, column, info)
+    return out
+
+
+def export_dense_scaling(export_dir: Path, manifest: dict[str, Any]) -> dict[str, DenseScaling]:
+    """An export's dense scaling (``manifest.json`` ``dense_scaling``): column -> how the data
+    preparation scaled its raw numbers; a DataError naming the entry that does not read."""
+    where = str(export_dir / MANIFEST_FILE)
+    out = {}
+    for column, raw in (manifest.get("dense_scaling") or {}).items():
+        try:
+            out[column] = DenseScaling.model_validate(raw)
+        except ValueError as e:
+            raise DataError(where, f"dense_scaling.{column}: {e}") from None
+    return out
+
+
 @dataclass
 class RawInput:
     """The mapping from a raw table's columns to the model's input columns.
@@ -80,12 +107,9 @@ class RawInput:
             raise DataError(where, "this export records no raw input mapping: its training data "
                             "was not made by `recsys data prepare table`, so it reads ids; score "
                             "prepared data (without --raw)")
-        vocabs = {c: Vocabulary.load(export_dir, c, VocabInfo.model_validate(info))
-                  for c, info in (manifest.get("vocabularies") or {}).items()}
-        scaling = {c: DenseScaling.model_validate(s)
-                   for c, s in (manifest.get("dense_scaling") or {}).items()}
         columns = {out: (c["input"], c["role"]) for out, c in raw["columns"].items()}
-        return cls(columns, raw["delimiter"], vocabs, scaling, where)
+        return cls(columns, raw["delimiter"], export_vocabularies(export_dir, manifest),
+                   export_dense_scaling(export_dir, manifest), where)
 
     def input_column(self, output: str) -> str:
         """The raw column that feeds model column ``output`` (itself when it is not mapped)."""

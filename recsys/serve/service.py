@@ -37,6 +37,7 @@ import torch
 from recsys.data.schema import DenseScaling
 from recsys.errors import DataError
 from recsys.export.predictor import MANIFEST_FILE, Predictor
+from recsys.export.raw import export_dense_scaling, export_vocabularies
 from recsys.serve.batching import Flat, MicroBatcher, merge_flat, split_rows
 from recsys.serve.schema import CandidateIndex, RawIds, RequestError, RowParser
 
@@ -105,36 +106,9 @@ def default_threads() -> int:
 def load_raw_ids(export_dir: Path, manifest: dict[str, Any]) -> dict[str, RawIds]:
     """The export's vocabularies (``manifest.json`` ``vocabularies``, files under ``vocab/``) as
     column -> raw value mapping; ``{}`` when it has none."""
-    vocabularies = manifest.get("vocabularies") or {}
-    if not vocabularies:
-        return {}
-    from recsys.data.schema import VocabInfo
-    from recsys.data.vocab import Vocabulary
-
-    where = str(export_dir / MANIFEST_FILE)
-    out = {}
-    for column, raw_info in vocabularies.items():
-        try:
-            info = VocabInfo.model_validate(raw_info)
-        except ValueError as e:
-            raise DataError(where, f"vocabularies.{column}: {e}") from None
-        vocab = Vocabulary.load(export_dir, column, info)
-        out[column] = RawIds(str(info.value_type), vocab.ids,
-                             0 if str(info.kind) == "vocab" else None)
-    return out
-
-
-def load_dense_scaling(export_dir: Path, manifest: dict[str, Any]) -> dict[str, DenseScaling]:
-    """The export's dense scaling (``manifest.json`` ``dense_scaling``): column -> how the data
-    preparation scaled its raw values, applied to the numbers a request sends."""
-    where = str(export_dir / MANIFEST_FILE)
-    out = {}
-    for column, raw in (manifest.get("dense_scaling") or {}).items():
-        try:
-            out[column] = DenseScaling.model_validate(raw)
-        except ValueError as e:
-            raise DataError(where, f"dense_scaling.{column}: {e}") from None
-    return out
+    return {column: RawIds(str(v.info.value_type), v.ids,
+                           0 if str(v.info.kind) == "vocab" else None)
+            for column, v in export_vocabularies(export_dir, manifest).items()}
 
 
 def _side_predictor(predictor: Predictor, module: torch.jit.ScriptModule,
@@ -196,7 +170,7 @@ class ScoringService:
         self.export_dir, self.predictor, self.cfg = export_dir, predictor, cfg
         multi = predictor.manifest["inputs"].get("multi_valued")
         multi_set = set(multi) if multi is not None else None
-        scaling = load_dense_scaling(export_dir, predictor.manifest)
+        scaling = export_dense_scaling(export_dir, predictor.manifest)
         self.parser = RowParser(predictor, multi_set, raw_ids, scaling)
         self.two_tower = load_two_tower(export_dir, predictor, multi_set, raw_ids, scaling)
         m = predictor.manifest
