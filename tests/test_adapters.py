@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.data.adapters import FORMATS, count_lines, prepare, split_sizes
+from recsys.data.adapters import FORMATS, count_lines, criteo_format, prepare, split_sizes
 from recsys.data.adapters import criteo as criteo_adapter
 from recsys.data.adapters.movielens import age_bucket, year_bucket
 from recsys.data.schema import DatasetManifest
@@ -288,10 +288,10 @@ def test_criteo_streams_blocks_like_one(tmp_path: Path) -> None:
 
 def test_criteo_hex_hash_with_mixed_widths() -> None:
     values = pa.array([b"ff", None, b"68fd1e64", b"0123456789abcdef"], pa.binary())
-    ids, bad = criteo_adapter.hash_hex(values, 1 << 20)
+    ids, bad = criteo_format.hash_hex(values, 1 << 20)
     expected = [int(h, 16) % (1 << 20) + 1 for h in ("ff", "68fd1e64", "0123456789abcdef")]
     assert bad is None and ids.tolist() == [expected[0], 0, expected[1], expected[2]]
-    _, bad = criteo_adapter.hash_hex(pa.array([b"00", b"zz", b"1"], pa.binary()), 10)
+    _, bad = criteo_format.hash_hex(pa.array([b"00", b"zz", b"1"], pa.binary()), 10)
     assert bad == 1
 
 

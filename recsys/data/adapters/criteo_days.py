@@ -33,7 +33,7 @@ from recsys.data.adapters.common import (
     label_threshold,
     source_info,
 )
-from recsys.data.adapters.criteo import (
+from recsys.data.adapters.criteo_format import (
     ARROW_SCHEMA,
     BLOCK_BYTES,
     BUCKET_COLUMNS,
@@ -41,11 +41,11 @@ from recsys.data.adapters.criteo import (
     DEFAULT_LABEL_THRESHOLD,
     FRACTION_OPTIONS,
     GZ,
-    _open,
-    _raise_located,
-    _raise_unreadable,
-    _refuse_options,
     describe_columns,
+    open_reader,
+    raise_located,
+    raise_unreadable,
+    refuse_options,
     transform,
 )
 from recsys.data.parquet import DatasetWriter, ShardWriter
@@ -163,7 +163,7 @@ def convert_days(directory: Path, out: Path, options: PrepareSpec, *, config_has
         >>> convert_days(Path("criteo-1tb"), Path("data/criteo-1tb"),
         ...              PrepareSpec(input="criteo-1tb", workers=4), config_hash="0123456789abcdef")
     """
-    _refuse_options(options, FRACTION_OPTIONS, f"{directory} is a directory of day files, split "
+    refuse_options(options, FRACTION_OPTIONS, f"{directory} is a directory of day files, split "
                     "by days (valid_days / test_days); valid_fraction / test_fraction split a "
                     "single file")
     days = find_day_files(directory)
@@ -314,7 +314,7 @@ def convert_day(task: DayTask, report: Callable[[int], object],
     rows = clicks = reported = 0
     gz = task.path.name.endswith(GZ)
     with hint_cut_short(*([] if gz else [task.path])), pa.OSFile(str(task.path)) as raw:
-        reader = _open(pa.CompressedInputStream(raw, "gzip") if gz else raw, task.path,
+        reader = open_reader(pa.CompressedInputStream(raw, "gzip") if gz else raw, task.path,
                        task.block_size)
         while True:
             if stopped():
@@ -324,9 +324,9 @@ def convert_day(task: DayTask, report: Callable[[int], object],
             except StopIteration:
                 break
             except pa.ArrowInvalid as e:
-                _raise_located(task.path, rows, e)
+                raise_located(task.path, rows, e)
             except (OSError, pa.ArrowException) as e:
-                _raise_unreadable(task.path, rows, e)
+                raise_unreadable(task.path, rows, e)
             table = transform(batch, task.hash_size, task.threshold, task.path, rows + 1)
             for c in BUCKET_COLUMNS:
                 top[c] = max(top[c], int(np.max(table.column(c).to_numpy(), initial=0)) + 1)
