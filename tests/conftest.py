@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -222,3 +223,11 @@ sys.meta_path.insert(0, Block())
 def import_blocker(why: str) -> str:
     """:data:`IMPORT_BLOCKER` with the reason its ImportError gives."""
     return IMPORT_BLOCKER.replace("WHY", why)
+
+
+def standardized(raw: list[float] | np.ndarray, train_rows: int) -> np.ndarray:
+    """``raw`` scaled as the MovieLens adapter scales a dense column: (x - mean) / std with the
+    population moments of the first ``train_rows`` values (std 1 where they are constant)."""
+    x = np.asarray(raw, dtype=np.float64)
+    std = x[:train_rows].std()
+    return (x - x[:train_rows].mean()) / (std if std > 0 else 1.0)

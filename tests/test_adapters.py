@@ -18,6 +18,7 @@ from recsys.data.adapters.movielens import age_bucket, year_bucket
 from recsys.data.schema import DatasetManifest
 from recsys.errors import DataError
 from recsys.spec import PrepareSpec
+from tests.conftest import standardized
 
 REPO = Path(__file__).resolve().parents[1]
 ML_LATEST_SMALL = REPO.parent / "shared/data/ml-latest-small"
@@ -116,7 +117,12 @@ def test_movielens_latest_known_answers(tmp_path: Path) -> None:
     assert [r["click"] for r in got] == [0, 1, 1, 0, 1, 0, 1, 1, 0, 1]
     # ratings each user gave strictly before (user 10 rates twice at 01:00: file order decides)
     prior = [0, 1, 0, 0, 1, 2, 1, 3, 2, 2]
-    assert np.allclose([r["user_prior_count"] for r in got], np.log1p(prior))
+    # standardized with the 6 train rows' moments, recorded for serving
+    assert np.allclose([r["user_prior_count"] for r in got], standardized(np.log1p(prior), 6),
+                       atol=1e-6)
+    scale = m.dense_scaling["user_prior_count"]
+    assert scale.kind == "standard" and scale.mean == pytest.approx(np.log1p(prior[:6]).mean())
+    assert scale.std == pytest.approx(np.log1p(prior[:6]).std())
     # (user, day) -> request id in (user, day) order: u1 d0,d2,d4 = 0,1,2; u2 d0,d1,d5 = 3,4,5;
     # u3 d1,d3,d6 = 6,7,8
     assert [r["request_id"] for r in got] == [0, 0, 3, 6, 4, 1, 7, 2, 5, 8]
@@ -205,7 +211,8 @@ def test_movielens_classic_known_answers(tmp_path: Path) -> None:
     assert [r["user_gender"] for r in got] == [2, 1, 2, 2, 2]  # F 1, M 2
     # occupations of u.user: artist 1, other 2, technician 3, writer 4
     assert [r["user_occupation"] for r in got] == [4, 2, 3, 3, 4]
-    assert np.allclose([r["user_prior_count"] for r in got], np.log1p([0, 0, 0, 1, 1]))
+    assert np.allclose([r["user_prior_count"] for r in got],
+                       standardized(np.log1p([0, 0, 0, 1, 1]), 3), atol=1e-6)
     assert m.column("user_age").cardinality == 8
     assert m.column("user_occupation").cardinality == 5
     assert (tmp_path / "out" / "README").read_text() == "ml-100k terms\n"

@@ -22,6 +22,7 @@ from recsys.data.adapters.movielens_read import SeparatorStream, detect_layout
 from recsys.data.schema import DatasetManifest
 from recsys.errors import DataError, UsageError
 from recsys.spec import PrepareSpec
+from tests.conftest import standardized
 
 HASH_SIZE = 1000
 
@@ -204,8 +205,10 @@ def test_criteo_split_options_must_fit_the_input(tmp_path: Path) -> None:
 def test_config_hash_of_existing_options_is_unchanged() -> None:
     # values recorded before valid_days / test_days / workers existed
     assert config_hash("criteo", "/x/train.txt", PrepareSpec(input="x")) == "2f03a39ba2147426"
+    # (MovieLens is at output revision 1, so its hash moved on: datasets of the older code are
+    # remade, not reused)
     opts = PrepareSpec(input="x", hash_size=97, valid_fraction=0.2, label_threshold=3.0)
-    assert config_hash("movielens", "/x/ml", opts) == "3f9a3a7c14db957d"
+    assert config_hash("movielens", "/x/ml", opts) == "1465ea592114477c"  # was 3f9a3a7c14db957d
     assert config_hash("criteo", "/x/d", PrepareSpec(input="x", workers=8, valid_days=1)) == \
         config_hash("criteo", "/x/d", PrepareSpec(input="x"))
     assert config_hash("criteo", "/x/d", PrepareSpec(input="x", test_days=2)) != \
@@ -286,7 +289,7 @@ def test_movielens_1m_known_answers(tmp_path: Path) -> None:
     assert m.column("user_age").cardinality == 8 and m.column("user_occupation").cardinality == 8
     assert m.column("user_gender").cardinality == 3 and m.column("item_genres").cardinality == 7
     assert np.allclose([r["user_prior_count"] for r in got],
-                       np.log1p([0, 0, 0, 1, 0, 0, 0, 0, 0, 1]))
+                       standardized(np.log1p([0, 0, 0, 1, 0, 0, 0, 0, 0, 1]), 6), atol=1e-6)
     assert (tmp_path / "out" / "README").read_text() == "ml-1m terms\n"
 
 

@@ -20,7 +20,7 @@ from recsys.data.schema import (
     DatasetManifest,
     check_spec_against_manifest,
 )
-from recsys.data.synthetic import build_world, generate, true_logits
+from recsys.data.synthetic import build_world, config_hash, generate, true_logits
 from recsys.errors import DataError
 from recsys.spec import SyntheticSpec
 
@@ -296,3 +296,69 @@ def test_world_is_a_function_of_the_seed(tiny_synthetic_cfg):
     np.testing.assert_array_equal(a.item_category, b.item_category)
     c = build_world(SyntheticSpec(**{**TINY_SYNTHETIC, "seed": 99}))
     assert not np.array_equal(a.user_latent, c.user_latent)
+
+
+# ---- how much users of a cluster share (the HGR sweep's knob) -------------------------------------
+
+
+def _shared_fraction(world, level: int) -> float:
+    """The fraction of the user latents' variance that their level-``level`` cluster means hold."""
+    x = world.user_latent - world.user_latent.mean(0)
+    groups = world.user_path[:, level]
+    means = np.zeros((groups.max() + 1, x.shape[1]))
+    np.add.at(means, groups, x)
+    means /= np.maximum(np.bincount(groups), 1)[:, None]
+    return float((means[groups] ** 2).sum() / (x**2).sum())
+
+
+def test_default_sharing_is_the_world_as_it_was():
+    cfg = SyntheticSpec(**{**TINY_SYNTHETIC, "num_users": 2000})
+    explicit = SyntheticSpec(**{**TINY_SYNTHETIC, "num_users": 2000, "sharing_depth": 3})
+    # an unset knob leaves the world as it was; a set one is part of the config
+    np.testing.assert_allclose(build_world(cfg).user_latent, build_world(explicit).user_latent)
+    assert config_hash(cfg) != config_hash(explicit)  # set knobs are part of the config
+
+
+# 8 top clusters, 32 below them, 64 leaves, 500 users per leaf: the leaf means hold the shared
+# part and only 1/500 of the users' own noise
+WIDE = {**TINY_SYNTHETIC, "num_users": 32_000, "cluster_branching": [8, 4, 2], "latent_dim": 64}
+
+
+def _expected_share(sharing: float, depth: int, level: int) -> float:
+    """The share of the centred variance that the level-``level`` means hold in expectation:
+    level l's centers (std 0.75^l, n_l of them) keep (n_l - 1) / n_l of their variance once the
+    latents are centred, and the means also pick up the own noise of 1 / (users per node)."""
+    nodes = np.cumprod(WIDE["cluster_branching"])
+    weights = 0.75 ** (2 * np.arange(3))[:depth]
+    kept = weights * (nodes[:depth] - 1) / nodes[:depth] / weights.sum()
+    shared, own = sharing * kept, 1 - sharing
+    held = shared[: level + 1].sum() + own * nodes[level] / WIDE["num_users"]
+    return held / (shared.sum() + own)
+
+
+@pytest.mark.parametrize("sharing", [0.2, 0.5, 0.9])
+def test_cluster_sharing_is_the_clusters_share_of_the_variance(sharing: float):
+    world = build_world(SyntheticSpec(**WIDE, cluster_sharing=sharing))
+    assert _shared_fraction(world, 2) == pytest.approx(_expected_share(sharing, 3, 2), abs=0.04)
+    # the total variance is the default world's (0.75^0 + 0.75^2 + 0.75^4 + 0.3^2 per dim)
+    assert world.user_latent.var() == pytest.approx(1 + 0.75**2 + 0.75**4 + 0.09, rel=0.1)
+
+
+def test_sharing_depth_one_makes_sub_clusters_no_closer():
+    shallow = build_world(SyntheticSpec(**WIDE, cluster_sharing=0.6, sharing_depth=1))
+    deep = build_world(SyntheticSpec(**WIDE, cluster_sharing=0.6))
+    # depth 1: the top clusters hold all the shared variance, the leaves add only noise
+    assert _shared_fraction(shallow, 0) == pytest.approx(_expected_share(0.6, 1, 0), abs=0.04)
+    assert _shared_fraction(shallow, 2) - _shared_fraction(shallow, 0) < 0.01
+    # the whole tree: the leaves hold more than the top clusters
+    assert _shared_fraction(deep, 2) - _shared_fraction(deep, 0) > 0.1
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("cluster_sharing", 1.5, "cluster_sharing must be in \\[0, 1\\]"),
+    ("sharing_depth", 4, "sharing_depth must be between 1 and the 3 levels"),
+    ("sharing_depth", 0, "sharing_depth must be between 1 and the 3 levels"),
+])
+def test_sharing_knobs_are_checked(key: str, value: float, message: str):
+    with pytest.raises(ValueError, match=message):
+        SyntheticSpec(**{**TINY_SYNTHETIC, key: value})

@@ -1,4 +1,4 @@
-"""``recsys data synth | prepare | inspect``: make, convert and read back datasets."""
+"""``recsys data synth | prepare | inspect | criteo-world``: make, convert and read datasets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def register(sub: SubParsers) -> None:
     _add_synth(data)
     _add_prepare(data)
     _add_inspect(data)
+    _add_criteo_world(data)
 
 
 # ---- synth ----------------------------------------------------------------------------------------
@@ -184,4 +185,39 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     summaries = [summarise_split(open_split(spec, manifest, split, view), split)
                  for split in SPLITS if split in manifest.views[view]]
     print(format_summary(manifest, view, schema, summaries))
+    return 0
+
+
+# ---- criteo-world ---------------------------------------------------------------------------------
+
+def _add_criteo_world(data: SubParsers) -> None:
+    p = add_command(data, "criteo-world", cmd_data_criteo_world,
+                    "write a synthetic Criteo-format train.txt with a known click probability "
+                    "and planted feature crosses (for `data prepare criteo`)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="directory to write train.txt and world.json (the oracle's numbers) to")
+    p.add_argument("--rows", type=int, help="lines of train.txt (default 500000)")
+    p.add_argument("--seed", type=int, help="seed of the world and its rows (default 0)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a directory that is not empty (replacing its train.txt and "
+                        "world.json)")
+
+
+def cmd_data_criteo_world(args: argparse.Namespace) -> int:
+    from recsys.data.criteo_world import CriteoWorldConfig, write_criteo_world
+
+    options = {k: v for k, v in {"rows": args.rows, "seed": args.seed}.items() if v is not None}
+    cfg = check_options(lambda: CriteoWorldConfig(**options), "--rows", "--seed")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    # a typo'd --out must not scatter files into (or replace the train.txt of) another dataset
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"--out {out}: the directory is not empty; pass --force to write "
+                         "train.txt and world.json into it")
+    with writing(out):
+        write_criteo_world(out, cfg)
+    print(f"wrote {out / 'train.txt'} ({cfg.rows} rows); the world and its oracle: "
+          f"{out / 'world.json'}")
+    print(f"next: recsys data prepare criteo --input {out / 'train.txt'} --out DATASET_DIR")
     return 0

@@ -4,7 +4,9 @@ The world:
 
 * **users** sit at the leaves of a tree of latent clusters (``cluster_branching``, >= 3 levels); a
   user's latent vector is the sum of the centers on its path, each level with a smaller scale, plus
-  noise, so residual quantization of user embeddings has a real hierarchy to find. Demographic-like
+  noise, so residual quantization of user embeddings has a real hierarchy to find.
+  ``cluster_sharing`` sets how much of that vector the users of a cluster share (the rest is their
+  own) and ``sharing_depth`` how deep in the tree the sharing goes, at constant total variance. Demographic-like
   features (age bucket, region) follow the top levels of the tree; a multi-valued feature lists the
   categories the user recently engaged with.
 * **items** have a category, a brand, a price and a popularity; their latent vectors sit near their
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +86,37 @@ class World:
 
 
 def config_hash(cfg: SyntheticSpec) -> str:
-    payload = {"simulator_version": SIMULATOR_VERSION, **cfg.model_dump(mode="json")}
+    # the sharing knobs count only when set, so datasets made before they existed keep their hash
+    payload = {"simulator_version": SIMULATOR_VERSION,
+               **cfg.model_dump(mode="json", exclude={k for k in SHARING_KNOBS
+                                                      if getattr(cfg, k) is None})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SHARING_KNOBS = ("cluster_sharing", "sharing_depth")
+LEVEL_DECAY = 0.75  # the std of level l's cluster centers is LEVEL_DECAY ** l
+
+
+def sharing_scales(cfg: SyntheticSpec) -> tuple[float, float]:
+    """The factors of a user's shared part (the centers of its top ``sharing_depth`` clusters)
+    and of its own noise, so that the shared part is ``cluster_sharing`` of the latent variance
+    and the total variance is the default world's. Both are 1 with the defaults.
+
+    Example:
+        >>> sharing_scales(SyntheticSpec())
+        (1.0, 1.0)
+    """
+    levels = len(cfg.cluster_branching)
+    per_level = [LEVEL_DECAY ** (2 * lvl) for lvl in range(levels)]
+    natural = sum(per_level)  # the shared variance of the default world, per latent dim
+    own = cfg.user_noise**2
+    total = natural + own
+    if cfg.cluster_sharing is None and cfg.sharing_depth is None:
+        return 1.0, 1.0
+    sharing = natural / total if cfg.cluster_sharing is None else cfg.cluster_sharing
+    used = sum(per_level[: cfg.sharing_depth or levels])
+    own_scale = math.sqrt((1.0 - sharing) * total / own) if own > 0 else 0.0
+    return math.sqrt(sharing * total / used), own_scale
 
 
 def build_world(cfg: SyntheticSpec) -> World:
@@ -100,12 +132,16 @@ def build_world(cfg: SyntheticSpec) -> World:
     for lvl in range(levels - 1, -1, -1):  # leaf index -> node index at every level
         path[:, lvl] = rest
         rest = rest // cfg.cluster_branching[lvl]
-    latent = np.zeros((n_users, d))
+    shared = np.zeros((n_users, d))
+    depth = cfg.sharing_depth or levels
     for lvl in range(levels):
         nodes = int(np.prod(cfg.cluster_branching[: lvl + 1]))
-        centers = rng.normal(0.0, 0.75**lvl, size=(nodes, d))
-        latent += centers[path[:, lvl]]
-    latent += rng.normal(0.0, cfg.user_noise, size=(n_users, d))
+        centers = rng.normal(0.0, LEVEL_DECAY**lvl, size=(nodes, d))  # drawn even if unused:
+        if lvl < depth:  # the draws after them stay the same
+            shared += centers[path[:, lvl]]
+    own = rng.normal(0.0, cfg.user_noise, size=(n_users, d))
+    shared_scale, own_scale = sharing_scales(cfg)
+    latent = shared_scale * shared + own_scale * own
 
     top, second = path[:, 0], path[:, 1]
     age = (top * 2 + rng.integers(0, 3, size=n_users)) % NUM_AGES

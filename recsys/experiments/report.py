@@ -17,10 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ("interactions", "sparsity", "ranking-losses", "ranktower")
+ORDER = ("interactions", "sparsity", "ranking-losses", "ranktower", "tuned", "hgr-sweep")
 TITLES = {"interactions": "Interaction archs", "sparsity": "xDeepInt feature and interaction "
           "selection (λ1 sweep)", "ranking-losses": "BCE vs in-batch vs hierarchical listwise",
-          "ranktower": "RankTower vs DSSM vs the ranker, with ablations"}
+          "ranktower": "RankTower vs DSSM vs the ranker, with ablations",
+          "tuned": "Every arch tuned with the same budget, then over seeds",
+          "hgr-sweep": "Where hierarchical group-wise ranking helps: a sweep of user sharing"}
 
 
 def _runs_of(out: Path, subdir: str) -> dict[str, Path]:

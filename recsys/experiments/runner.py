@@ -8,12 +8,13 @@ in a table can be traced to a resolved spec and its hash.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,37 @@ class DataConfig:
     # valid and test requests of the synthetic world (None: the quickstart's); the --quick mode
     # shrinks them, since every run scores both and the test requests' whole cascade
     eval_requests: int | None = None
+    # the Criteo-format world (recsys.data.criteo_world), written as TSV and read by the Criteo
+    # adapter: its rows, epochs and the adapter's buckets per categorical field
+    criteo_rows: int = 300_000
+    criteo_epochs: int = 1
+    criteo_hash_size: int = 1 << 16
     extra: dict[str, Any] = field(default_factory=dict)  # merged into every run's spec
+
+
+DATASETS = ("synthetic", "movielens", "criteo-world")
+
+
+def criteo_world_file(directory: Path, rows: int, seed: int = 0) -> Path:
+    """The Criteo TSV of the world with ``rows`` rows in ``directory``, written unless the world
+    there was made from the same config."""
+    from recsys.data.criteo_world import CriteoWorldConfig, write_criteo_world
+
+    cfg = CriteoWorldConfig(rows=rows, seed=seed)
+    meta, tsv = directory / "world.json", directory / "train.txt"
+    if tsv.is_file() and meta.is_file() and \
+            json.loads(meta.read_text()).get("config") == asdict(cfg):
+        return tsv
+    log.info("writing the Criteo-format world (%d rows) to %s", rows, directory)
+    write_criteo_world(directory, cfg, progress=False)
+    return tsv
+
+
+def world_oracle(base: dict[str, Any]) -> dict[str, Any] | None:
+    """The Criteo-format world's ``world.json`` for a base spec that reads one (else None)."""
+    prepare = base.get("data", {}).get("prepare") or {}
+    meta = Path(prepare.get("input", "")).parent / "world.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
 
 
 def dataset_base(name: str, cfg: DataConfig, data_dir: Path) -> dict[str, Any] | None:
@@ -88,8 +119,15 @@ def dataset_base(name: str, cfg: DataConfig, data_dir: Path) -> dict[str, Any] |
         raw["data"]["prepare"]["input"] = str(source)
         raw["data"]["path"] = str(data_dir / "movielens")
         train["epochs"] = cfg.movielens_epochs
+    elif name == "criteo-world":
+        raw = read_spec_file("specs/criteo.toml")
+        world = criteo_world_file(data_dir / f"criteo-world-{cfg.criteo_rows}-raw",
+                                  cfg.criteo_rows)
+        raw["data"]["prepare"].update(input=str(world), hash_size=cfg.criteo_hash_size)
+        raw["data"]["path"] = str(data_dir / f"criteo-world-{cfg.criteo_rows}")
+        train["epochs"] = cfg.criteo_epochs
     else:
-        raise ValueError(f"unknown dataset '{name}'; expected synthetic or movielens")
+        raise ValueError(f"unknown dataset '{name}'; expected one of {', '.join(DATASETS)}")
     raw["train"] = {**raw["train"], **train}
     raw["train"] = {k: v for k, v in raw["train"].items() if v is not None}
     raw["model"] = {"tasks": raw["model"]["tasks"]}
@@ -115,7 +153,8 @@ class Runs:
 
 
 def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Sequence[int],
-                 out_dir: Path, train: Callable[..., dict[str, Any]] | None = None) -> Runs:
+                 out_dir: Path, train: Callable[..., dict[str, Any]] | None = None,
+                 reuse: bool = False) -> Runs:
     """Train every variant with every seed (one process each) and collect the metrics.
 
     Args:
@@ -124,6 +163,8 @@ def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Seque
         seeds: ``train.seed`` values; the data is the same for every seed.
         out_dir: run directories go to ``out_dir/<variant>-seed<k>``.
         train: the training function (default: ``recsys.train.run.run_training``).
+        reuse: keep a finished run whose directory holds the same spec (by hash) instead of
+            training it again (a long report resumes); otherwise a rerun replaces it.
     """
     if train is None:
         from recsys.train.run import run_training as train
@@ -135,15 +176,41 @@ def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Seque
                                                 {"train": {"seed": seed}}))
             spec = validate_spec(raw, f"{base.get('name', 'base')} + variant '{variant.name}'")
             started = time.perf_counter()
-            log.info("[%d/%d] %s, seed %d", done + 1, total, variant.name, seed)
-            # the report owns its run directories: a rerun replaces them
-            metrics = train(spec, out_dir / f"{variant.name}-seed{seed}", progress=False,
-                            overwrite=True)
+            run_dir = out_dir / f"{variant.name}-seed{seed}"
+            finished = _finished_run(run_dir, spec_hash(spec)) if reuse else None
+            if finished is not None:
+                log.info("[%d/%d] %s, seed %d: kept (finished, same spec)", done + 1, total,
+                         variant.name, seed)
+                metrics, seconds = finished
+            else:
+                log.info("[%d/%d] %s, seed %d", done + 1, total, variant.name, seed)
+                # the report owns its run directories: a rerun replaces them
+                metrics = train(spec, run_dir, progress=False, overwrite=True)
+                seconds = time.perf_counter() - started
+                if reuse:
+                    (run_dir / REPORT_RUN).write_text(json.dumps(
+                        {"spec_hash": spec_hash(spec), "seconds": seconds}))
             runs.metrics.setdefault(variant.name, []).append(metrics)
-            runs.seconds.setdefault(variant.name, []).append(time.perf_counter() - started)
+            runs.seconds.setdefault(variant.name, []).append(seconds)
             runs.hashes[variant.name] = spec_hash(spec)
             done += 1
     return runs
+
+
+REPORT_RUN = "report-run.json"  # written last by a report's run: its spec hash and wall time
+
+
+def _finished_run(run_dir: Path, hash_: str) -> tuple[dict[str, Any], float] | None:
+    """A finished run's metrics and wall seconds when ``run_dir`` holds one of the spec
+    ``hash_``."""
+    try:
+        done = json.loads((run_dir / REPORT_RUN).read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("spec_hash") != hash_ or "test" not in metrics:
+        return None
+    return metrics, float(done["seconds"])
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float]:

@@ -81,6 +81,15 @@ class SyntheticSpec(StrictModel):
     # id embeddings can learn (smaller = more of the signal reachable through shared features)
     user_noise: float = 0.3
     item_noise: float = 0.6
+    # how much of a user's latent vector (its preferences) the users of one cluster share, as a
+    # fraction of its variance, the rest being the user's own noise; None keeps the tree's
+    # natural share (about 0.93 with the defaults). The total variance stays the same, so the
+    # click signal's strength does not change with it.
+    cluster_sharing: float | None = None
+    # how many levels of the cluster tree, from the top, carry shared preferences (None: all);
+    # 1 = only the top clusters share, and their sub-clusters are no closer than any two users
+    # of the top cluster
+    sharing_depth: int | None = None
     prerank_noise: float = 1.5
     ranker_noise: float = 0.4
     click_bias: float = -6.0
@@ -96,6 +105,14 @@ class SyntheticSpec(StrictModel):
         if len(self.cluster_branching) < 3 or min(self.cluster_branching) < 2:
             raise ValueError("cluster_branching needs >= 3 levels, each with >= 2 children, "
                              f"got {self.cluster_branching}")
+        if self.cluster_sharing is not None and not 0.0 <= self.cluster_sharing <= 1.0:
+            raise KeyedError("cluster_sharing", "cluster_sharing must be in [0, 1], got "
+                             f"{self.cluster_sharing}")
+        if self.sharing_depth is not None and not \
+                1 <= self.sharing_depth <= len(self.cluster_branching):
+            raise KeyedError("sharing_depth", "sharing_depth must be between 1 and the "
+                             f"{len(self.cluster_branching)} levels of cluster_branching, got "
+                             f"{self.sharing_depth}")
         stages = [self.retrieved_per_request, self.preranked_per_request,
                   self.ranked_per_request, self.exposed_per_request]
         if not all(a >= b >= 1 for a, b in zip(stages, stages[1:], strict=False)):

@@ -32,7 +32,8 @@ Columns (every vocabulary keeps id 0 for "unknown"):
 ``item_genres``               multi, item   genre ids, 1 + the genre's alphabetical rank
 ``item_year``                 sparse, item  5-year bucket of the release year (:func:`year_bucket`)
 ``hour``, ``weekday``         sparse, ctx   UTC hour 0..23 and weekday 0..6 (Monday = 0)
-``user_prior_count``          dense, user   log1p(ratings the user gave strictly before this one)
+``user_prior_count``          dense, user   log1p(ratings the user gave strictly before this one),
+                                            standardized with the train split's mean and std
 ``user_age``                  sparse, user  classic, ml-1m: 7 age buckets (:data:`AGE_EDGES`)
 ``user_gender``               sparse, user  classic, ml-1m: 1 + alphabetical rank (F 1, M 2)
 ``user_occupation``           sparse, user  classic, ml-1m: 1 + alphabetical rank of the name
@@ -78,7 +79,14 @@ from recsys.data.adapters.movielens_read import (
     read_latest,
 )
 from recsys.data.parquet import DatasetWriter
-from recsys.data.schema import REQUEST_ID, USER_ID, ColumnInfo, ColumnRole, DatasetManifest
+from recsys.data.schema import (
+    REQUEST_ID,
+    USER_ID,
+    ColumnInfo,
+    ColumnRole,
+    DatasetManifest,
+    DenseScaling,
+)
 from recsys.progress import progress_bar
 from recsys.spec import PrepareSpec, Side
 
@@ -121,6 +129,7 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
                            rows_per_shard=options.rows_per_shard,
                            row_group_size=options.row_group_size)
     sizes = split_sizes(table.num_rows, options.valid_fraction, options.test_fraction)
+    table, scaling = standardize_dense(table, columns, sizes[0])
     start = 0
     for split, size in progress_bar(list(zip(("train", "valid", "test"), sizes, strict=True)),
                             desc="movielens -> parquet", unit="split", disable=not progress):
@@ -129,7 +138,37 @@ def convert(input: Path, out: Path, options: PrepareSpec, *, config_hash: str,
     for name in README_FILES:
         if (input / name).is_file():
             shutil.copy2(input / name, writer.partial / name)
-    return writer.finish()
+    return writer.finish(dense_scaling=scaling)
+
+
+def standardize_dense(table: pa.Table, columns: list[ColumnInfo], train_rows: int
+                      ) -> tuple[pa.Table, dict[str, DenseScaling]]:
+    """Every dense column as (x - mean) / std with the moments of the first ``train_rows`` rows
+    (the train split), and how each was scaled, for ``dataset.json``.
+
+    Unscaled, ``user_prior_count`` (log1p of a count: mean about 4.8, rising over time, so higher
+    in the temporal test split) is raised to high powers by PIN's polynomial layers, which made
+    xDeepInt's test AUC swing by seed (docs/methods.md); every arch trains better on centred
+    inputs.
+
+    Example:
+        >>> t, s = standardize_dense(pa.table({"x": [1.0, 3.0, 5.0]}),
+        ...                          [column("x", ColumnRole.DENSE, None, None, "")], 2)
+        >>> t.column("x").to_pylist(), s["x"].mean
+        ([-1.0, 1.0, 3.0], 2.0)
+    """
+    scaling: dict[str, DenseScaling] = {}
+    for c in columns:
+        if c.role != ColumnRole.DENSE:
+            continue
+        x = table.column(c.name).to_numpy().astype(np.float64)
+        train = x[:train_rows]
+        mean = float(train.mean()) if len(train) else 0.0
+        std = float(train.std()) if len(train) else 0.0
+        scaling[c.name] = DenseScaling(kind="standard", mean=mean, std=std if std > 0 else 1.0)
+        scaled = scaling[c.name].apply(x).astype(np.float32)
+        table = table.set_column(table.schema.get_field_index(c.name), c.name, pa.array(scaled))
+    return table, scaling
 
 
 
@@ -245,7 +284,8 @@ def build_table(ratings: Ratings, movies: Movies, users: Users | None,
         column("hour", S, Side.CONTEXT, 24, "UTC hour of the rating, 0..23"),
         column("weekday", S, Side.CONTEXT, 7, "UTC weekday of the rating, Monday = 0"),
         column("user_prior_count", D, Side.USER, None,
-               "log1p(ratings the user gave strictly before this one); causal"),
+               "log1p(ratings the user gave strictly before this one), standardized with the "
+               "train split's mean and std (dataset.json dense_scaling); causal"),
     ]
     if users is not None:
         row = _remap(users.raw_id, user_vocab)  # u.user row -> user id (0 = never rated)
