@@ -8,11 +8,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from recsys.cli import main
 from recsys.data.schema import DatasetManifest
-from recsys.experiments.hgr_sweep import HgrSweepConfig, hgr_verdict, run_hgr_sweep
+from recsys.experiments.hgr_sweep import (
+    HgrSweepConfig,
+    hgr_verdict,
+    normalized_mutual_information,
+    run_hgr_sweep,
+)
 from recsys.experiments.runner import Variant, run_variants
 from recsys.experiments.tuned import TunedConfig, goal_rows, goal_table, run_tuned
 from tests.conftest import tiny_spec_dict
@@ -52,6 +58,15 @@ def test_hgr_verdict_takes_the_better_baseline() -> None:
     close = hgr_verdict([r("bce", 0.60, 0.001), r("bce+in-batch", 0.61, 0.006),
                          r("bce+hierarchical", 0.615, 0.008)])
     assert not close["beats_both"]  # +0.005 against a spread of 0.01
+
+
+def test_normalized_mutual_information_by_hand() -> None:
+    nmi = normalized_mutual_information
+    assert nmi(np.array([0, 0, 1, 1]), np.array([7, 7, 3, 3])) == pytest.approx(1.0)
+    assert nmi(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+    # joint (0,0) 1/2, (0,1) 1/4, (1,1) 1/4: I = 0.215762, H(a) = 0.562335, H(b) = ln 2
+    assert nmi(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])) == pytest.approx(0.345592, abs=2e-6)
+    assert nmi(np.array([4, 4, 4]), np.array([0, 1, 2])) == 0.0  # a constant labeling
 
 
 def test_a_report_keeps_finished_runs_of_the_same_spec(tmp_path: Path,
@@ -111,6 +126,9 @@ def test_hgr_sweep_compares_the_objectives_on_each_world(tmp_path: Path) -> None
     assert [r["variant"] for r in result["choices"]["rows"]] == [
         "bce+hierarchical", "hgr w=0.2/0.3/0.5", "hgr offline codes"]
     assert "where HGR beats both baselines" in table
+    offline = result["choices"]["rows"][-1]
+    assert len(offline["code_nmi"]) == 3 and all(0.0 <= v <= 1.0 for v in offline["code_nmi"])
+    assert "true user clusters" in table
     # each world's data was generated with its own knobs; the offline codes come from the BCE
     # run of the same seed on the most shared world
     knobs = {}

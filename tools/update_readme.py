@@ -66,12 +66,37 @@ def results_section(dirs: list[Path], old: str = "") -> str:
     return "\n".join([START, "", *fresh.values(), *kept.values(), END])
 
 
+# the paragraphs of the quality studies that the README repeats: (subsection, paragraph title)
+SUMMARIZED = (("### `recsys report --only tuned`", "**goal:"),
+              ("### `recsys report --only hgr-sweep`", "**where HGR beats both baselines**"))
+
+
+def paragraph(section: str, title: str) -> str | None:
+    """The block of ``section`` that starts with a line beginning with ``title``, up to the next
+    block that starts with a bold title (or the end); None when there is none."""
+    blocks = section.split("\n\n")
+    for i, block in enumerate(blocks):
+        if block.startswith(title):
+            rest = blocks[i + 1:]
+            end = next((j for j, b in enumerate(rest) if b.startswith("**") or
+                        b.startswith("_Measured")), len(rest))
+            return "\n\n".join([block, *rest[:end]]).strip()
+    return None
+
+
 def summary_section(results: str) -> str:
-    """The README's summary: the targets subsection of ``results`` (when there is one) and a link
-    to the whole of docs/results.md."""
-    targets = kept_sections(results.split(START, 1)[-1].split(END, 1)[0]).get(TARGETS)
+    """The README's summary: the targets subsection of ``results`` (when there is one), the goal
+    of the equal-budget study and the HGR sweep's verdict (when they ran), and a link to the whole
+    of docs/results.md."""
+    sections = kept_sections(results.split(START, 1)[-1].split(END, 1)[0])
+    targets = sections.get(TARGETS)
     body = [targets.replace(TARGETS, "**Targets** (`recsys bench targets`)", 1).strip()] \
         if targets else []
+    for heading, title in SUMMARIZED:
+        found = paragraph(sections.get(heading, ""), title)
+        if found:
+            first, _, rest = found.partition("\n")
+            body.append(f"{first} (from {heading.removeprefix('### ')})\n{rest}")
     body.append(f"Every table (training, data, serving, the methods' benchmarks and the quality "
                 f"experiments over seeds): [{RESULTS}]({RESULTS}).")
     return "\n".join([SUMMARY_START, "", "\n\n".join(body), "", SUMMARY_END])

@@ -146,11 +146,13 @@ def _offline_row(cfg: HgrSweepConfig, base: dict[str, Any], bce_runs: Path, out_
 
     merged = Runs()
     rvq = {"levels": cfg.levels, "codes": cfg.codes}
+    alignment = []
     for seed in range(cfg.seeds):
         coded = data_dir / f"{Path(base['data']['path']).name}-codes-seed{seed}"
         if not (coded / "dataset.json").is_file():
             encode_run(bce_runs / f"bce-seed{seed}", coded, rvq=RVQSpec(**rvq), seed=seed,
                        force=True, progress=False)
+        alignment.append(code_alignment(coded, base["data"]["synthetic"]))
         raw = copy.deepcopy(base)
         raw["data"] = {**{k: v for k, v in raw["data"].items()
                           if k not in ("synthetic", "source", "prepare")},
@@ -161,7 +163,54 @@ def _offline_row(cfg: HgrSweepConfig, base: dict[str, Any], bce_runs: Path, out_
             getattr(merged, key).setdefault("hgr offline codes", []).extend(
                 getattr(runs, key)["hgr offline codes"])
         merged.hashes.update(runs.hashes)
-    return summary_rows(merged, KEYS)[0]
+    row = summary_rows(merged, KEYS)[0]
+    row["code_nmi"] = [sum(a[level] for a in alignment) / len(alignment)
+                       for level in range(len(alignment[0]))]
+    return row
+
+
+def code_alignment(coded: Path, synthetic: dict[str, Any]) -> list[float]:
+    """How well offline user codes recover the world's true user clusters: per level l, the
+    normalized mutual information between users' level-l code prefixes and their level-l
+    clusters (1 = the same partition, 0 = independent), over the users of the train split."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recsys.data.schema import RVQ_CODE, USER_ID, DatasetManifest
+    from recsys.data.synthetic import build_world
+    from recsys.spec import SyntheticSpec
+
+    manifest = DatasetManifest.load(coded)
+    view = next(iter(manifest.views))
+    table = pq.ParquetDataset(manifest.files(view, "train")).read(columns=[USER_ID, RVQ_CODE])
+    users, first = np.unique(table.column(USER_ID).to_numpy(), return_index=True)
+    codes = np.asarray(table.column(RVQ_CODE).combine_chunks().take(first).to_pylist())
+    path = build_world(SyntheticSpec(**synthetic)).user_path[users]
+    levels = min(codes.shape[1], path.shape[1])
+    return [normalized_mutual_information(codes[:, level], path[:, level])
+            for level in range(levels)]
+
+
+def normalized_mutual_information(a: Any, b: Any) -> float:
+    """NMI of two labelings, I(a; b) / sqrt(H(a) H(b)) (0 when either is constant).
+
+    Example:
+        >>> normalized_mutual_information(np.array([0, 0, 1, 1]), np.array([5, 5, 7, 7]))
+        1.0
+    """
+    import numpy as np
+
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(joint, (ai, bi), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    ha = float(-(pa[pa > 0] * np.log(pa[pa > 0])).sum())
+    hb = float(-(pb[pb > 0] * np.log(pb[pb > 0])).sum())
+    return mi / math.sqrt(ha * hb) if ha > 0 and hb > 0 else 0.0
 
 
 def hgr_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,9 +243,16 @@ def _world_table(name: str, rows: list[dict[str, Any]], verdict: dict[str, Any],
 def _choices_table(name: str, rows: list[dict[str, Any]], cfg: HgrSweepConfig) -> str:
     table = format_table(["HGR variant", *LABELS, "s / run"],
                          [[r["variant"], *_cells(r), round(r["seconds"], 1)] for r in rows])
-    return (f"**the paper's choices, on world {name}** (λ = {cfg.weight}, L = {cfg.levels}; "
+    text = (f"**the paper's choices, on world {name}** (λ = {cfg.weight}, L = {cfg.levels}; "
             f"the first row is the default: uniform level weights, K = {cfg.codes} codes, online)"
             f"\n\n{table}")
+    nmi = next((r["code_nmi"] for r in rows if "code_nmi" in r), None)
+    if nmi:
+        text += ("\n\nThe offline codes against the world's true user clusters (normalized mutual "
+                 "information of users' level-l code prefixes and their level-l clusters, mean "
+                 "over seeds): " + ", ".join(f"level {i + 1} {v:.3f}" for i, v in enumerate(nmi))
+                 + ".")
+    return text
 
 
 def summary_table(worlds: dict[str, dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from recsys.experiments.runner import (
     DataConfig,
     Variant,
     dataset_base,
+    dataset_bases,
     deep_merge,
     markdown,
     mean_std,
@@ -79,11 +80,7 @@ def run_interactions(cfg: InteractionsConfig, out: Path) -> tuple[dict[str, Any]
     """Every model on every dataset over ``cfg.seeds`` seeds: JSON-ready result and tables."""
     result: dict[str, Any] = {"config": _config_json(cfg), "datasets": {}}
     tables = []
-    for dataset in cfg.datasets:
-        base = dataset_base(dataset, cfg, out / "data")
-        if base is None:
-            tables.append(f"**{dataset}**: skipped (raw data missing)")
-            continue
+    for dataset, base in dataset_bases(cfg, out / "data", tables):
         variants = [Variant(m, model_patch(m)) for m in cfg.models]
         runs = run_variants(base, variants, range(cfg.seeds), out / "runs" / dataset)
         rows = summary_rows(runs, KEYS)

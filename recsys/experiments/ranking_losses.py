@@ -16,7 +16,7 @@ from typing import Any
 from recsys.experiments.runner import (
     DataConfig,
     Variant,
-    dataset_base,
+    dataset_bases,
     mean_std,
     run_variants,
     summary_rows,
@@ -54,11 +54,7 @@ def run_ranking_losses(cfg: RankingLossesConfig, out: Path) -> tuple[dict[str, A
     """The three objectives on every dataset over ``cfg.seeds`` seeds."""
     result: dict[str, Any] = {"config": {**cfg.__dict__}, "datasets": {}}
     parts = []
-    for dataset in cfg.datasets:
-        base = dataset_base(dataset, cfg, out / "data")
-        if base is None:
-            parts.append(f"**{dataset}**: skipped (raw data missing)")
-            continue
+    for dataset, base in dataset_bases(cfg, out / "data", parts):
         base["data"]["request_batches"] = True  # whole requests per batch, for every objective
         runs = run_variants(base, variants(cfg), range(cfg.seeds),
                             out / "runs" / f"losses-{dataset}")

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,18 @@ def dataset_base(name: str, cfg: DataConfig, data_dir: Path) -> dict[str, Any] |
     raw["model"] = {"tasks": raw["model"]["tasks"]}
     raw["distributed"] = {"world_size": 1}
     return deep_merge(raw, cfg.extra)
+
+
+def dataset_bases(cfg: DataConfig, data_dir: Path, notes: list[str]
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(dataset, base spec)`` for each of ``cfg.datasets`` whose raw files are present; a
+    dataset that is skipped gets a line in ``notes`` (the report's text) instead."""
+    for name in cfg.datasets:
+        base = dataset_base(name, cfg, data_dir)
+        if base is None:
+            notes.append(f"**{name}**: skipped (raw data missing)")
+            continue
+        yield name, base
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from recsys.experiments.runner import (
     DATASETS,
     DataConfig,
     Variant,
-    dataset_base,
+    dataset_bases,
     deep_merge,
     run_variants,
     summary_rows,
@@ -96,11 +96,7 @@ def run_tuned(cfg: TunedConfig, out: Path) -> tuple[dict[str, Any], str]:
     """Tune and retrain every model on every dataset: JSON-ready result and Markdown tables."""
     result: dict[str, Any] = {"config": _config_json(cfg), "datasets": {}}
     tables = []
-    for dataset in cfg.datasets:
-        base = dataset_base(dataset, cfg, out / "data")
-        if base is None:
-            tables.append(f"**{dataset}**: skipped (raw data missing)")
-            continue
+    for dataset, base in dataset_bases(cfg, out / "data", tables):
         entry = _dataset(dataset, base, cfg, out)
         result["datasets"][dataset] = entry
         tables.append(_dataset_table(dataset, entry, cfg))
