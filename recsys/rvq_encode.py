@@ -78,7 +78,7 @@ def encode_run(run_dir: str | Path, out: str | Path, *, rvq: RVQSpec | None = No
         summary = _encode(run, spec.features.table_of(f).name, partial_path(out),
                           f.source_column, rvq, source, field=field, iters=iters,
                           batch_size=batch_size, seed=seed, progress=progress)
-        _publish(partial_path(out), out)
+        publish(partial_path(out), out)
     return summary
 
 
@@ -98,7 +98,7 @@ def _encode(run: RunDir, table_name: str, dest: Path, user_column: str, rvq: RVQ
                "perplexity": [round(float(p), 2) for p in code_perplexity(codes, rvq.codes)],
                "recon_error": _recon_error(model, table), "rows": {}}
     shutil.rmtree(dest, ignore_errors=True)  # left by a killed run
-    _write_dataset(source, dest, user_column, ids, summary, progress)
+    write_coded_dataset(source, dest, user_column, ids, summary, progress)
     buffer = io.BytesIO()  # torch.save reports a full disk as a RuntimeError; Python as OSError
     torch.save(model.state_dict(), buffer)
     (dest / "rvq.pt").write_bytes(buffer.getvalue())
@@ -106,7 +106,7 @@ def _encode(run: RunDir, table_name: str, dest: Path, user_column: str, rvq: RVQ
     return summary
 
 
-def _publish(partial: Path, out: Path) -> None:
+def publish(partial: Path, out: Path) -> None:
     """Rename the finished ``partial`` to ``out``; an old ``out`` is moved aside first and removed
     after, so a crash in between leaves one whole dataset, never a half-deleted one."""
     if out.exists():
@@ -126,8 +126,11 @@ def _recon_error(model: ResidualVQ, table: torch.Tensor) -> float:
     return float((x - q.reconstruction).pow(2).sum(1).mean() / x.pow(2).sum(1).mean())
 
 
-def _write_dataset(source: DatasetManifest, out: Path, user_column: str, ids: np.ndarray,
-                   summary: dict[str, Any], progress: bool) -> None:
+def write_coded_dataset(source: DatasetManifest, out: Path, user_column: str, ids: np.ndarray,
+                        summary: dict[str, Any], progress: bool) -> None:
+    """A copy of ``source`` in ``out`` with the column ``rvq_code``: per row, ``ids[user]`` (the L
+    trie-node ids of its user's code prefixes). ``summary`` needs ``run`` (where the codes came
+    from) and ``codes`` (per level); its ``rows`` are counted here."""
     assert source.root is not None
     levels = ids.shape[1]
     files = [(view, split, rel) for view, splits in source.views.items()

@@ -176,12 +176,12 @@ def test_rvq_encode_without_a_checkpoint_keeps_the_old_output(
 
 def test_rvq_codes_for_ids_outside_the_table_are_a_data_error(tiny_dataset: DatasetManifest,
                                                               tmp_path: Path) -> None:
-    from recsys.rvq_encode import _write_dataset
+    from recsys.rvq_encode import write_coded_dataset
 
     ids = np.zeros((10, 3), dtype=np.int64)  # codes for 10 users; the data has 300
     with pytest.raises(DataError) as info:
-        _write_dataset(tiny_dataset, tmp_path / "coded", "user_id", ids,
-                       {"run": "r", "codes": 4, "rows": {}}, progress=False)
+        write_coded_dataset(tiny_dataset, tmp_path / "coded", "user_id", ids,
+                            {"run": "r", "codes": 4, "rows": {}}, progress=False)
     assert not isinstance(info.value, SpecError)
     assert "column 'user_id' holds ids outside the user table's 10 rows [0, 10)" in str(info.value)
     assert str(tiny_dataset.root) in str(info.value)

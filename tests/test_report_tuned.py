@@ -15,6 +15,7 @@ from recsys.cli import main
 from recsys.data.schema import DatasetManifest
 from recsys.experiments.hgr_sweep import (
     HgrSweepConfig,
+    code_alignment,
     hgr_verdict,
     normalized_mutual_information,
     run_hgr_sweep,
@@ -124,11 +125,15 @@ def test_hgr_sweep_compares_the_objectives_on_each_world(tmp_path: Path) -> None
                                                          "bce+hierarchical"]
     assert result["choices"]["world"] == "share=0.9"
     assert [r["variant"] for r in result["choices"]["rows"]] == [
-        "bce+hierarchical", "hgr w=0.2/0.3/0.5", "hgr offline codes"]
+        "bce+hierarchical", "hgr w=0.2/0.3/0.5", "hgr offline codes", "hgr true clusters as codes"]
     assert "where HGR beats both baselines" in table
-    offline = result["choices"]["rows"][-1]
+    offline = result["choices"]["rows"][-2]
     assert len(offline["code_nmi"]) == 3 and all(0.0 <= v <= 1.0 for v in offline["code_nmi"])
     assert "true user clusters" in table
+    # the oracle's codes are the world's clusters: a perfect alignment at every level
+    (true_codes,) = (tmp_path / "data").glob("*-true-codes")
+    synthetic = json.loads((true_codes / "dataset.json").read_text())["source"]["config"]
+    assert code_alignment(true_codes, synthetic) == pytest.approx([1.0, 1.0, 1.0])
     # each world's data was generated with its own knobs; the offline codes come from the BCE
     # run of the same seed on the most shared world
     knobs = {}
@@ -139,7 +144,8 @@ def test_hgr_sweep_compares_the_objectives_on_each_world(tmp_path: Path) -> None
                                    source.get("rvq_codes_from"))
     assert sorted(knobs.values(), key=str) == sorted([
         (0.9, None, None), (0.5, 1, None),
-        (0.9, None, str(tmp_path / "runs" / "hgr-sweep" / "share=0.9" / "bce-seed0"))], key=str)
+        (0.9, None, str(tmp_path / "runs" / "hgr-sweep" / "share=0.9" / "bce-seed0")),
+        (0.9, None, "the synthetic world's true user clusters")], key=str)
 
 
 def test_trials_are_an_option_of_the_tuned_report(capsys: pytest.CaptureFixture[str]) -> None:

@@ -65,7 +65,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                "ranktower": lambda out: run_ranktower(RankTowerConfig(**sizes), out),
                "tuned": lambda out: run_tuned(_tuned_config(args), out),
                "hgr-sweep": lambda out: run_hgr_sweep(_hgr_config(args), out)}
-    out = Path(args.out)
+    # absolute, so that the specs (which hold data paths under it) and their hashes are the same
+    # whatever the working directory: a rerun keeps the finished runs
+    out = Path(args.out).resolve()
     if (args.trials is not None or args.jobs is not None) and "tuned" not in (args.only or ()):
         raise UsageError("--trials and --jobs are options of --only tuned")
     for name in args.only or REPORTS:

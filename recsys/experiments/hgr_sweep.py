@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ class HgrSweepConfig(DataConfig):
     level_weights: tuple[tuple[float, ...], ...] = ((0.2, 0.3, 0.5), (0.5, 0.3, 0.2))
     codes_choices: tuple[int, ...] = (4, 16)
     offline_codes: bool = True
+    # HGR given the world's true user clusters as its codes: what perfect codes would bring
+    oracle_codes: bool = True
 
 
 def objectives(cfg: HgrSweepConfig) -> list[Variant]:
@@ -119,6 +122,8 @@ def run_hgr_sweep(cfg: HgrSweepConfig, out: Path) -> tuple[dict[str, Any], str]:
     if cfg.offline_codes:
         rows.append(_offline_row(cfg, base, out / "runs" / "hgr-sweep" / name, choice_dir,
                                  out / "data"))
+    if cfg.oracle_codes:
+        rows.append(_oracle_row(cfg, base, choice_dir, out / "data"))
     online = next(r for r in result["worlds"][name]["rows"] if r["variant"] == HGR)
     result["choices"] = {"world": name, "rows": [online, *rows]}
     parts.append(_choices_table(name, [online, *rows], cfg))
@@ -167,6 +172,49 @@ def _offline_row(cfg: HgrSweepConfig, base: dict[str, Any], bce_runs: Path, out_
     row["code_nmi"] = [sum(a[level] for a in alignment) / len(alignment)
                        for level in range(len(alignment[0]))]
     return row
+
+
+def _oracle_row(cfg: HgrSweepConfig, base: dict[str, Any], out_dir: Path, data_dir: Path
+                ) -> dict[str, Any]:
+    """HGR whose codes are the world's true user clusters (the path of each user in the cluster
+    tree, as trie-node ids): the best codes RVQ could find."""
+    import numpy as np
+    import torch
+
+    from recsys.data.parquet import dataset_write, partial_path
+    from recsys.data.schema import USER_ID, DatasetManifest
+    from recsys.data.synthetic import build_world
+    from recsys.datasets import ensure_dataset
+    from recsys.quantization.rvq import prefix_ids
+    from recsys.rvq_encode import publish, write_coded_dataset
+    from recsys.spec import SyntheticSpec, validate_spec
+
+    synthetic = SyntheticSpec(**base["data"]["synthetic"])
+    branching = synthetic.cluster_branching
+    codes_per_level = max(branching)
+    coded = data_dir / f"{Path(base['data']['path']).name}-true-codes"
+    if not (coded / "dataset.json").is_file():
+        source = ensure_dataset(validate_spec(base, "hgr-sweep base"), progress=False)
+        path = build_world(synthetic).user_path
+        # level l's child index under its parent: the node id modulo the branching of that level
+        child = np.stack([path[:, lvl] % branching[lvl] for lvl in range(len(branching))], 1)
+        ids = prefix_ids(torch.from_numpy(child), codes_per_level).numpy()
+        with dataset_write(coded):
+            shutil.rmtree(partial_path(coded), ignore_errors=True)  # left by a killed run
+            write_coded_dataset(DatasetManifest.load(source.root), partial_path(coded), USER_ID,
+                                ids, {"run": "the synthetic world's true user clusters",
+                                      "codes": codes_per_level, "rows": {}}, progress=False)
+            publish(partial_path(coded), coded)
+    raw = copy.deepcopy(base)
+    raw["data"] = {**{k: v for k, v in raw["data"].items()
+                      if k not in ("synthetic", "source", "prepare")},
+                   "source": "parquet", "path": str(coded)}
+    name = "hgr true clusters as codes"
+    runs = run_variants(raw, [Variant(name, {"loss": {"hierarchical": {
+        "weight": cfg.weight, "codes": "data",
+        "rvq": {"levels": len(branching), "codes": codes_per_level}}}})],
+        range(cfg.seeds), out_dir, reuse=True)
+    return summary_rows(runs, KEYS)[0]
 
 
 def code_alignment(coded: Path, synthetic: dict[str, Any]) -> list[float]:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.spec import only_arch_sections, spec_hash, validate_spec
+from recsys.errors import RecsysError
+from recsys.spec import Spec, only_arch_sections, spec_hash, validate_spec
 from recsys.tables import format_table
 
 log = logging.getLogger("recsys.experiments")
@@ -68,6 +69,7 @@ class DataConfig:
     criteo_rows: int = 300_000
     criteo_epochs: int = 1
     criteo_hash_size: int = 1 << 16
+    criteo_batch_size: int = 1024
     extra: dict[str, Any] = field(default_factory=dict)  # merged into every run's spec
 
 
@@ -126,6 +128,9 @@ def dataset_base(name: str, cfg: DataConfig, data_dir: Path) -> dict[str, Any] |
         raw["data"]["prepare"].update(input=str(world), hash_size=cfg.criteo_hash_size)
         raw["data"]["path"] = str(data_dir / f"criteo-world-{cfg.criteo_rows}")
         train["epochs"] = cfg.criteo_epochs
+        # the spec's batch of 8192 suits tens of millions of rows; on a world of a few hundred
+        # thousand it would leave a run a few dozen steps
+        train["batch_size"] = cfg.criteo_batch_size
     else:
         raise ValueError(f"unknown dataset '{name}'; expected one of {', '.join(DATASETS)}")
     raw["train"] = {**raw["train"], **train}
@@ -189,7 +194,7 @@ def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Seque
             spec = validate_spec(raw, f"{base.get('name', 'base')} + variant '{variant.name}'")
             started = time.perf_counter()
             run_dir = out_dir / f"{variant.name}-seed{seed}"
-            finished = _finished_run(run_dir, spec_hash(spec)) if reuse else None
+            finished = _finished_run(run_dir, spec) if reuse else None
             if finished is not None:
                 log.info("[%d/%d] %s, seed %d: kept (finished, same spec)", done + 1, total,
                          variant.name, seed)
@@ -212,17 +217,39 @@ def run_variants(base: dict[str, Any], variants: Sequence[Variant], seeds: Seque
 REPORT_RUN = "report-run.json"  # written last by a report's run: its spec hash and wall time
 
 
-def _finished_run(run_dir: Path, hash_: str) -> tuple[dict[str, Any], float] | None:
-    """A finished run's metrics and wall seconds when ``run_dir`` holds one of the spec
-    ``hash_``."""
+def _finished_run(run_dir: Path, spec: Spec) -> tuple[dict[str, Any], float] | None:
+    """A finished run's metrics and wall seconds when ``run_dir`` holds a run of ``spec`` that a
+    report finished."""
+    hash_ = spec_hash(spec)
     try:
         done = json.loads((run_dir / REPORT_RUN).read_text())
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if done.get("spec_hash") != hash_ or "test" not in metrics:
+    if "test" not in metrics:
+        return None
+    if done.get("spec_hash") != hash_ and not _same_recorded_spec(run_dir, spec):
         return None
     return metrics, float(done["seconds"])
+
+
+def _same_recorded_spec(run_dir: Path, spec: Spec) -> bool:
+    """Whether the run's recorded ``spec.toml`` is ``spec``: both read back from TOML (so that a
+    value's in-memory form, an int for a float, is no difference) and with their data paths
+    absolute (a run records them relative to where it ran)."""
+    from recsys.spec import dump_toml, load_run_spec, spec_to_dict
+
+    try:
+        recorded = spec_to_dict(load_run_spec(run_dir))
+    except RecsysError:
+        return False
+    again = spec_to_dict(validate_spec(tomllib.loads(dump_toml(spec)), str(run_dir)))
+    for d in (recorded, again):
+        data = d["data"]
+        data["path"] = str(Path(data["path"]).resolve())
+        if data.get("prepare"):
+            data["prepare"]["input"] = str(Path(data["prepare"]["input"]).resolve())
+    return recorded == again
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
