@@ -1,4 +1,4 @@
-"""The synthetic Criteo-format world (:mod:`recsys.data.criteo_world`), against known answers: the
+"""The synthetic Criteo-format world (:mod:`recsys.data.adapters.criteo_world`), against known answers: the
 TSV is the generated arrays, the rows do not depend on chunk_rows, the logit is the documented
 formula recomputed by hand, the crosses carry a clear share of the oracle's AUC, and the file goes
 through the real Criteo adapter and the CLI."""
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.cli import main
-from recsys.data import criteo_world as cw
+from recsys.data.adapters import criteo_world as cw
 from recsys.data.adapters import prepare, split_sizes
-from recsys.data.criteo_world import (
+from recsys.data.adapters.criteo_world import (
     CARDINALITIES,
     CriteoWorldConfig,
     World,

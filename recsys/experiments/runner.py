@@ -64,7 +64,7 @@ class DataConfig:
     # valid and test requests of the synthetic world (None: the quickstart's); the --quick mode
     # shrinks them, since every run scores both and the test requests' whole cascade
     eval_requests: int | None = None
-    # the Criteo-format world (recsys.data.criteo_world), written as TSV and read by the Criteo
+    # the Criteo-format world (recsys.data.adapters.criteo_world), written as TSV and read by the Criteo
     # adapter: its rows, epochs and the adapter's buckets per categorical field
     criteo_rows: int = 300_000
     criteo_epochs: int = 1
@@ -79,7 +79,7 @@ DATASETS = ("synthetic", "movielens", "criteo-world")
 def criteo_world_file(directory: Path, rows: int, seed: int = 0) -> Path:
     """The Criteo TSV of the world with ``rows`` rows in ``directory``, written unless the world
     there was made from the same config."""
-    from recsys.data.criteo_world import CriteoWorldConfig, write_criteo_world
+    from recsys.data.adapters.criteo_world import CriteoWorldConfig, write_criteo_world
 
     cfg = CriteoWorldConfig(rows=rows, seed=seed)
     meta, tsv = directory / "world.json", directory / "train.txt"

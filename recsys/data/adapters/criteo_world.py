@@ -69,7 +69,7 @@ from recsys.data.adapters.common import split_sizes
 from recsys.fsutil import atomic_write_text
 from recsys.progress import progress_bar
 
-GENERATOR = "recsys.data.criteo_world"
+GENERATOR = "recsys.data.adapters.criteo_world"
 # Bump when the generated rows change for the same config, so old files are not taken as current.
 GENERATOR_VERSION = 1
 BLOCK_ROWS = 8192  # rows per random block: fixed, so the rows do not depend on chunk_rows
