@@ -61,12 +61,14 @@ def test_the_shipped_files_have_their_markers() -> None:
 def test_the_summary_repeats_the_studies_verdicts(tmp_path: Path) -> None:
     tuned = ("**synthetic**\n\n| model | AUC |\n|:--|:--|\n| dcn | 0.7 |\n\n"
              "**goal: each seed method within seed spread**\n\n| method | met |\n|:--|:--|\n"
-             "| pin | yes |\n\nΔ is the difference.\n\n**what each paper claims**\n\n| x |")
+             "| pin | yes |\n\nΔ is the difference.\n\n**why the misses**: the gap\n\n"
+             "| xdeepint | -0.002 |\n\n**what each paper claims**\n\n| x |")
     _result(tmp_path, "tuned", tuned, command="recsys report --only tuned")
     _result(tmp_path, "hgr-sweep", "**world a**\n\n| t |\n\n**where HGR beats both baselines** "
             "(HGR minus)\n\n| world | yes |", command="recsys report --only hgr-sweep")
     summary = update_readme.summary_section(update_readme.results_section([tmp_path], ""))
     assert "| pin | yes |" in summary and "Δ is the difference." in summary
+    assert "**why the misses**: the gap (from" in summary and "| xdeepint | -0.002 |" in summary
     assert "what each paper claims" not in summary and "| dcn | 0.7 |" not in summary
     assert "| world | yes |" in summary and "| t |" not in summary
     assert "(from `recsys report --only tuned`)" in summary

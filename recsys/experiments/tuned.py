@@ -86,9 +86,11 @@ class TunedConfig(DataConfig):
     # a seed method that misses the goal on a dataset is retrained, beside DCN, with this many
     # times the epochs (same specs and seeds), to tell undertraining from a gap that stays
     longer_epochs: int = 3
+    longer_seeds: int = 3  # the first this many seeds (a diagnosis, at 3x the cost of a run)
 
     def __post_init__(self) -> None:
-        for name in ("seeds", "trials", "jobs", "evals_per_run", "longer_epochs"):
+        for name in ("seeds", "trials", "jobs", "evals_per_run", "longer_epochs",
+                     "longer_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         unknown = [d for d in self.datasets if d not in DATASETS]
@@ -158,22 +160,29 @@ def _longer(dataset: str, entry: dict[str, Any], goal: list[dict[str, Any]], cfg
     if not missed or cfg.longer_epochs == 1:
         return
     by_model = {r["variant"]: r for r in entry["rows"]}
-    longer: dict[str, dict[str, Any]] = {}
-    for model in [BASELINE, *(g["model"] for g in missed)]:
-        raw = _best_raw(Path(by_model[model]["best_spec"]))
-        raw["train"]["epochs"] = raw["train"].get("epochs", 1) * cfg.longer_epochs
-        if raw["train"].get("max_steps"):
-            raw["train"]["max_steps"] *= cfg.longer_epochs
-        runs = run_variants(raw, [Variant(model, {})], range(cfg.seeds),
-                            out / "runs" / f"tuned-x{cfg.longer_epochs}" / dataset, reuse=True)
-        longer[model] = summary_rows(runs, ("auc",))[0]["auc"]
+    longer = {model: longer_runs(dataset, model, Path(by_model[model]["best_spec"]), cfg, out)
+              for model in [BASELINE, *(g["model"] for g in missed)]}
     base = longer[BASELINE]
     for g in missed:
         auc = longer[g["model"]]
         spread = math.hypot(auc["std"], base["std"])
-        g["longer"] = {"epochs_factor": cfg.longer_epochs, "auc": auc["mean"],
+        g["longer"] = {"epochs_factor": cfg.longer_epochs, "seeds": len(auc["values"]),
+                       "auc": auc["mean"],
                        "dcn_auc": base["mean"], "delta_auc": auc["mean"] - base["mean"],
                        "spread": spread, "met": auc["mean"] - base["mean"] >= -spread}
+
+
+def longer_runs(dataset: str, model: str, best_spec: Path, cfg: TunedConfig, out: Path
+                ) -> dict[str, Any]:
+    """Test AUC (mean, std, values) of the best spec retrained with ``cfg.longer_epochs`` times
+    the epochs over the first ``cfg.longer_seeds`` seeds (finished runs are kept)."""
+    raw = _best_raw(best_spec)
+    raw["train"]["epochs"] = raw["train"].get("epochs", 1) * cfg.longer_epochs
+    if raw["train"].get("max_steps"):
+        raw["train"]["max_steps"] *= cfg.longer_epochs
+    runs = run_variants(raw, [Variant(model, {})], range(min(cfg.longer_seeds, cfg.seeds)),
+                        out / "runs" / f"tuned-x{cfg.longer_epochs}" / dataset, reuse=True)
+    return summary_rows(runs, ("auc",))[0]["auc"]
 
 
 def _steps(spec: Any, manifest: Any) -> int:
@@ -299,9 +308,13 @@ def write_portable_spec(path: Path, dataset: str, best_raw: dict[str, Any], row:
     from recsys.fsutil import atomic_write_text
     from recsys.spec import dump_toml, validate_spec
 
-    spec = validate_spec(portable_spec(dataset, best_raw, out), str(path))
+    raw = portable_spec(dataset, best_raw, out)
+    raw["description"] = (f"{row['variant']} on {dataset}, tuned by `recsys report --only tuned` "
+                          "(docs/tuning.md)")
+    spec = validate_spec(raw, str(path))
     s = row["study"]
-    values = ", ".join(f"{k} = {v}" for k, v in s["best_params"].items())
+    values = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                       for k, v in s["best_params"].items())
     _, how = PORTABLE_DATA[dataset]
     lines = [
         f"{dataset}, {row['variant']}: the best of {s['trials']} Optuna trials of `recsys report "
@@ -393,7 +406,7 @@ def goal_table(rows: list[dict[str, Any]], longer_epochs: int = 3) -> str:
                for r in misses]
         text += ("\n\n**why the misses**: the gap on the valid split the study selected on "
                  f"(best trial against DCN's best trial), and the gap when both retrain with "
-                 f"{longer_epochs}× the epochs (same specs and seeds): a gap that closes there is "
+                 f"{longer_epochs}× the epochs (same specs, the first seeds): a gap that closes there is "
                  "undertraining at the study's run length, one that stays is the method's\n\n"
                  + format_table(["method", "dataset", "Δ test AUC", "Δ best valid AUC",
                                  f"Δ test AUC at {longer_epochs}× epochs, within spread"], why))
@@ -426,7 +439,7 @@ def _config_json(cfg: TunedConfig) -> dict[str, Any]:
             "startup_trials": cfg.startup_trials, "models": list(cfg.models),
             "datasets": list(cfg.datasets), "synthetic_requests": cfg.synthetic_requests,
             "criteo_rows": cfg.criteo_rows, "criteo_hash_size": cfg.criteo_hash_size,
-            "longer_epochs": cfg.longer_epochs,
+            "longer_epochs": cfg.longer_epochs, "longer_seeds": cfg.longer_seeds,
             "max_steps": cfg.max_steps}
 
 
