@@ -226,3 +226,10 @@ def test_hgr_sweep_compares_the_objectives_on_each_world(tmp_path: Path) -> None
 def test_trials_are_an_option_of_the_tuned_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--only", "interactions", "--trials", "3"]) == 2
     assert "--trials and --jobs are options of --only tuned" in capsys.readouterr().err
+
+
+def test_a_metric_the_dataset_cannot_give_shows_as_a_dash() -> None:
+    from recsys.experiments.tuned import _cell
+
+    assert _cell({"mean": float("nan"), "std": float("nan")}) == "-"  # GAUC without users
+    assert _cell({"mean": 0.5, "std": 0.01}) == "0.5000 ± 0.0100"

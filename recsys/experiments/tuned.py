@@ -367,7 +367,7 @@ def _dataset_table(dataset: str, entry: dict[str, Any], cfg: TunedConfig) -> str
         s = r["study"]
         trials = f"{s['trials']} ({s['states']['PRUNED']} pruned, {s['states']['FAIL']} failed)"
         body.append([r["variant"], trials, f"{s['best_valid']:.4f}",
-                     *[f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in KEYS],
+                     *[_cell(r[k]) for k in KEYS],
                      round(s["tuning_seconds"] / 60, 1), round(r["seconds"], 1)])
     table = format_table(["model", "trials", "best valid AUC", *LABELS, "tuning min",
                           "s / run"], body)
@@ -380,6 +380,13 @@ def _dataset_table(dataset: str, entry: dict[str, Any], cfg: TunedConfig) -> str
         notes.append("the oracle without its planted crosses "
                      f"{entry['first_order_oracle_auc']:.4f}")
     return f"**{dataset}**\n\n{table}\n\n" + "; ".join(notes) + "."
+
+
+def _cell(stat: dict[str, Any]) -> str:
+    """``mean ± std``; "-" for a metric the dataset cannot give (GAUC without a user column)."""
+    if not math.isfinite(stat["mean"]):
+        return "-"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
 def goal_rows(datasets: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
