@@ -33,6 +33,7 @@ from recsys.experiments.runner import (
     Variant,
     dataset_bases,
     deep_merge,
+    mean_std,
     run_variants,
     summary_rows,
     world_oracle,
@@ -97,6 +98,10 @@ class TunedConfig(DataConfig):
         if unknown:
             raise ValueError(f"unknown datasets {unknown}; expected some of {list(DATASETS)}")
 
+    def longer_seed_range(self) -> range:
+        """The seeds of the longer-training diagnosis: the first ``longer_seeds`` of ``seeds``."""
+        return range(min(self.longer_seeds, self.seeds))
+
 
 def run_tuned(cfg: TunedConfig, out: Path) -> tuple[dict[str, Any], str]:
     """Tune and retrain every model on every dataset: JSON-ready result and Markdown tables."""
@@ -160,7 +165,7 @@ def _longer(dataset: str, entry: dict[str, Any], goal: list[dict[str, Any]], cfg
     if not missed or cfg.longer_epochs == 1:
         return
     by_model = {r["variant"]: r for r in entry["rows"]}
-    seeds = range(min(cfg.longer_seeds, cfg.seeds))
+    seeds = cfg.longer_seed_range()
     short = {m: [peak_valid_auc(out / "runs" / "tuned" / dataset / f"{m}-seed{k}") for k in seeds]
              for m in [BASELINE, *(g["model"] for g in missed)]}
     longer = {m: longer_runs(dataset, m, Path(by_model[m]["best_spec"]), cfg, out)
@@ -168,16 +173,10 @@ def _longer(dataset: str, entry: dict[str, Any], goal: list[dict[str, Any]], cfg
     for g in missed:
         row: dict[str, Any] = {"epochs_factor": cfg.longer_epochs, "seeds": len(seeds)}
         for name, peaks in (("study_length", short), ("longer", longer)):
-            a, b = _mean_std(peaks[g["model"]]), _mean_std(peaks[BASELINE])
+            a, b = mean_std(peaks[g["model"]]), mean_std(peaks[BASELINE])
             spread = math.hypot(a[1], b[1])
             row[name] = {"delta": a[0] - b[0], "spread": spread, "met": a[0] - b[0] >= -spread}
         g["longer"] = row
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
 
 
 def peak_valid_auc(run_dir: Path) -> float:
@@ -205,7 +204,7 @@ def longer_runs(dataset: str, model: str, best_spec: Path, cfg: TunedConfig, out
     if raw["train"].get("max_steps"):
         raw["train"]["max_steps"] *= cfg.longer_epochs
     run_dir = out / "runs" / f"tuned-x{cfg.longer_epochs}" / dataset
-    seeds = range(min(cfg.longer_seeds, cfg.seeds))
+    seeds = cfg.longer_seed_range()
     run_variants(raw, [Variant(model, {})], seeds, run_dir, reuse=True)
     return [peak_valid_auc(run_dir / f"{model}-seed{k}") for k in seeds]
 
