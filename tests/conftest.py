@@ -175,12 +175,15 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-# `make test` runs two workers that take whole files (pytest-xdist --dist loadfile). Starting the
-# files with the longest multi-process tests first keeps one of them from being the last thing
+# `make test` runs two workers that take whole files (pytest-xdist --dist loadfile), each taking
+# the next file in collection order when it runs dry. Starting with the longest files (by their
+# time in a full run, `--junitxml`, longest first) keeps one of them from being the last thing
 # running on an otherwise idle machine; the rest keep their order.
-LONGEST_FIRST = ("test_torchx_launch.py", "test_report.py", "test_world_size.py",
-                 "test_resume.py", "test_report_ranking.py", "test_train.py", "test_export.py",
-                 "test_interaction_training.py")
+LONGEST_FIRST = ("test_world_size.py", "test_torchx_launch.py", "test_train.py", "test_resume.py",
+                 "test_bench_all.py", "test_report_ranking.py", "test_interaction_training.py",
+                 "test_report_tuned.py", "test_report.py", "test_export.py",
+                 "test_bad_input_cli.py", "test_precision.py", "test_hierarchical_training.py",
+                 "test_planning.py", "test_serve_http.py", "test_bench_archs.py", "test_tune.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

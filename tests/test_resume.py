@@ -18,6 +18,7 @@ from conftest import processes_with, tiny_spec_dict
 
 from recsys.spec import dump_toml, validate_spec
 from recsys.train import checkpoint
+from recsys.train.run import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _spec_file(dataset_root: Path, tmp: Path) -> Path:
     raw = tiny_spec_dict(dataset_root)
     raw["model"] = {"arch": "mlp", "tasks": ["click"], "mlp": {"hidden": [32, 16]}}
     raw["data"]["labels"] = ["click"]
-    raw["train"] = {"batch_size": 64, "seed": 11, "epochs": 4, "checkpoint_every_steps": 25,
+    raw["train"] = {"batch_size": 64, "seed": 11, "epochs": 2, "checkpoint_every_steps": 25,
                     "keep_checkpoints": 2, "eval_every_steps": 100,
                     "lr_schedule": "cosine", "warmup_steps": 20}
     raw["distributed"] = {"world_size": 2}
@@ -98,7 +99,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tiny_dataset,
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert len(names) == 2 and not any(n.endswith(".partial") for n in names)
 
-    # recsys evaluate: the same numbers from the final checkpoint
-    again = _run("evaluate", str(tmp_path / "whole"))
-    assert again["test"]["auc"] == pytest.approx(whole["test"]["auc"], abs=1e-9)
-    assert again["test"]["logloss"] == pytest.approx(whole["test"]["logloss"], abs=1e-9)
+    # re-evaluation: the same numbers from the final checkpoint (here on one process, the
+    # checkpoint resharded; tests/test_world_size.py runs `recsys evaluate` on two)
+    again = evaluate_run(tmp_path / "whole", progress=False)
+    assert again["test"]["auc"] == pytest.approx(whole["test"]["auc"], abs=1e-6)
+    assert again["test"]["logloss"] == pytest.approx(whole["test"]["logloss"], abs=1e-6)

@@ -78,7 +78,7 @@ def _kill_one_worker(marker: str) -> int | None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) -> None:
-    spec = _spec(tiny_dataset.root, tmp_path, "ft", 64, epochs=3, checkpoint_every_steps=25,
+    spec = _spec(tiny_dataset.root, tmp_path, "ft", 64, epochs=2, checkpoint_every_steps=25,
                  keep_checkpoints=2)
     whole = _torchx("1x2", spec, tmp_path / "whole")
     run = tmp_path / "killed"

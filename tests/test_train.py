@@ -98,17 +98,26 @@ def _parity_spec(root: Path, batch_size: int, sharding: str | None = None) -> An
     return validate_spec(raw)
 
 
+@pytest.fixture(scope="module")
+def one_process_metrics(parity_data: Path, tmp_path_factory: pytest.TempPathFactory
+                        ) -> dict[str, Any]:
+    """The one-process side of the parity test, trained once for every sharding (in this
+    process: what `recsys train` does on one process)."""
+    return run_training(_parity_spec(parity_data, 256),
+                        tmp_path_factory.mktemp("parity-one") / "run", progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_two_processes_reach_the_metrics_of_one(parity_data: Path, tmp_path: Path,
+                                                one_process_metrics: dict[str, Any],
                                                 sharding: str) -> None:
     """Same data, same spec (train.batch_size = 256 is global: 2 x 128 rows vs 1 x 256): test
     AUC and log-loss agree within 0.005 (the global batches hold different rows, so not
     bit-exact; seed-to-seed spread of one process is ~0.001 here)."""
-    (tmp_path / "one.toml").write_text(dump_toml(_parity_spec(parity_data, 256)))
     (tmp_path / "two.toml").write_text(dump_toml(_parity_spec(parity_data, 256, sharding)))
-    m1 = _torchrun(tmp_path / "one.toml", tmp_path / "run1", 1)
+    m1 = one_process_metrics
     m2 = _torchrun(tmp_path / "two.toml", tmp_path / "run2", 2)
     log = (tmp_path / "run2" / "train.log").read_text()
     plan = {cells[0]: cells[1] for line in log.splitlines() if line.startswith("| model.ebc.")

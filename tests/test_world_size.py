@@ -27,9 +27,9 @@ from conftest import tiny_spec_dict
 from recsys.data.schema import DatasetManifest
 from recsys.export.predictor import Predictor
 from recsys.export.torchscript import export_run
-from recsys.spec import dump_toml, validate_spec
+from recsys.spec import dump_toml, load_spec, validate_spec
 from recsys.train import checkpoint
-from recsys.train.run import evaluate_run
+from recsys.train.run import evaluate_run, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tables each plan constrains (the others are left to the planner, so every plan mixes
@@ -67,6 +67,15 @@ def _recsys(*args: str, nproc: int = 1, check: bool = True) -> subprocess.Comple
 
 def _metrics(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def _evaluate(run: Path, nproc: int) -> dict[str, Any]:
+    """``recsys evaluate RUN`` on ``nproc`` processes (one: in this process)."""
+    if nproc == 1:
+        evaluate_run(run, progress=False)
+    else:
+        _recsys("evaluate", str(run), nproc=nproc)
+    return _metrics(run / "evaluation.json")
 
 
 def _plan_of(run_dir: Path) -> dict[str, str]:
@@ -129,7 +138,9 @@ def test_model_trained_on_two_processes_scores_the_same_everywhere(
 def test_checkpoints_resume_and_evaluate_on_another_number_of_processes(
         tiny_dataset: DatasetManifest, tmp_path: Path) -> None:
     """2 -> 1 and 1 -> 2: a run cut short on one world size finishes on the other, keeps its
-    training curve, and ends within seed spread of the uninterrupted run."""
+    training curve, and ends within seed spread of the uninterrupted run. The one-process side
+    runs in this process (the same code as ``recsys train`` / ``recsys evaluate`` on one process,
+    without a second interpreter start)."""
     raw = _spec(tiny_dataset.root, "column_wise", epochs=2, checkpoint_every_steps=10,
                 keep_checkpoints=20)
     spec = _write_spec(raw, tmp_path / "spec.toml")
@@ -143,7 +154,7 @@ def test_checkpoints_resume_and_evaluate_on_another_number_of_processes(
         if first == 2:
             shutil.copytree(whole, cut)
         else:
-            _recsys("train", str(spec), "--run-dir", str(cut), "--no-progress", nproc=1)
+            run_training(load_spec(spec), cut, progress=False)
         # as if killed after step 20: later checkpoints and the results are gone
         for path in checkpoint.checkpoint_dir(cut).iterdir():
             if int(path.name.split("-")[1]) > 20:
@@ -152,16 +163,17 @@ def test_checkpoints_resume_and_evaluate_on_another_number_of_processes(
             (cut / name_).unlink()
         # the step-20 model scored on the world size that wrote it, then resharded onto the
         # other one: the same metrics within 1e-6
-        _recsys("evaluate", str(cut), nproc=first)
-        own = _metrics(cut / "evaluation.json")
-        _recsys("evaluate", str(cut), nproc=then)
-        other = _metrics(cut / "evaluation.json")
+        own = _evaluate(cut, nproc=first)
+        other = _evaluate(cut, nproc=then)
         assert own["checkpoint"] == other["checkpoint"] == "step-0000020"
         assert (own["world_size"], other["world_size"]) == (first, then)
         for split in ("valid", "test"):
             _close(own[split], other[split], ("auc", "gauc", "logloss", "calibration"))
-        _recsys("train", str(spec), "--run-dir", str(cut), "--resume", "--no-progress",
-                nproc=then)
+        if then == 2:
+            _recsys("train", str(spec), "--run-dir", str(cut), "--resume", "--no-progress",
+                    nproc=2)
+        else:
+            run_training(load_spec(spec), cut, progress=False, resume=True)
         done = _metrics(cut / "metrics.json")["test"]
         assert _metrics(cut / "run.json")["steps"] == steps
         history = _metrics(cut / "history.json")
@@ -173,9 +185,10 @@ def test_checkpoints_resume_and_evaluate_on_another_number_of_processes(
 @pytest.mark.distributed
 def test_a_checkpoint_that_does_not_fit_is_one_line_on_every_rank(
         tiny_dataset: DatasetManifest, tmp_path: Path) -> None:
+    # the checkpoint is written by one process (here, in this process); two then load it
     spec = _write_spec(_spec(tiny_dataset.root, max_steps=5), tmp_path / "spec.toml")
     run = tmp_path / "run"
-    _recsys("train", str(spec), "--run-dir", str(run), "--no-progress", nproc=2)
+    run_training(load_spec(spec), run, progress=False)
     other = _spec(tiny_dataset.root, max_steps=5)
     other["model"]["mlp"]["hidden"] = [48, 16]  # the checkpoint's layers no longer fit
     (run / "spec.toml").write_text(dump_toml(validate_spec(other)))
@@ -203,8 +216,12 @@ def test_the_quickstart_spec_is_one_experiment_on_one_and_two_processes(tmp_path
     runs = {}
     for nproc in (1, 2):
         run = tmp_path / f"run{nproc}"
-        _recsys("train", "specs/quickstart.toml", *small, "--run-dir", str(run), "--no-progress",
-                nproc=nproc)
+        if nproc == 1:  # in this process: `recsys train` on one process, one interpreter start less
+            run_training(load_spec(ROOT / "specs/quickstart.toml", small[1::2]), run,
+                         progress=False)
+        else:
+            _recsys("train", "specs/quickstart.toml", *small, "--run-dir", str(run),
+                    "--no-progress", nproc=nproc)
         runs[nproc] = _metrics(run / "metrics.json")
         assert _metrics(run / "run.json")["world_size"] == nproc
     one, two = runs[1]["test"], runs[2]["test"]

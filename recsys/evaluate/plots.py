@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    """A figure that only renders to files: no pyplot state, no display backend. matplotlib is
+    imported here rather than at module load: it costs about a second of every training process's
+    start, and only the process that writes the run directory's plots needs it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size)
 
 
 def training_curve(steps: Sequence[int], loss: Sequence[float], valid_steps: Sequence[int],
                    valid_auc: Sequence[float], path: str | Path, title: str = "") -> Path:
     """Training loss per step, and validation AUC where it was measured."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = _figure((7, 4))
+    ax = fig.subplots()
     ax.plot(steps, loss, color="tab:blue", label="train loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
@@ -26,7 +36,6 @@ def training_curve(steps: Sequence[int], loss: Sequence[float], valid_steps: Seq
     ax.set_title(title or "training curve")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
@@ -44,7 +53,8 @@ def reliability_diagram(labels: np.ndarray, probs: dict[str, np.ndarray], path: 
                         bins: int = 10, title: str = "") -> Path:
     """Observed positive rate against mean prediction per bin, one line per predictor (e.g. the
     model and the oracle), with the diagonal of perfect calibration."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = _figure((5, 5))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
     for name, p in probs.items():
         pred, rate, count = reliability_bins(labels, p, bins)
@@ -58,5 +68,4 @@ def reliability_diagram(labels: np.ndarray, probs: dict[str, np.ndarray], path: 
     ax.set_title(title or "reliability")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
