@@ -208,6 +208,52 @@ def test_gradients_flow(p: str) -> None:
         assert prm.grad is not None and torch.isfinite(prm.grad).all(), name
 
 
+@pytest.mark.parametrize(("a", "p", "stop"), list(itertools.product(["none", "A1"], ["none", "B1"],
+                                                                    [False, True])))
+def test_fused_stack_matches_the_layer_by_layer_path(a: str, p: str, stop: bool) -> None:
+    """The modes that scale a static mix run as one hand-written autograd node (dynint_fused);
+    its outputs and every gradient equal autograd's through the layers, in float64."""
+    dyn = _make(a, p, stop_gradient=stop).train()
+    assert dyn.fusable
+    weights = torch.randn(B, M_FIELDS, DIM, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(9))
+    got = {}
+    for fused in (True, False):
+        dyn.fused = fused
+        dyn.zero_grad()
+        x0 = _x0(7).requires_grad_(True)
+        out = dyn(x0)
+        (out * weights).sum().backward()
+        got[fused] = (out.detach(), x0.grad,
+                      {n: prm.grad for n, prm in dyn.named_parameters()})
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[True][1], got[False][1], rtol=1e-10, atol=1e-12)
+    for name, grad in got[False][2].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[True][2][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_stack_passes_gradcheck() -> None:
+    from recsys.modules.dynint_fused import FieldMixStack
+
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(True)
+
+    x0, m = t(3, 2, 4), 4
+    args = (t(m, m), t(3, m), t(3, m), t(m, m), None, t(3, m), t(m, m), t(3, m), None)
+    assert torch.autograd.gradcheck(lambda *a: FieldMixStack.apply(x0, 3, *a), args)
+    assert torch.autograd.gradcheck(lambda x: FieldMixStack.apply(x, 3, *args), (x0,))
+
+
+def test_only_scaled_static_mixes_fuse() -> None:
+    fusable = {(a, p) for a, p in itertools.product(A_MODES, B_MODES)
+               if DynamicPIN(3, 8, subspaces=2, activation_mode=a, parameter_mode=p).fusable}
+    assert fusable == {("none", "none"), ("none", "B1"), ("A1", "none"), ("A1", "B1")}
+    assert not DynamicPIN(3, 8, activation="relu").fusable  # φ must be linear
+
+
 # ---- no (B, M, M) tensor, TorchScript -----------------------------------------------------------
 
 

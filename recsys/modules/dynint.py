@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recsys.modules.dynint_fused import FieldMixStack, mix_stack
 from recsys.modules.pin import VectorDense, make_activation, merge_subspaces, split_subspaces
 
 # the dynamic activation modes: none = the static PIN activation, A1 = gate the new interaction
@@ -146,6 +147,29 @@ class _BasisMix(nn.Module):
         return out if scale is None else out * scale
 
 
+def _generator_outputs(gens: list[nn.Sequential], flat: torch.Tensor,
+                       layers: nn.ModuleList) -> dict[int, torch.Tensor]:
+    """Each generator's output (by ``id``) on ``flat`` (a stop-gradient gate's on ``flat.detach()``), the
+    first layers of all the generators that read the same input computed as one product: one
+    ``(B, m·D) x (m·D, Σ hidden)`` matrix product instead of one thin product per generator, and
+    one gradient for ``flat`` instead of a sum of them. The parameters stay per generator."""
+    detached = {id(layer.gate) for layer in layers if layer.stop_gradient and layer.gate is not None}
+    outs: dict[int, torch.Tensor] = {}
+    for stop in (False, True):
+        group = [g for g in gens if (id(g) in detached) == stop]
+        if not group:
+            continue
+        x = flat.detach() if stop else flat
+        first = [g[0] for g in group]
+        hidden = torch.relu(torch.addmm(torch.cat([f.bias for f in first]), x,
+                                        torch.cat([f.weight for f in first]).t()))
+        start = 0
+        for g, f in zip(group, first, strict=True):
+            outs[id(g)] = g[2](hidden[:, start:start + f.out_features])
+            start += f.out_features
+    return outs
+
+
 def _make_mix(mode: str, num_fields: int, numel: int, rank: int, num_basis: int) -> nn.Module:
     mode = _check_mode("parameter_mode", mode, PARAMETER_MODES)
     if mode == "none":
@@ -256,6 +280,12 @@ class DynamicPIN(nn.Module):
         make_activation(activation)
         self.h = h
         self.dim = dim
+        # the modes whose layers scale a static mix run as one autograd node (dynint_fused);
+        # ``fused = False`` takes the layer-by-layer path (the reference the tests compare with)
+        self.fusable = (activation == "linear" and activation_mode in ("none", "A1")
+                        and parameter_mode in ("none", "B1"))
+        self.fused = True
+        self.dropout = dropout
         self.layers = nn.ModuleList(
             _DynamicLayer(h * num_fields, dim // h, activation=activation, dropout=dropout,
                           activation_mode=activation_mode, parameter_mode=parameter_mode,
@@ -271,10 +301,41 @@ class DynamicPIN(nn.Module):
         # split X0 gives the same vector as flattening X0
         flat = x0.reshape(x0.shape[0], -1)
         x0 = split_subspaces(x0, self.h).transpose(1, 2).contiguous()  # fields last
-        x = x0
-        for layer in self.layers:
-            x = layer(x, x0, flat)
+        if (self.fused and self.fusable and (self.dropout == 0.0 or not self.training)
+                and not torch.jit.is_scripting()):
+            x = self._fused_stack(x0, flat)
+        else:
+            x = x0
+            for layer in self.layers:
+                x = layer(x, x0, flat)
         return merge_subspaces(x.transpose(1, 2), self.h)
+
+    @torch.jit.unused
+    def _fused_stack(self, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The recursion through :class:`~recsys.modules.dynint_fused.FieldMixStack`: each layer's
+        row scale ``s = r ⊙ G`` and column scale ``c`` from its generators, every generator's
+        first layer computed in one product."""
+        gens: list[nn.Sequential] = []
+        for layer in self.layers:
+            if layer.gate is not None:
+                gens.append(layer.gate)
+            if isinstance(layer.mix, _ScaledMix):
+                gens.append(layer.mix.gen)
+        outs = _generator_outputs(gens, flat, self.layers)
+        per_layer: list[torch.Tensor | None] = []
+        for layer in self.layers:
+            mix = layer.mix
+            row = col = None
+            if isinstance(mix, _ScaledMix):
+                rc = 2.0 * torch.sigmoid(outs[id(mix.gen)])
+                row, col = rc[:, : mix.num_fields], rc[:, mix.num_fields:]
+            if layer.gate is not None:
+                g = 2.0 * torch.sigmoid(outs[id(layer.gate)])
+                row = g if row is None else row * g
+            per_layer.extend((mix.dense.weight, col, row))
+        if torch.is_grad_enabled():
+            return FieldMixStack.apply(x0, len(self.layers), *per_layer)
+        return mix_stack(x0, per_layer[0::3], per_layer[1::3], per_layer[2::3])
 
     def interaction_weights(self) -> list[nn.Parameter]:
         """The static ``W_l`` (modes NONE, B1, B2) and the B4 basis tensors ``(J, M, M)``; B3 has
