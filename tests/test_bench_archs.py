@@ -78,6 +78,7 @@ def test_quick_run_with_torch_alone_writes_every_arch(tmp_path: Path) -> None:
                 assert numbers[phase]["best_s"] <= numbers[phase]["median_s"]
     assert result["ratios"]["vs_dcn"]["fp32"]["128"]["dcn"]["train"] == pytest.approx(1.0)
     assert set(result["ratios"]["bf16_vs_fp32"]["128"]) == set(ARCHS)
+    assert set(result["gemm_bf16_vs_fp32"]) == {"128"} and result["gemm_bf16_vs_fp32"]["128"] > 0
     md = (tmp_path / "archs.md").read_text()
     assert md.startswith("| arch") and "bf16 autocast / fp32" in md
     assert all(f"| {name} " in md for name in ARCHS)
@@ -277,6 +278,13 @@ def test_ratios_and_targets() -> None:
     assert goals[("moe infer: bf16 step <= fp32's", "bf16")]["met"]
     # the moe target is a CUDA one
     assert not any("moe train step" in g["target"] for g in targets(results, "cpu"))
+    # where the device's own bf16 product is slower than fp32's, the bf16 goals are n/a
+    slow_bf16 = {(g["target"], g["dtype"]): g for g in targets(results, "cpu", {"32768": 1.6})}
+    pin_train = slow_bf16[("pin train: bf16 step <= fp32's", "bf16")]
+    assert pin_train["met"] is None and pin_train["gemm"] == 1.6
+    assert slow_bf16[("dynint train step <= 1.5x pin's", "fp32")]["met"]  # untouched
+    fast_bf16 = {(g["target"], g["dtype"]): g for g in targets(results, "cpu", {"32768": 0.5})}
+    assert fast_bf16[("pin train: bf16 step <= fp32's", "bf16")]["met"] is False
 
 
 def test_sync_debug_reports_the_arches_that_sync(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,3 +43,20 @@ def test_a_benchmark_whose_layout_changed_is_named_not_fatal() -> None:
     summary, _ = targets({"moe": {"ratio": 3.0}})
     (row,) = summary["targets"]
     assert row["met"] is None and row["measured"].startswith("unreadable: KeyError")
+
+
+def test_bf16_goal_is_not_applicable_where_the_device_gains_nothing_from_bf16() -> None:
+    """A CPU without bf16 matrix units runs a bf16 product slower than an fp32 one (the run's own
+    ``gemm`` ratio): the arches cannot gain there, so the goal is n/a, with the counts kept."""
+    def goal(gemm: float) -> dict:
+        return {"target": "moe train: bf16 step <= fp32's", "value": 1.3, "limit": 1.0,
+                "met": None if gemm > 1 else False, "batch": 2048, "dtype": "bf16",
+                "gemm": gemm}
+
+    for gemm, met in ((1.6, None), (0.5, False)):
+        summary, _ = targets({"archs": {"device": "cpu", "targets": [goal(gemm)]}})
+        (row,) = summary["targets"]
+        assert row["met"] is met
+        assert row["measured"].endswith("0 of 1 arch/phase pairs; slower: moe train")
+        assert row["measured"].startswith("n/a here: a bf16 matrix product itself takes 1.60x") \
+            == (met is None)
