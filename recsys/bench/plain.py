@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.modules.embedding_configs import PoolingType
 
 from recsys.data.batch import Batch
 from recsys.models.archs import AUX_LOSS, build_over_arch
 from recsys.models.objective import ranker_loss
-from recsys.models.tables import embedding_bag_configs, over_arch_fields
+from recsys.models.tables import embedding_bag_configs, mean_pooled_features, over_arch_fields
 from recsys.spec import (
     DenseOptimizer,
     SparseOptimizer,
@@ -70,9 +69,11 @@ class PlainRanker(nn.Module):
         self.tasks = list(spec.model.tasks)
         self.esmm = spec.model.esmm
         configs = embedding_bag_configs(spec.features)
+        mean = set(mean_pooled_features(spec.features))
         self.embedding_bags = nn.ModuleDict()
         for c in configs:
-            mode = "mean" if c.pooling == PoolingType.MEAN else "sum"
+            # a table pools one way for all its features (the spec's table pooling)
+            mode = "mean" if mean & set(c.feature_names) else "sum"
             bag = nn.EmbeddingBag(c.num_embeddings, c.embedding_dim, mode=mode)
             bound = math.sqrt(1.0 / c.num_embeddings)  # TorchRec's default table init
             nn.init.uniform_(bag.weight, -bound, bound)

@@ -45,7 +45,6 @@ from recsys.export.two_tower import export_split, time_cached_scoring
 from recsys.fsutil import sibling_lock, staging_dir, writing
 from recsys.models.archs import arch_of
 from recsys.models.ranker import Ranker
-from recsys.models.tables import pooled_in_order
 from recsys.run_dir import RunDir
 from recsys.spec import FeatureKind, Spec, spec_hash
 
@@ -72,13 +71,14 @@ class ServingRanker(nn.Module):
         self.ebc = ranker.ebc
         self.over = ranker.over
         self.keys = list(ranker.feature_order)
+        self.pooled_input = ranker.pooled_input
         self.tasks = list(tasks)
         self.esmm = esmm
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
-        logits = self.over(pooled_in_order(self.ebc(kjt), self.keys), dense)
+        logits = self.over(self.pooled_input(self.ebc(kjt), kjt), dense)
         probs = {t: torch.sigmoid(logits[t]) for t in self.tasks}
         if self.esmm:
             probs["conversion"] = probs["click"] * probs["conversion"]

@@ -29,7 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.export.inputs import flat_inputs
 from recsys.models.ranker import Ranker
-from recsys.models.tables import feature_order, pooled_in_order
+from recsys.models.tables import PooledInput, feature_order
 from recsys.spec import Side, Spec
 
 
@@ -52,17 +52,20 @@ def _side_ebc(ebc: EmbeddingBagCollection, keep: set[str]) -> EmbeddingBagCollec
 class TowerModule(nn.Module):
     """One side of a two-tower model as served: its own features in, its representation out."""
 
-    def __init__(self, ebc: EmbeddingBagCollection, inputs: nn.Module, tower: nn.Module) -> None:
+    def __init__(self, ebc: EmbeddingBagCollection, inputs: nn.Module, tower: nn.Module,
+                 mean: list[str]) -> None:
         super().__init__()
         self.ebc = ebc
         self.stack = copy.deepcopy(inputs.stack)
         self.tower = copy.deepcopy(tower)
         self.keys = feature_order(ebc)
+        dims = [c.embedding_dim for c in ebc.embedding_bag_configs() for _ in c.feature_names]
+        self.pooled_input = PooledInput(self.keys, dims, mean)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
                 ) -> torch.Tensor:
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
-        return self.tower(self.stack(pooled_in_order(self.ebc(kjt), self.keys), dense))
+        return self.tower(self.stack(self.pooled_input(self.ebc(kjt), kjt), dense))
 
 
 class ScorerModule(nn.Module):
@@ -93,8 +96,11 @@ def split_modules(spec: Spec, ranker: Ranker) -> dict[str, Any]:
     sides = {f.name: f.side for f in spec.features.fields}
     user_keys = {f for f, s in sides.items() if s != Side.ITEM}
     item_keys = {f for f, s in sides.items() if s == Side.ITEM}
-    user = TowerModule(_side_ebc(ranker.ebc, user_keys), over.user_inputs, over.net.user_tower)
-    item = TowerModule(_side_ebc(ranker.ebc, item_keys), over.item_inputs, over.net.item_tower)
+    mean = ranker.pooled_input.mean
+    user = TowerModule(_side_ebc(ranker.ebc, user_keys), over.user_inputs, over.net.user_tower,
+                       mean)
+    item = TowerModule(_side_ebc(ranker.ebc, item_keys), over.item_inputs, over.net.item_tower,
+                       mean)
     dense = [f for f in spec.features.dense_fields()]
     leaves = ["FieldStack", type(over.net.user_tower).__name__]
     return {

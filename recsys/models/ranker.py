@@ -16,7 +16,7 @@ from torch import nn
 from recsys.data.batch import Batch
 from recsys.models.archs import build_over_arch
 from recsys.models.objective import OnlineUserCodes, RankingObjective
-from recsys.models.tables import build_ebc, over_arch_fields, pooled_in_order
+from recsys.models.tables import PooledInput, build_ebc, mean_pooled_features, over_arch_fields
 from recsys.spec import CodeSource, Side, Spec
 
 
@@ -52,6 +52,8 @@ class Ranker(nn.Module):
         # tables and features in their config order, which over_arch_fields reads too
         fields = over_arch_fields(spec.features)
         self.feature_order: list[str] = list(fields.names)
+        self.pooled_input = PooledInput(self.feature_order, list(fields.dims),
+                                        mean_pooled_features(spec.features))
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
         self.over = build_over_arch(spec.model, fields)
         h = spec.loss.hierarchical
@@ -60,7 +62,7 @@ class Ranker(nn.Module):
             self.user_codes = OnlineUserCodes(h.rvq, _user_columns(spec, self.ebc))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        pooled = pooled_in_order(self.ebc(batch.sparse), self.feature_order)
+        pooled = self.pooled_input(self.ebc(batch.sparse), batch.sparse)
         outputs = self.over(pooled, batch.dense)
         if self.user_codes is not None:
             outputs = _merged(outputs, self.user_codes(pooled))

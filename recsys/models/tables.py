@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.models.archs import Fields
 from recsys.spec import FeaturesSpec, Pooling, TableDataType
 
-_POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
 # the weights' storage; FBGEMM's fused kernels (CPU and CUDA) and TorchRec's plain and quantized
 # EBCs all read fp16 rows and pool into fp32
 _DATA_TYPE = {TableDataType.FP32: DataType.FP32, TableDataType.FP16: DataType.FP16}
@@ -19,6 +18,11 @@ _DATA_TYPE = {TableDataType.FP32: DataType.FP32, TableDataType.FP16: DataType.FP
 def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
     """One EmbeddingBagConfig per table that some feature looks up, with those features and the
     table's weight data type (``features.data_type`` unless the table sets its own).
+
+    Every table pools by sum here, mean-pooled ones too: :class:`PooledInput` divides those
+    features by their bag's length. TorchRec runs one FBGEMM kernel (and one backward, one
+    optimizer update) per pooling mode, so a spec mixing sum and mean tables would pay for two
+    groups on every step; the division gives the same pooled values and the same gradients.
 
     Example:
         >>> [c.name for c in embedding_bag_configs(spec.features)]
@@ -31,10 +35,22 @@ def embedding_bag_configs(features: FeaturesSpec) -> list[EmbeddingBagConfig]:
     return [
         EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
                            embedding_dim=int(t.embedding_dim or features.embedding_dim),
-                           feature_names=users[t.name], pooling=_POOLING[t.pooling or Pooling.SUM],
+                           feature_names=users[t.name], pooling=PoolingType.SUM,
                            data_type=_DATA_TYPE[t.data_type or features.data_type])
         for t in features.resolved_tables() if t.name in users
     ]
+
+
+def mean_pooled_features(features: FeaturesSpec) -> list[str]:
+    """The sparse features whose table pools by mean (``pooling = "mean"``).
+
+    Example:
+        >>> mean_pooled_features(spec.features)
+        ['user_hist_categories']
+    """
+    tables = {t.name: t for t in features.resolved_tables()}
+    return [f.name for f in features.sparse_fields()
+            if tables[f.table_name].pooling == Pooling.MEAN]
 
 
 def over_arch_fields(features: FeaturesSpec) -> Fields:
@@ -74,6 +90,53 @@ def feature_order(ebc: torch.nn.Module) -> list[str]:
         ['user_id', 'user_age', ...]
     """
     return [f for c in ebc.embedding_bag_configs() for f in c.feature_names]
+
+
+class PooledInput(torch.nn.Module):
+    """The EBC's output as the over-arch's input: ``(B, sum of dims)`` in ``keys`` order
+    (:func:`pooled_in_order`), each feature of ``mean`` divided by its bag's length (0 for an
+    empty bag, as FBGEMM's mean pooling gives). The lengths come from the KJT the EBC read.
+
+    Example:
+        >>> pool = PooledInput(["user_id", "genres"], [16, 16], mean=["genres"])
+        >>> pool(ebc(kjt), kjt).shape
+        torch.Size([B, 32])
+    """
+
+    def __init__(self, keys: list[str], dims: list[int], mean: list[str]) -> None:
+        super().__init__()
+        self.keys = list(keys)
+        self.mean = [k for k in keys if k in set(mean)]
+        offsets = [sum(dims[:i]) for i in range(len(dims))]
+        where = {k: (o, d) for k, o, d in zip(keys, offsets, dims, strict=True)}
+        # (start, end) column spans: the mean features' own, and the summed ones between them
+        self.spans: list[tuple[int, int]] = []
+        self.divided: list[int] = []  # for each span: the index in self.mean, or -1
+        start = 0
+        for i, k in enumerate(self.mean):
+            o, d = where[k]
+            if o > start:
+                self.spans.append((start, o))
+                self.divided.append(-1)
+            self.spans.append((o, o + d))
+            self.divided.append(i)
+            start = o + d
+        if start < sum(dims):
+            self.spans.append((start, sum(dims)))
+            self.divided.append(-1)
+
+    def forward(self, pooled: KeyedTensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        out = pooled_in_order(pooled, self.keys)
+        if len(self.mean) == 0:
+            return out
+        counts = torch.stack([sparse[k].lengths() for k in self.mean], dim=1)
+        counts = counts.clamp(min=1).to(out.dtype)
+        parts: list[torch.Tensor] = []
+        # (no strict=: TorchScript's zip takes none; the lists are built together above)
+        for (start, end), i in zip(self.spans, self.divided):  # noqa: B905
+            part = out[:, start:end]
+            parts.append(part if i < 0 else part / counts[:, i:i + 1])
+        return torch.cat(parts, dim=1)
 
 
 def pooled_in_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
