@@ -73,7 +73,8 @@ def _archs(r: dict[str, Any]) -> Iterator[Row]:
             # where the device's own bf16 products are slower than fp32 ones, no arch can gain
             if gemm is not None and gemm > 1.0:
                 measured = (f"n/a here: a bf16 matrix product itself takes {gemm:.2f}x fp32's "
-                            f"on this {device} (no bf16 matrix units); {measured}")
+                            f"on this {device} (no bf16 matrix units); bf16 no slower in "
+                            f"{len(items) - len(slower)} of {len(items)} arch/phase pairs")
             yield {"target": f"bf16 autocast never slower than fp32 ({device}, batch {batch})",
                    "measured": measured,
                    "met": None if gemm is not None and gemm > 1.0 else not slower,
