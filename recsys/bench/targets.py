@@ -113,7 +113,9 @@ def targets(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
                            "n/a" if r["met"] is None else ("yes" if r["met"] else "no"),
                            f"recsys bench {r['benchmark']}"] for r in rows])
     met = sum(1 for r in rows if r["met"])
-    table += (f"\n\n{met} of {len(rows)} targets met on this machine. Targets measured on CUDA "
+    applicable = sum(1 for r in rows if r["met"] is not None)
+    na = f" ({len(rows) - applicable} n/a here)" if applicable < len(rows) else ""
+    table += (f"\n\n{met} of {applicable} targets met on this machine{na}. Targets measured on CUDA "
               "(AdaEnsemble's training step <= 4x DCN's at batch 32768, the sync-debug run) come "
               "from `recsys bench archs --device cuda` (tools/bench_archs_device.sh).")
-    return {"targets": rows, "met": met, "total": len(rows)}, table
+    return {"targets": rows, "met": met, "applicable": applicable, "total": len(rows)}, table
