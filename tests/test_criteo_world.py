@@ -17,16 +17,15 @@ import pytest
 
 from recsys.cli import main
 from recsys.data.adapters import criteo_world as cw
+from recsys.data.adapters import criteo_world_writer as cww
 from recsys.data.adapters import prepare, split_sizes
 from recsys.data.adapters.criteo_world import (
     CARDINALITIES,
     CriteoWorldConfig,
     World,
-    exact_auc,
     generate_rows,
-    log_loss,
-    write_criteo_world,
 )
+from recsys.data.adapters.criteo_world_writer import exact_auc, log_loss, write_criteo_world
 from recsys.data.schema import DatasetManifest
 from recsys.spec import PrepareSpec
 
@@ -225,8 +224,8 @@ def test_interrupted_write_leaves_no_train_txt(tmp_path: Path,
             raise KeyboardInterrupt
         return original(world, rows)
 
-    original = cw._to_table
-    monkeypatch.setattr(cw, "_to_table", failing)
+    original = cww._to_table
+    monkeypatch.setattr(cww, "_to_table", failing)
     out = tmp_path / "w"
     with pytest.raises(KeyboardInterrupt):
         write_criteo_world(out, CriteoWorldConfig(rows=30_000, chunk_rows=5000), progress=False)

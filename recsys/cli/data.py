@@ -204,7 +204,8 @@ def _add_criteo_world(data: SubParsers) -> None:
 
 
 def cmd_data_criteo_world(args: argparse.Namespace) -> int:
-    from recsys.data.adapters.criteo_world import CriteoWorldConfig, write_criteo_world
+    from recsys.data.adapters.criteo_world import CriteoWorldConfig
+    from recsys.data.adapters.criteo_world_writer import write_criteo_world
 
     options = {k: v for k, v in {"rows": args.rows, "seed": args.seed}.items() if v is not None}
     cfg = check_options(lambda: CriteoWorldConfig(**options), "--rows", "--seed")

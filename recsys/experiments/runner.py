@@ -79,7 +79,8 @@ DATASETS = ("synthetic", "movielens", "criteo-world")
 def criteo_world_file(directory: Path, rows: int, seed: int = 0) -> Path:
     """The Criteo TSV of the world with ``rows`` rows in ``directory``, written unless the world
     there was made from the same config."""
-    from recsys.data.adapters.criteo_world import CriteoWorldConfig, write_criteo_world
+    from recsys.data.adapters.criteo_world import CriteoWorldConfig
+    from recsys.data.adapters.criteo_world_writer import write_criteo_world
 
     cfg = CriteoWorldConfig(rows=rows, seed=seed)
     meta, tsv = directory / "world.json", directory / "train.txt"
