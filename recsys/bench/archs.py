@@ -80,6 +80,7 @@ from recsys.bench.arch_models import (
     build_arch,
 )
 from recsys.losses.pointwise import bce
+from recsys.malloc import tune_malloc
 from recsys.tables import format_table
 
 NAME = "archs"
@@ -360,6 +361,7 @@ def run(cfg: ArchBenchConfig,
     (dtype, batch): a run cut short by a time limit still leaves its finished groups."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
+    tune_malloc()  # the allocator settings of a training process (recsys.malloc)
     results: dict[str, dict[str, Any]] = {}
     sync: dict[str, dict[str, dict[str, str]]] = {}
     with torch_threads(cfg.threads if device.type == "cpu" else None):

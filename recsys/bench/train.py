@@ -54,6 +54,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.bench.plain import PLAIN_DENSE, PLAIN_SPARSE, PlainSide
 from recsys.data.batch import Batch
 from recsys.errors import DataError
+from recsys.malloc import tune_malloc
 from recsys.models.tables import embedding_bag_configs
 from recsys.spec import (
     SparseOptimizer,
@@ -281,6 +282,7 @@ def run_side(side: str, spec: Spec, batches: Sequence[Batch], steps: int, warmup
 
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got '{side}'")
+    tune_malloc()  # as recsys train does, on both sides alike
     if len(batches) < warmup + steps:
         raise ValueError(f"{len(batches)} batches for {warmup} + {steps} steps")
     rss_before = peak_rss_bytes()
