@@ -1,6 +1,6 @@
 """torchx launches real training: two processes on one node (-j 1x2) and two one-process "nodes"
-(-j 2x1) reach the metrics of one process, and a worker killed mid-run is restarted by the elastic
-agent, resumes from the last checkpoint and ends with the metrics of an uninterrupted run."""
+(-j 2x1) train the same model, and a worker killed mid-run is restarted by the elastic agent,
+resumes from the last checkpoint and ends with the metrics of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -50,18 +50,19 @@ def _torchx(j: str, spec: Path, run_dir: Path, *extra: str, wait: bool = True
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_one_node_two_processes_and_two_nodes_match_one_process(parity_data: Path,
-                                                                 tmp_path: Path) -> None:
-    """The data of tests/test_train.py's parity test (60k training rows: test AUC stable to
-    ~0.001 between runs), one epoch, the same global batch; tolerance 0.005 as there."""
-    one = _torchx("1x1", _spec(parity_data, tmp_path, "one", 256, epochs=1), tmp_path / "one")
-    two = _spec(parity_data, tmp_path, "two", 256, epochs=1)  # the global batch, as for one
-    for j in ("1x2", "2x1"):
-        got = _torchx(j, two, tmp_path / j)
-        assert got["test"]["rows"] == one["test"]["rows"], j
-        assert abs(got["test"]["auc"] - one["test"]["auc"]) < 0.005, j
-        assert abs(got["test"]["logloss"] - one["test"]["logloss"]) < 0.005, j
+def test_one_node_two_processes_and_two_nodes_train_the_same_model(tiny_dataset,
+                                                                  tmp_path: Path) -> None:
+    """-j 1x2 (torchrun, two processes) and -j 2x1 (two one-process "nodes" meeting through c10d
+    rendezvous) are the same world of two ranks on the same rows: the same metrics to 1e-6.
+    (Two processes against one, at equal global batch: tests/test_train.py's parity test.)"""
+    spec = _spec(tiny_dataset.root, tmp_path, "two", 128, epochs=1)
+    got = {j: _torchx(j, spec, tmp_path / j) for j in ("1x2", "2x1")}
+    for j in got:
         assert json.loads((tmp_path / j / "run.json").read_text())["world_size"] == 2
+    assert got["1x2"]["test"]["auc"] > 0.6  # it learned: parity of untrained models proves little
+    for key in ("auc", "logloss", "calibration"):
+        assert got["2x1"]["test"][key] == pytest.approx(got["1x2"]["test"][key], abs=1e-6), key
+    assert got["2x1"]["test"]["rows"] == got["1x2"]["test"]["rows"]
 
 
 def _kill_one_worker(marker: str) -> int | None:
