@@ -19,7 +19,6 @@ TABLES = [("user", 7, 3, ["user_id"], PoolingType.SUM),
           ("hour", 4, 4, ["hour"], PoolingType.SUM),
           ("tag", 6, 2, ["tags"], PoolingType.MEAN)]
 KEYS = [f for t in TABLES for f in t[3]]
-DIMS = [t[2] for t in TABLES for _ in t[3]]
 MEAN = [f for t in TABLES if t[4] == PoolingType.MEAN for f in t[3]]
 
 
@@ -47,7 +46,7 @@ def test_summed_and_divided_equals_torchrec_mean_pooling_with_its_gradients() ->
     kjt = _kjt()
     reference, summed = _ebc(None), _ebc(PoolingType.SUM)
     summed.load_state_dict(reference.state_dict())
-    pool = PooledInput(KEYS, DIMS, MEAN)
+    pool = PooledInput(KEYS, MEAN)
     expected = reference(kjt).values()  # config order = KEYS
     got = pool(summed(kjt), kjt)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
@@ -58,14 +57,18 @@ def test_summed_and_divided_equals_torchrec_mean_pooling_with_its_gradients() ->
     for name, prm in reference.named_parameters():
         torch.testing.assert_close(dict(summed.named_parameters())[name].grad, prm.grad,
                                    rtol=1e-6, atol=1e-7, msg=name)
+    # in another order than the EBC's (as a sharding plan gives): regrouped and divided at once
+    order = list(reversed(KEYS))
+    by_key = reference(kjt).to_dict()
+    torch.testing.assert_close(PooledInput(order, MEAN)(summed(kjt), kjt),
+                               torch.cat([by_key[k] for k in order], dim=1), rtol=1e-6, atol=1e-7)
 
 
 def test_without_mean_features_it_is_the_plain_regroup() -> None:
     kjt = _kjt()
     ebc = _ebc(PoolingType.SUM)
     order = list(reversed(KEYS))
-    dims = list(reversed(DIMS))
-    got = PooledInput(order, dims, [])(ebc(kjt), kjt)
+    got = PooledInput(order, [])(ebc(kjt), kjt)
     pooled = ebc(kjt).to_dict()
     torch.testing.assert_close(got, torch.cat([pooled[k] for k in order], dim=1))
 

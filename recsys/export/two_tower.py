@@ -59,8 +59,7 @@ class TowerModule(nn.Module):
         self.stack = copy.deepcopy(inputs.stack)
         self.tower = copy.deepcopy(tower)
         self.keys = feature_order(ebc)
-        dims = [c.embedding_dim for c in ebc.embedding_bag_configs() for _ in c.feature_names]
-        self.pooled_input = PooledInput(self.keys, dims, mean)
+        self.pooled_input = PooledInput(self.keys, mean)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
                 ) -> torch.Tensor:

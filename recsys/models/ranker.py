@@ -52,8 +52,7 @@ class Ranker(nn.Module):
         # tables and features in their config order, which over_arch_fields reads too
         fields = over_arch_fields(spec.features)
         self.feature_order: list[str] = list(fields.names)
-        self.pooled_input = PooledInput(self.feature_order, list(fields.dims),
-                                        mean_pooled_features(spec.features))
+        self.pooled_input = PooledInput(self.feature_order, mean_pooled_features(spec.features))
         # the over-arch is built on CPU/GPU from the start; only the EBC waits on meta for DMP
         self.over = build_over_arch(spec.model, fields)
         h = spec.loss.hierarchical

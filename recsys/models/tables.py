@@ -98,67 +98,56 @@ class PooledInput(torch.nn.Module):
     empty bag, as FBGEMM's mean pooling gives). The lengths come from the KJT the EBC read.
 
     Example:
-        >>> pool = PooledInput(["user_id", "genres"], [16, 16], mean=["genres"])
+        >>> pool = PooledInput(["user_id", "genres"], mean=["genres"])
         >>> pool(ebc(kjt), kjt).shape
         torch.Size([B, 32])
     """
 
-    def __init__(self, keys: list[str], dims: list[int], mean: list[str]) -> None:
+    def __init__(self, keys: list[str], mean: list[str]) -> None:
         super().__init__()
         self.keys = list(keys)
         self.mean = [k for k in keys if k in set(mean)]
-        offsets = [sum(dims[:i]) for i in range(len(dims))]
-        where = {k: (o, d) for k, o, d in zip(keys, offsets, dims, strict=True)}
-        # (start, end) column spans: the mean features' own, and the summed ones between them
-        self.spans: list[tuple[int, int]] = []
-        self.divided: list[int] = []  # for each span: the index in self.mean, or -1
-        start = 0
-        for i, k in enumerate(self.mean):
-            o, d = where[k]
-            if o > start:
-                self.spans.append((start, o))
-                self.divided.append(-1)
-            self.spans.append((o, o + d))
-            self.divided.append(i)
-            start = o + d
-        if start < sum(dims):
-            self.spans.append((start, sum(dims)))
-            self.divided.append(-1)
 
     def forward(self, pooled: KeyedTensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        out = pooled_in_order(pooled, self.keys)
         if len(self.mean) == 0:
-            return out
-        counts = torch.stack([sparse[k].lengths() for k in self.mean], dim=1)
-        counts = counts.clamp(min=1).to(out.dtype)
-        parts: list[torch.Tensor] = []
-        # (no strict=: TorchScript's zip takes none; the lists are built together above)
-        for (start, end), i in zip(self.spans, self.divided):  # noqa: B905
-            part = out[:, start:end]
-            parts.append(part if i < 0 else part / counts[:, i:i + 1])
-        return torch.cat(parts, dim=1)
+            return pooled_in_order(pooled, self.keys)
+        counts = torch.stack([sparse[k].lengths() for k in self.mean], dim=1).clamp(min=1)
+        return pooled_in_order(pooled, self.keys, self.mean, counts)
 
 
-def pooled_in_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+def pooled_in_order(pooled: KeyedTensor, keys: list[str], mean: list[str] | None = None,
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """The pooled embeddings as one ``(B, sum of dims)`` tensor with the features in ``keys``
-    order, whatever order the EBC produced them in.
+    order, whatever order the EBC produced them in; with ``mean`` and ``counts`` (``(B,
+    len(mean))`` bag lengths, at least 1), each feature of ``mean`` divided by its column of
+    ``counts`` on the way.
 
     A sharded EBC returns its features grouped by shard (table-wise, column-wise, ... groups in
     an order that depends on the sharding plan), a plain or quantized one in config order: taking
     ``pooled.values()`` by position would make the over-arch's input depend on the plan, so a
     model trained on N processes would score differently on one. The regrouping is by key.
 
-    Where the EBC's order already is ``keys`` (a plain EBC, and many plans) its values are used as
-    they are; otherwise one split and one concatenation. ``KeyedTensor.regroup`` does the same
-    for any number of KeyedTensors at about three times the cost (and a permutation kernel in the
-    backward), which shows at small batches.
+    Where the EBC's order already is ``keys`` (a plain EBC, and many plans) and nothing is
+    divided, its values are used as they are; otherwise one split and one concatenation.
+    ``KeyedTensor.regroup`` does the same for any number of KeyedTensors at about three times the
+    cost (and a permutation kernel in the backward), which shows at small batches.
     """
     have = pooled.keys()
-    if have == keys:
+    if counts is None and have == keys:
         return pooled.values()
     parts = torch.split(pooled.values(), pooled.length_per_key(), dim=1)
     index = {k: i for i, k in enumerate(have)}
-    return torch.cat([parts[index[k]] for k in keys], dim=1)
+    column: dict[str, int] = {}
+    if mean is not None:
+        column = {k: j for j, k in enumerate(mean)}
+    out: list[torch.Tensor] = []
+    for k in keys:
+        part = parts[index[k]]
+        if counts is not None and k in column:
+            j = column[k]
+            part = part / counts[:, j:j + 1].to(part.dtype)
+        out.append(part)
+    return torch.cat(out, dim=1)
 
 
 # one call in a traced graph (TorchRec's pipeline and the export trace the ranker): the order test
