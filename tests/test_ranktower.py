@@ -134,11 +134,29 @@ def test_cached_towers_equal_joint_forward(late: bool) -> None:
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
             # the items' user-free part computed once and cached: the same scores
             prepared = net.prepare_items(items)
-            assert prepared.shape == (9, HEADS, 4 * HEAD_DIM)
+            assert prepared.shape == (9, HEADS, 3 * HEAD_DIM)
             torch.testing.assert_close(net.score_candidates(cand_user, items, prepared), got,
                                        rtol=0, atol=1e-12)
         assert float(net.sim.temperature()) == pytest.approx(0.2)
 
+
+
+def test_score_candidates_with_gradients_and_a_foreign_cache() -> None:
+    """With autograd on, the scorer takes its copying path: the same scores, and gradients
+    reach the user; a cache prepared for another layout is refused by name."""
+    net = _net()
+    u, v = _fields(9)
+    user, items = net.user_tower(u), net.item_tower(v)
+    with torch.no_grad():
+        served = net.score_candidates(user[2], items)
+    leaf = user[2].detach().requires_grad_()
+    got = net.score_candidates(leaf, items.detach())
+    torch.testing.assert_close(got, served, rtol=0, atol=1e-12)
+    got.sum().backward()
+    assert leaf.grad is not None and bool(leaf.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match=f"expects {3 * HEAD_DIM}"):
+        net.score_candidates(user[2], items, torch.zeros(9, HEADS, 4 * HEAD_DIM,
+                                                         dtype=torch.float64))
 
 def test_dssm_cached_towers_equal_joint_forward() -> None:
     net = _dssm()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from recsys.malloc import tune_malloc
+
 
 def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
     """One request's user representation against 1,000 cached item representations (and what the
@@ -14,6 +16,7 @@ def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
     from recsys.models.archs.ranktower import RankTowerSpec
     from recsys.modules.ranktower import DSSMNet, RankTowerNet
 
+    tune_malloc()  # a serving process's allocator settings (recsys serve does the same)
     spec = RankTowerSpec()
     torch.manual_seed(0)
     results = {}
