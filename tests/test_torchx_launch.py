@@ -48,17 +48,28 @@ def _torchx(j: str, spec: Path, run_dir: Path, *extra: str, wait: bool = True
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def one_node_run(tiny_dataset, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, Path, dict[str, Any]]:
+    """(spec, run, metrics) of an uninterrupted ``-j 1x2`` launch, 2 epochs with checkpoints:
+    the reference of both tests below (read-only)."""
+    tmp = tmp_path_factory.mktemp("torchx")
+    spec = _spec(tiny_dataset.root, tmp, "ft", 64, epochs=2, checkpoint_every_steps=25,
+                 keep_checkpoints=2)
+    return spec, tmp / "1x2", _torchx("1x2", spec, tmp / "1x2")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_one_node_two_processes_and_two_nodes_train_the_same_model(tiny_dataset,
-                                                                  tmp_path: Path) -> None:
+def test_one_node_two_processes_and_two_nodes_train_the_same_model(
+        one_node_run: tuple[Path, Path, dict[str, Any]], tmp_path: Path) -> None:
     """-j 1x2 (torchrun, two processes) and -j 2x1 (two one-process "nodes" meeting through c10d
     rendezvous) are the same world of two ranks on the same rows: the same metrics to 1e-6.
     (Two processes against one, at equal global batch: tests/test_train.py's parity test.)"""
-    spec = _spec(tiny_dataset.root, tmp_path, "two", 128, epochs=1)
-    got = {j: _torchx(j, spec, tmp_path / j) for j in ("1x2", "2x1")}
-    for j in got:
-        assert json.loads((tmp_path / j / "run.json").read_text())["world_size"] == 2
+    spec, one_node, metrics = one_node_run
+    got = {"1x2": metrics, "2x1": _torchx("2x1", spec, tmp_path / "2x1")}
+    for run in (one_node, tmp_path / "2x1"):
+        assert json.loads((run / "run.json").read_text())["world_size"] == 2
     assert got["1x2"]["test"]["auc"] > 0.6  # it learned: parity of untrained models proves little
     for key in ("auc", "logloss", "calibration"):
         assert got["2x1"]["test"][key] == pytest.approx(got["1x2"]["test"][key], abs=1e-6), key
@@ -78,10 +89,9 @@ def _kill_one_worker(marker: str) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_killed_worker_is_restarted_and_resumes(tiny_dataset, tmp_path: Path) -> None:
-    spec = _spec(tiny_dataset.root, tmp_path, "ft", 64, epochs=2, checkpoint_every_steps=25,
-                 keep_checkpoints=2)
-    whole = _torchx("1x2", spec, tmp_path / "whole")
+def test_a_killed_worker_is_restarted_and_resumes(
+        one_node_run: tuple[Path, Path, dict[str, Any]], tmp_path: Path) -> None:
+    spec, _, whole = one_node_run
     run = tmp_path / "killed"
     # a restarted worker whose gloo peers never connect gives up after 60 s (not torch's 30 min)
     # and the agent restarts the group again. Before each attempt had a store prefix of its own

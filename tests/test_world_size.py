@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_spec_dict
 
+from recsys.cli import main
 from recsys.data.schema import DatasetManifest
 from recsys.export.predictor import Predictor
 from recsys.export.torchscript import export_run
@@ -91,14 +92,32 @@ def _close(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...] = ("auc",
         assert abs(a[k] - b[k]) <= 1e-6, (k, a[k], b[k])
 
 
+@pytest.fixture(scope="module")
+def column_wise_run(tiny_dataset: DatasetManifest, tmp_path_factory: pytest.TempPathFactory
+                    ) -> tuple[Path, Path]:
+    """(spec, run) of a column-wise plan trained on 2 processes for 2 epochs with a checkpoint
+    every 10 steps: the parity test scores it (a copy) and the resume test cuts it short.
+    Read-only: tests copy it before writing into it."""
+    tmp = tmp_path_factory.mktemp("column_wise")
+    raw = _spec(tiny_dataset.root, "column_wise", epochs=2, checkpoint_every_steps=10,
+                keep_checkpoints=20)
+    spec = _write_spec(raw, tmp / "spec.toml")
+    _recsys("train", str(spec), "--run-dir", str(tmp / "whole"), "--no-progress", nproc=2)
+    return spec, tmp / "whole"
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "table_column_wise"])
 def test_model_trained_on_two_processes_scores_the_same_everywhere(
-        tiny_dataset: DatasetManifest, tmp_path: Path, sharding: str) -> None:
-    spec = _write_spec(_spec(tiny_dataset.root, sharding), tmp_path / "spec.toml")
+        tiny_dataset: DatasetManifest, tmp_path: Path, sharding: str,
+        column_wise_run: tuple[Path, Path]) -> None:
     run = tmp_path / "run"
-    _recsys("train", str(spec), "--run-dir", str(run), "--no-progress", nproc=2)
+    if sharding == "column_wise":  # the run the resume test starts from (a copy of it)
+        shutil.copytree(column_wise_run[1], run)
+    else:
+        spec = _write_spec(_spec(tiny_dataset.root, sharding), tmp_path / "spec.toml")
+        _recsys("train", str(spec), "--run-dir", str(run), "--no-progress", nproc=2)
     plan = _plan_of(run)
     assert {plan[f"model.ebc.{t}"] for t in CONSTRAINED} == {sharding}
     recorded = _metrics(run / "metrics.json")["test"]
@@ -136,16 +155,12 @@ def test_model_trained_on_two_processes_scores_the_same_everywhere(
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_checkpoints_resume_and_evaluate_on_another_number_of_processes(
-        tiny_dataset: DatasetManifest, tmp_path: Path) -> None:
+        column_wise_run: tuple[Path, Path], tmp_path: Path) -> None:
     """2 -> 1 and 1 -> 2: a run cut short on one world size finishes on the other, keeps its
     training curve, and ends within seed spread of the uninterrupted run. The one-process side
     runs in this process (the same code as ``recsys train`` / ``recsys evaluate`` on one process,
     without a second interpreter start)."""
-    raw = _spec(tiny_dataset.root, "column_wise", epochs=2, checkpoint_every_steps=10,
-                keep_checkpoints=20)
-    spec = _write_spec(raw, tmp_path / "spec.toml")
-    whole = tmp_path / "whole"
-    _recsys("train", str(spec), "--run-dir", str(whole), "--no-progress", nproc=2)
+    spec, whole = column_wise_run
     full = _metrics(whole / "metrics.json")["test"]
     steps = _metrics(whole / "run.json")["steps"]
 
@@ -212,7 +227,7 @@ def test_the_quickstart_spec_is_one_experiment_on_one_and_two_processes(tmp_path
              "--set", "data.synthetic.requests.valid=2000",
              "--set", "data.synthetic.requests.test=5000",
              "--set", "train.epochs=1", "--set", "train.eval_cascade=false"]
-    _recsys("data", "synth", "specs/quickstart.toml", *small)
+    assert main(["data", "synth", str(ROOT / "specs/quickstart.toml"), *small]) == 0
     runs = {}
     for nproc in (1, 2):
         run = tmp_path / f"run{nproc}"
