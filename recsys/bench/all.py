@@ -185,14 +185,10 @@ def bench_hgr(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 
 def bench_ranktower(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     """RankTower's online part (see :func:`recsys.bench.ranktower.ranktower_scoring`)."""
-    from recsys.bench.ranktower import ranktower_scoring
+    from recsys.bench.ranktower import ranktower_scoring_isolated
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # the online target is stated for one CPU thread
-    try:
-        results = ranktower_scoring(20 if cfg.quick else 200)
-    finally:
-        torch.set_num_threads(saved)
+    # one thread (the target's terms), in a process of its own as a server's scorer is
+    results = ranktower_scoring_isolated(20 if cfg.quick else 200)
     table = format_table(["model", "p50 ms", "p99 ms"],
                          [[n, r["p50_ms"], r["p99_ms"]] for n, r in results.items()])
     table += "\n\n1,000 cached candidates scored for one request, 1 thread; 4 heads x 32 dims."

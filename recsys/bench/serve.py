@@ -250,10 +250,10 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
 def _ranktower_scoring(cfg: ServeBenchConfig) -> dict[str, dict[str, float]]:
     """The two-tower pre-rankers' online cost: 1,000 cached candidates for one request."""
     from recsys.bench.data import one_core
-    from recsys.bench.ranktower import ranktower_scoring
+    from recsys.bench.ranktower import ranktower_scoring_isolated
 
-    with one_core(not cfg.all_cores):
-        return ranktower_scoring(max(10, cfg.repeats * 10))
+    with one_core(not cfg.all_cores):  # the process it starts inherits the core
+        return ranktower_scoring_isolated(max(10, cfg.repeats * 10))
 
 
 def table(result: dict[str, Any]) -> str:
