@@ -5,7 +5,7 @@ Each model is the over-arch and optimizers of its spec in ``specs/`` (``dcn`` is
 ``mlp`` and ``pin`` are that spec with the arch changed) on the same stress world: 26 single-id tables of 262,144 rows x 16 (uniform random ids: every step
 touches about 2048 x 26 distinct rows, the worst case for a row-sparse optimizer), 13 dense
 features, batch 2048, one process, the trainer's path (DistributedModelParallel, FBGEMM lookups,
-TrainPipelineSparseDist). ``xdeepint`` runs twice: with its spec's group-lasso FTRL on the sharded
+the train pipeline of ``recsys.train.pipeline``). ``xdeepint`` runs twice: with its spec's group-lasso FTRL on the sharded
 tables (``gftrl``) and with ``rowwise_adagrad``; ``moe`` runs at its annealed top-k (the steady
 state of a long run). Each model trains in its own subprocess on the same
 saved batches; repeats go round the models (the order reversed every other repeat) and the best

@@ -5,8 +5,8 @@ hyper-parameters), for the same number of steps, on the same number of threads:
 
 * **sharded** -- the trainer's path: the ranker's EmbeddingBagCollection sharded by
   DistributedModelParallel (one process, the planner's plan), the sparse optimizer fused into the
-  backward (FBGEMM TBE: no embedding gradient is materialised), the dense optimizer and
-  ``TrainPipelineSparseDist`` driving forward, backward and step.
+  backward (FBGEMM TBE: no embedding gradient is materialised), the dense optimizer and the
+  trainer's TorchRec train pipeline (``recsys.train.pipeline``) driving forward, backward and step.
 * **plain** -- what a PyTorch user writes first: one ``nn.EmbeddingBag`` per table (sum or mean as
   the table pools) with dense gradients, the same dense arch, interaction and heads
   (:class:`PlainRanker`), the same loss, and ``torch.optim`` optimizers: the sparse one over the
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.bench.plain import PLAIN_DENSE, PLAIN_SPARSE, PlainSide
@@ -66,6 +66,7 @@ from recsys.spec import (
 from recsys.sysinfo import peak_rss_bytes, tensor_bytes
 from recsys.tables import format_table
 from recsys.train.optim import TrainOptimizer
+from recsys.train.pipeline import make_pipeline
 from recsys.train.sharded import build_sharded_model
 
 GOAL_RATIO = 5.0  # sharded / plain samples/s on a Criteo-like width (~12x measured at that width)
@@ -224,7 +225,7 @@ def load_batches(path: str | Path) -> list[Batch]:
 @dataclass
 class ShardedSide:
     """The ranker under DistributedModelParallel with fused sparse optimizers, the trainer's
-    optimizer and a TrainPipelineSparseDist; :meth:`step` is one ``pipeline.progress``.
+    optimizer and the trainer's train pipeline; :meth:`step` is one ``pipeline.progress``.
 
     Needs a process group (``recsys.train.distributed.init_distributed``).
 
@@ -236,7 +237,7 @@ class ShardedSide:
 
     model: DistributedModelParallel
     optimizer: TrainOptimizer
-    pipeline: TrainPipelineSparseDist
+    pipeline: TrainPipelineBase | TrainPipelineSparseDist
     sharding_types: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -244,7 +245,8 @@ class ShardedSide:
         built = build_sharded_model(spec, device, torch.distributed.get_world_size(),
                                     total_steps)
         dmp, optimizer, plan = built.dmp, built.optimizer, built.plan
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+        # the pipeline recsys train would use on this world (recsys.train.pipeline)
+        pipeline = make_pipeline(dmp, optimizer, device, torch.distributed.get_world_size())
         kinds = Counter(str(p.sharding_type) for m in plan.plan.values()
                         for p in m.values())  # type: ignore[attr-defined]
         return cls(dmp, optimizer, pipeline, dict(kinds))
@@ -302,7 +304,8 @@ def run_side(side: str, spec: Spec, batches: Sequence[Batch], steps: int, warmup
             seconds = time.perf_counter() - start
             result.update(param_bytes=sharded.param_bytes(),
                           optimizer_state_bytes=sharded.optimizer_state_bytes(),
-                          grad_bytes=sharded.grad_bytes(), sharding_types=sharded.sharding_types)
+                          grad_bytes=sharded.grad_bytes(), sharding_types=sharded.sharding_types,
+                          pipeline=type(sharded.pipeline).__name__)
         finally:
             shutdown()
     else:
@@ -422,6 +425,7 @@ def summarise(spec: Spec, cfg: TrainBenchConfig, runs: Mapping[str, Sequence[Map
                                   f"(dense gradients{_ROWWISE_NOTE * (sparse_opt == rowwise)})",
         "dense_optimizer": spec.train.dense_optimizer.name.value,
         "sharding_types": last["sharded"].get("sharding_types", {}),
+        "pipeline": last["sharded"].get("pipeline", "TorchRec's train pipeline"),
         "samples_per_s": best,
         "ratio": ratio,
         "goal_ratio": GOAL_RATIO,
@@ -447,7 +451,7 @@ def summarise(spec: Spec, cfg: TrainBenchConfig, runs: Mapping[str, Sequence[Map
         f"{cfg.warmup} warm-up steps, same batches for both sides, "
         f"{threads}.\n"
         f"sharded: DistributedModelParallel ({kinds}), {sparse_opt.value} fused into the "
-        f"backward (FBGEMM), {result['dense_optimizer']} dense, TrainPipelineSparseDist. "
+        f"backward (FBGEMM), {result['dense_optimizer']} dense, {result['pipeline']}. "
         f"plain: nn.EmbeddingBag per table + {result['plain_sparse_optimizer']}, "
         f"torch.optim.{PLAIN_DENSE[spec.train.dense_optimizer.name].__name__} dense.\n"
         f"Peak RSS per side in its own process ({before['plain'] / MIB:,.0f} MiB before the "

@@ -59,7 +59,7 @@ def build_sharded_model(spec: Spec, device: torch.device, world_size: int,
 
     Example:
         >>> built = build_sharded_model(spec, torch.device("cpu"), world_size=2, total_steps=100)
-        >>> pipeline = TrainPipelineSparseDist(built.dmp, built.optimizer, device)
+        >>> pipeline = make_pipeline(built.dmp, built.optimizer, device, world_size=2)
     """
     ranker = Ranker(RankerConfig(spec, device="meta"))
     ranker.over.to(device)

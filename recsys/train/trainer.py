@@ -2,8 +2,8 @@
 
 The path: spec -> dataset (made on rank 0 if needed) -> loaders (each rank its share) -> ranker on
 the ``meta`` device -> sharding plan (planned on rank 0, broadcast) -> DistributedModelParallel with
-fused sparse optimizers in backward -> TrainPipelineSparseDist -> periodic validation, early
-stopping -> final evaluation on valid and test -> run directory.
+fused sparse optimizers in backward -> a TorchRec train pipeline (``recsys.train.pipeline``) ->
+periodic validation, early stopping -> final evaluation on valid and test -> run directory.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetLoader, per_rank_batch
@@ -41,6 +40,7 @@ from recsys.train.distributed import (
     on_main,
     seed_everything,
 )
+from recsys.train.pipeline import detached, make_pipeline, restart
 from recsys.train.sharded import build_sharded_model
 from recsys.train.tensorboard import open_board, optimizer_sparse_lr
 
@@ -99,9 +99,8 @@ class Trainer:
         if spec.train.max_steps:
             self.total_steps = min(self.total_steps, spec.train.max_steps)
         self.model = self._build_model()
-        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device,
-                                                execute_all_batches=True,
-                                                custom_model_fwd=self._training_forward())
+        self.pipeline = make_pipeline(self.model, self.optimizer, ctx.device, ctx.world_size,
+                                      self._training_forward())
         self.step = 0
         self.position = Position(0, 0, 0)
         self.history = History()
@@ -220,6 +219,7 @@ class Trainer:
         while not stop and epoch < spec.train.epochs:
             self.model.train()
             batches = self._limited(self.train_loader.epoch(epoch, start_step=epoch_step))
+            restart(self.pipeline)
             while not stop:
                 try:
                     out = self.pipeline.progress(batches)
@@ -359,16 +359,13 @@ class Trainer:
         (padding with its last batch, whose logits are not yielded). The pipeline rewrote the
         sharded modules' forward for pipelined input dists; plain forwards need the original
         back while this runs (in-flight training batches are kept)."""
-        self.pipeline.detach()
-        self.model.eval()
-        try:
+        with detached(self.pipeline, self.model):
+            self.model.eval()
             for batch, real in _padded(loader, all_max(len(loader))):
                 batch = batch.to(self.ctx.device)
                 _, out = self.model(batch)
                 if real:
                     yield batch, out.logits
-        finally:
-            self.pipeline.attach(self.model)
 
 
 def _padded(loader: ParquetLoader, steps: int) -> Iterator[tuple[Batch, bool]]:
