@@ -14,6 +14,7 @@ from recsys.modules.moe_routing import (
     Router,
     annealed_k,
     annealed_k_tensor,
+    input_noise,
     load_balance_loss,
     ranked_mask,
     router_z_loss,
@@ -22,6 +23,20 @@ from recsys.modules.moe_routing import (
 )
 
 # ---- router, annealing, losses -------------------------------------------------------------------
+
+
+def test_input_noise_is_uniform_fresh_and_seeded() -> None:
+    """x ⊙ U(1−ε, 1+ε): within the bounds, mean 1 and variance ε²/3 (200k draws), a new draw per
+    call, and the same draws after the same torch.manual_seed."""
+    x = torch.full((400, 500), 2.0)
+    torch.manual_seed(3)
+    a, b = input_noise(x, 0.5) / 2, input_noise(x, 0.5) / 2
+    torch.manual_seed(3)
+    assert torch.equal(input_noise(x, 0.5) / 2, a)
+    assert not torch.equal(a, b)
+    assert float(a.min()) >= 0.5 and float(a.max()) <= 1.5
+    assert float(a.mean()) == pytest.approx(1.0, abs=0.005)
+    assert float(a.var()) == pytest.approx(0.25 / 3, rel=0.02)
 
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_router_gates_match_numpy(k: int) -> None:
