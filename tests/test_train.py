@@ -109,7 +109,11 @@ def one_process_metrics(parity_data: Path, tmp_path_factory: pytest.TempPathFact
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+# column-wise: the plan whose pooled output is regrouped most. Two processes against one with the
+# planner's own plan is tests/test_world_size.py's quickstart test (within 0.005 AUC), and a
+# table-wise model trained on two scores the same on one there (1e-6); one sharding here keeps
+# `make test` under 10 minutes
+@pytest.mark.parametrize("sharding", ["column_wise"])
 def test_two_processes_reach_the_metrics_of_one(parity_data: Path, tmp_path: Path,
                                                 one_process_metrics: dict[str, Any],
                                                 sharding: str) -> None:
