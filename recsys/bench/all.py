@@ -201,7 +201,7 @@ def bench_scaling(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     from recsys.spec import dump_toml
 
     requests = 5000 if cfg.quick else 100_000
-    steps = 20 if cfg.quick else 200
+    steps = 6 if cfg.quick else 200
     rows = []
     out: dict[str, Any] = {"runs": {}}
     for world in (1, 2):
