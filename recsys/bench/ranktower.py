@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 import torch
@@ -54,15 +53,10 @@ def ranktower_scoring_isolated(repeats: int) -> dict[str, dict[str, float]]:
     Example:
         >>> ranktower_scoring_isolated(200)["ranktower"]["p50_ms"]
     """
-    from recsys.bench.train import _child_env
+    from recsys.bench.train import run_child
 
-    cmd = [sys.executable, "-m", "recsys.bench.ranktower", "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**_child_env(), "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-        raise RuntimeError(f"the scoring benchmark's process failed (exit {proc.returncode}):\n"
-                           f"{tail}")
+    proc = run_child([sys.executable, "-m", "recsys.bench.ranktower", "--repeats", str(repeats)],
+                     "the scoring benchmark's process", {"OMP_NUM_THREADS": "1"})
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

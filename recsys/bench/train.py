@@ -242,11 +242,11 @@ class ShardedSide:
 
     @classmethod
     def build(cls, spec: Spec, device: torch.device, total_steps: int) -> ShardedSide:
-        built = build_sharded_model(spec, device, torch.distributed.get_world_size(),
-                                    total_steps)
+        world_size = torch.distributed.get_world_size()
+        built = build_sharded_model(spec, device, world_size, total_steps)
         dmp, optimizer, plan = built.dmp, built.optimizer, built.plan
         # the pipeline recsys train would use on this world (recsys.train.pipeline)
-        pipeline = make_pipeline(dmp, optimizer, device, torch.distributed.get_world_size())
+        pipeline = make_pipeline(dmp, optimizer, device, world_size)
         kinds = Counter(str(p.sharding_type) for m in plan.plan.values()
                         for p in m.values())  # type: ignore[attr-defined]
         return cls(dmp, optimizer, pipeline, dict(kinds))
@@ -333,6 +333,22 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def run_child(cmd: list[str], what: str, env: Mapping[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark's measuring process ``cmd`` (the checkout importable, no torchrun
+    variables, ``env`` added); RuntimeError naming ``what`` with the tail of its output if it
+    fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**_child_env(), **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(_child_failed(what, proc))
+    return proc
+
+
+def _child_failed(what: str, proc: subprocess.CompletedProcess[str]) -> str:
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+    return f"{what} failed (exit {proc.returncode}):\n{tail}"
+
+
 def _run_child(side: str, work: Path, cfg: TrainBenchConfig, repeat: int) -> dict[str, Any]:
     out = work / f"{side}-{repeat}.json"
     cmd = [sys.executable, "-m", "recsys.bench.train", "--side", side,
@@ -340,10 +356,9 @@ def _run_child(side: str, work: Path, cfg: TrainBenchConfig, repeat: int) -> dic
            "--steps", str(cfg.steps), "--warmup", str(cfg.warmup), "--result", str(out)]
     if not cfg.one_core:
         cmd.append("--all-cores")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
-    if proc.returncode != 0 or not out.is_file():
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-        raise RuntimeError(f"the {side} side failed (exit {proc.returncode}):\n{tail}")
+    proc = run_child(cmd, f"the {side} side")
+    if not out.is_file():
+        raise RuntimeError(_child_failed(f"the {side} side", proc))
     return json.loads(out.read_text())
 
 

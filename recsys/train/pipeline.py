@@ -12,8 +12,8 @@ Example:
     >>> pipeline = make_pipeline(built.dmp, built.optimizer, torch.device("cpu"), world_size=1)
     >>> restart(pipeline)          # before each epoch's iterator
     >>> out = pipeline.progress(batches)
-    >>> with detached(pipeline):   # plain forwards (evaluation)
-    ...     model(batch)
+    >>> with detached(pipeline, built.dmp):   # plain forwards (evaluation)
+    ...     built.dmp(batch)
 """
 
 from __future__ import annotations
