@@ -407,18 +407,29 @@ def test_batches_of_a_window_own_separate_writable_memory():
     assert_batches_equal(again, b)
 
 
-def test_jagged_rows_known_answers():
-    from recsys.data.batch import _jagged_rows
+def test_take_jagged_known_answers():
+    from recsys.data.batch import _take_jagged
 
-    offsets = np.array([0, 2, 2, 5, 6])  # rows: [0 1] [] [2 3 4] [5]
-    lengths, pos = _jagged_rows(offsets, np.array([2, 1, 0, 3, 1]))
-    assert lengths.tolist() == [3, 0, 2, 1, 0]
-    assert pos.tolist() == [2, 3, 4, 0, 1, 5]
-    lengths, pos = _jagged_rows(offsets, np.array([3, 2]))  # no empty row
-    assert (lengths.tolist(), pos.tolist()) == ([1, 3], [5, 2, 3, 4])
-    lengths, pos = _jagged_rows(offsets, np.array([1, 1]))  # only empty rows
-    assert (lengths.tolist(), pos.tolist()) == ([0, 0], [])
-    assert _jagged_rows(offsets, np.zeros(0, dtype=np.int64))[1].tolist() == []
+    offsets = np.array([0, 2, 2, 5, 6])  # rows: [10 11] [] [12 13 14] [15]
+    ids = np.arange(10, 16, dtype=np.int32)
+    weights = np.arange(6, dtype=np.float32) / 10
+
+    def check(rows, lengths, taken):
+        ln, got, w = _take_jagged(offsets, ids, weights, np.array(rows, dtype=np.int64))
+        assert (ln.tolist(), got.tolist()) == (lengths, taken)
+        assert ln.dtype == np.int32 and got.dtype == np.int32
+        np.testing.assert_array_equal(w, (np.array(taken, dtype=np.float32) - 10) / 10)
+        assert _take_jagged(offsets, ids, None, np.array(rows, dtype=np.int64))[2] is None
+
+    check([2, 1, 0, 3, 1], [3, 0, 2, 1, 0], [12, 13, 14, 10, 11, 15])  # a permutation
+    check([3, 2], [1, 3], [15, 12, 13, 14])  # a subset, no empty row
+    check([1, 1], [0, 0], [])  # only empty rows
+    check([3, 3, 0], [1, 1, 2], [15, 15, 10, 11])  # repeats
+    check([], [], [])
+    # offsets that do not start at 0 (a slice of a longer column)
+    ln, got, _ = _take_jagged(offsets[2:] + 7, np.arange(20, dtype=np.int64), None,
+                              np.array([1, 0]))
+    assert (ln.tolist(), got.tolist()) == ([1, 3], [12, 9, 10, 11])
 
 
 def test_nulls_become_nan_and_validity_follows_slices():

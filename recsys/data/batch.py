@@ -145,12 +145,12 @@ class Columns:
         """The given rows, in the given order: one gather per column."""
         jagged, weights = {}, {}
         for k, (offsets, ids) in self.jagged.items():
-            lengths, pos = _jagged_rows(offsets, rows)
+            lengths, taken, w = _take_jagged(offsets, ids, self.weights.get(k), rows)
             new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
             np.cumsum(lengths, out=new_offsets[1:])
-            jagged[k] = (new_offsets, ids[pos])
-            if k in self.weights:
-                weights[k] = self.weights[k][pos]
+            jagged[k] = (new_offsets, taken)
+            if w is not None:
+                weights[k] = w
         singles = np.empty((len(self.singles), len(rows)), dtype=self.singles.dtype)
         for i, row in enumerate(self.singles):  # row by row: each source row stays in cache
             np.take(row, rows, out=singles[i])
@@ -288,13 +288,15 @@ class BatchBuilder:
                 continue
             offsets, ids = _list_column(_chunk(table, sc.column), sc.column, where)
             ids = self._checked(sc, ids, offsets, None, where, first_row)
-            jagged[sc.key] = (offsets, ids.astype(self.id_dtype, copy=False))
+            # writable: torch views them when a window gathers rows (_take_jagged)
+            jagged[sc.key] = (offsets, np.require(ids.astype(self.id_dtype, copy=False),
+                                                  requirements="W"))
             if sc.weights:
                 w = _chunk(table, sc.weights).flatten().to_numpy(zero_copy_only=False)
                 if len(w) != len(ids):
                     raise DataError(where, f"column '{sc.weights}' holds {len(w)} weights for "
                                     f"the {len(ids)} ids of '{sc.column}'")
-                weights[sc.key] = w.astype(np.float32, copy=False)
+                weights[sc.key] = np.require(w.astype(np.float32, copy=False), requirements="W")
         return Columns(n, dense, singles, single_valid, jagged, weights, values)
 
     def _checked(self, sc: SparseColumn, ids: np.ndarray, offsets: np.ndarray | None,
@@ -362,9 +364,7 @@ class BatchBuilder:
                     v = v[offsets[0]:offsets[-1]]
                     w = None if w is None else w[offsets[0]:offsets[-1]]
                 else:
-                    ln, pos = _jagged_rows(offsets, rows)
-                    v = np.take(v, pos)
-                    w = None if w is None else np.take(w, pos)
+                    ln, v, w = _take_jagged(offsets, v, w, rows)
             else:
                 v, ln = singles[self._single_row[sc.key]], None
                 valid = cols.single_valid.get(sc.key)
@@ -528,26 +528,23 @@ def _list_column(col: pa.Array, name: str, where: str) -> tuple[np.ndarray, np.n
     return offsets, flat.to_numpy(zero_copy_only=False)
 
 
-def _jagged_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths of ``rows`` and the positions of their values, in row order.
+def _take_jagged(offsets: np.ndarray, ids: np.ndarray, weights: np.ndarray | None,
+                 rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Lengths (int32), ids and weights of ``rows`` of a jagged column, in the order of ``rows``
+    (any rows, repeats allowed).
 
-    The positions are runs ``start, start+1, ...``: ones everywhere but at the first slot of each
-    run, which holds the jump from the end of the run before, so that one cumsum gives them all
-    (half the passes of np.repeat plus an arange).
+    FBGEMM's segment gather copies each row's run in one compiled pass: 2-3x numpy, which needs
+    a position per id (ones, a scatter of the jumps and a cumsum) before its take.
 
     Example:
-        >>> _jagged_rows(np.array([0, 2, 2, 5]), np.array([2, 1, 0]))
-        (array([3, 0, 2]), array([2, 3, 4, 0, 1]))
+        >>> ln, ids, _ = _take_jagged(np.array([0, 2, 2, 5]), np.arange(5), None,
+        ...                           np.array([2, 1, 0]))
+        >>> ln.tolist(), ids.tolist()
+        ([3, 0, 2], [2, 3, 4, 0, 1])
     """
-    starts, stops = offsets[:-1][rows], offsets[1:][rows]
-    lengths = stops - starts
-    ends = np.cumsum(lengths)
-    pos = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
-    if len(pos):
-        if np.count_nonzero(lengths) < len(lengths):  # an empty row starts no run
-            filled = np.flatnonzero(lengths)
-            starts, stops, ends = starts[filled], stops[filled], ends[filled]
-        pos[ends[:-1]] = starts[1:] - stops[:-1] + 1
-        pos[0] = starts[0]
-        np.cumsum(pos, out=pos)
-    return lengths, pos
+    lengths = torch.from_numpy(np.diff(offsets).astype(np.int32))
+    values = torch.from_numpy(ids[offsets[0]:offsets[-1]])
+    w = None if weights is None else torch.from_numpy(weights[offsets[0]:offsets[-1]])
+    out_lengths, out_ids, out_w = torch.ops.fbgemm.permute_1D_sparse_data(
+        torch.from_numpy(rows.astype(np.int32)), lengths, values, w, None)
+    return out_lengths.numpy(), out_ids.numpy(), None if out_w is None else out_w.numpy()
