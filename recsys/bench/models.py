@@ -8,11 +8,14 @@ features, batch 2048, one process, the trainer's path (DistributedModelParallel,
 the train pipeline of ``recsys.train.pipeline``). ``xdeepint`` runs twice: with its spec's group-lasso FTRL on the sharded
 tables (``gftrl``) and with ``rowwise_adagrad``; ``moe`` runs at its annealed top-k (the steady
 state of a long run). Each model trains in its own subprocess on the same
-saved batches; repeats go round the models (the order reversed every other repeat) and the best
-repeat of each is kept.
+saved batches; repeats go round the models (the order reversed every other repeat) and the table
+keeps the best repeat of each. A ratio compares two runs side by side: the two models of each
+target run one right after the other in every repeat, and the ratio is the median over repeats
+of those pairs' ratios (the machine's speed drifts over minutes, which a ratio of two bests taken
+minutes apart would carry).
 
 Example:
-    >>> result, table = run(ModelsBenchConfig(steps=20, repeats=2))
+    >>> result, table = run(ModelsBenchConfig(steps=20, repeats=3))
     >>> sorted(result["ratios"])
     ['moe_vs_dcn', 'xdeepint_gftrl_vs_adagrad']
 """
@@ -64,7 +67,7 @@ class ModelsBenchConfig:
     batch_size: int = 2048
     steps: int = 20  # timed steps per repeat
     warmup: int = 3
-    repeats: int = 2
+    repeats: int = 3
     one_core: bool = False  # torch.set_num_threads(1) in each child
     models: list[str] = field(default_factory=lambda: list(MODELS))
 
@@ -75,6 +78,28 @@ class ModelsBenchConfig:
         for name in ("tables", "rows", "batch_size", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def run_order(models: list[str]) -> list[str]:
+    """``models`` with each target's numerator moved right after its denominator, so that every
+    ratio compares two runs next to each other in time (in either direction of a repeat).
+
+    Example:
+        >>> run_order(["mlp", "dcn", "pin", "moe"])
+        ['mlp', 'dcn', 'moe', 'pin']
+    """
+    order = list(models)
+    for num, den, _ in TARGETS.values():
+        if num in order and den in order:
+            order.remove(num)
+            order.insert(order.index(den) + 1, num)
+    return order
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def model_spec(name: str, cfg: ModelsBenchConfig) -> dict[str, Any]:
@@ -120,8 +145,9 @@ def run(cfg: ModelsBenchConfig, progress: bool = True) -> tuple[dict[str, Any], 
             print(f"bench models: {cfg.warmup + cfg.steps} batches of {cfg.batch_size} "
                   f"({cfg.tables} tables x {cfg.rows:,} rows)", flush=True)
         save_batches(random_batches(first, cfg.warmup + cfg.steps), shared / "batches.pt")
+        paired = run_order(cfg.models)
         for rep in range(cfg.repeats):
-            order = cfg.models if rep % 2 == 0 else cfg.models[::-1]
+            order = paired if rep % 2 == 0 else paired[::-1]
             for m in order:
                 work = shared / m
                 work.mkdir(exist_ok=True)
@@ -144,8 +170,13 @@ def summarise(cfg: ModelsBenchConfig, specs: dict[str, Any],
     ratios: dict[str, Any] = {}
     for key, (num, den, target) in TARGETS.items():
         if num in best and den in best:
-            value = best[num] / best[den]
-            ratios[key] = {"value": value, "target": target, "met": value >= target}
+            # the pairs that ran side by side in each repeat (run_order)
+            pairs = [a["samples_per_s"] / b["samples_per_s"]
+                     for a, b in zip(runs[num], runs[den], strict=True)]
+            value = _median(pairs)
+            ratios[key] = {"value": value, "per_repeat": pairs,
+                           "of_best": best[num] / best[den], "target": target,
+                           "met": value >= target}
     result = {
         "config": asdict(cfg),
         "samples_per_s": best,
@@ -159,13 +190,14 @@ def summarise(cfg: ModelsBenchConfig, specs: dict[str, Any],
     rows = [[m, specs[m].train.sparse_optimizer.name.value, best[m],
              best[m] / dcn if dcn else float("nan")] for m in best]
     table = format_table(["model", "sparse optimizer", "samples/s", "vs dcn"], rows)
-    lines = [f"{k}: {v['value']:.2f}x (target >= {v['target']:g}x: "
+    lines = [f"{k}: {v['value']:.2f}x, the median of the side-by-side pairs "
+             f"({', '.join(f'{p:.2f}' for p in v['per_repeat'])}) (target >= {v['target']:g}x: "
              f"{'met' if v['met'] else 'not met'})" for k, v in ratios.items()]
     threads = "1 thread" if cfg.one_core else "all cores"
     table += (f"\n\n{cfg.tables} tables x {cfg.rows:,} rows x 16, {cfg.dense} dense, batch "
               f"{cfg.batch_size}, 1 process, {threads}; best of {cfg.repeats} x {cfg.steps} "
               f"timed steps after {cfg.warmup} warm-up steps, the same batches for every "
-              "model.\n" + "\n".join(lines))
+              "model; each ratio pairs the two models' runs side by side.\n" + "\n".join(lines))
     return result, table
 
 

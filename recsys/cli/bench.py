@@ -143,7 +143,9 @@ def _add_models(bench: SubParsers) -> None:
     p.add_argument("--batch-size", type=int, help="default 2048")
     p.add_argument("--steps", type=int, help="timed steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3)")
-    p.add_argument("--repeats", type=int, help="best of this many, round the models (default 2)")
+    p.add_argument("--repeats", type=int,
+                   help="rounds of the models: the table keeps each model's best, a ratio the "
+                        "median of its side-by-side pairs (default 3)")
     p.add_argument("--one-core", action="store_true", help="one thread per training process")
 
 

@@ -1,0 +1,41 @@
+"""``recsys bench models``: the run order that keeps each target's two models side by side, and
+the ratios from those pairs (known answers, no training)."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys.bench.models import MODELS, TARGETS, ModelsBenchConfig, run_order, summarise
+from recsys.spec import validate_spec
+
+
+def test_each_target_pair_runs_side_by_side() -> None:
+    order = run_order(list(MODELS))
+    assert sorted(order) == sorted(MODELS)
+    for num, den, _ in TARGETS.values():
+        assert order.index(num) == order.index(den) + 1, order
+    assert run_order(["mlp", "moe", "pin"]) == ["mlp", "moe", "pin"]  # no dcn: left alone
+
+
+def test_ratio_is_the_median_of_the_side_by_side_pairs() -> None:
+    from recsys.bench.models import model_spec
+
+    cfg = ModelsBenchConfig(tables=2, rows=100, batch_size=8, repeats=3,
+                            models=["dcn", "moe"])
+    specs = {m: validate_spec(model_spec(m, cfg), m) for m in cfg.models}
+
+    def run(rate: float) -> dict[str, float]:
+        return {"samples_per_s": rate, "optimizer_state_bytes": 0, "param_bytes": 0}
+
+    # repeat 2 caught dcn in a fast phase: the pairs are 0.4, 0.25, 0.45
+    runs = {"dcn": [run(100.0), run(200.0), run(100.0)], "moe": [run(40.0), run(50.0), run(45.0)]}
+    result, table = summarise(cfg, specs, runs)
+    ratio = result["ratios"]["moe_vs_dcn"]
+    assert ratio["per_repeat"] == pytest.approx([0.4, 0.25, 0.45])
+    assert ratio["value"] == pytest.approx(0.4) and ratio["met"]
+    assert ratio["of_best"] == pytest.approx(50.0 / 200.0)
+    assert result["samples_per_s"] == {"dcn": 200.0, "moe": 50.0}
+    assert "moe_vs_dcn: 0.40x" in table and "(0.40, 0.25, 0.45)" in table
+    # an even number of repeats: the mean of the middle two
+    runs = {m: r[:2] for m, r in runs.items()}
+    assert summarise(cfg, specs, runs)[0]["ratios"]["moe_vs_dcn"]["value"] == pytest.approx(0.325)
