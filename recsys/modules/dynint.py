@@ -113,8 +113,8 @@ class _LowRankMix(nn.Module):
 
     def forward(self, x0: torch.Tensor, flat: torch.Tensor,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
-        uv = self.gen(flat).reshape(flat.shape[0], 2, self.num_fields, self.rank)
-        u, v = uv[:, 0], uv[:, 1]
+        # unbind, not two selects: the gradient is one stack, not two zero-filled (B, 2, M, k)
+        u, v = self.gen(flat).reshape(flat.shape[0], 2, self.num_fields, self.rank).unbind(1)
         out = (x0 @ v) @ u.transpose(1, 2)  # (B, d, M) @ (B, M, k) @ (B, k, M)
         if self.dense is not None:
             out = out + x0 @ self.dense.weight
