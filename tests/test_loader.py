@@ -473,3 +473,27 @@ def test_group_column_must_be_a_group(tiny_spec, tiny_dataset) -> None:
     with pytest.raises(ValueError, match="group_column 'click'"):
         ParquetLoader(open_split(tiny_spec, tiny_dataset, "train"), batch_size=8,
                       group_column="click")
+
+
+def test_shards_dictionary_encode_all_but_floats(tmp_path: Path) -> None:
+    """Ids, labels and id lists get a dictionary; continuous floats are written plain (a hash per
+    value on write, and slower to decode, for no smaller file), and read back exactly."""
+    from recsys.data.parquet import ShardWriter, dictionary_columns
+
+    table = pa.table({
+        "user_id": pa.array(np.arange(300) % 7, pa.int64()),
+        "tags": pa.array([[1, 2], [], [3]] * 100, pa.list_(pa.int64())),
+        "price": pa.array(np.linspace(0, 1, 300), pa.float32()),
+        "click": pa.array(np.arange(300) % 2, pa.int8()),
+    })
+    assert dictionary_columns(table.schema) == ["user_id", "tags.list.element", "click"]
+    writer = ShardWriter(tmp_path, table.schema, rows_per_shard=1000, row_group_size=128)
+    writer.write(table)
+    (name,) = writer.close()
+    f = pq.ParquetFile(tmp_path / name)
+    group = f.metadata.row_group(0)
+    dictionary = {group.column(i).path_in_schema: group.column(i).has_dictionary_page
+                  for i in range(group.num_columns)}
+    assert dictionary == {"user_id": True, "tags.list.element": True, "price": False,
+                          "click": True}
+    assert f.read().equals(table)

@@ -34,6 +34,27 @@ from recsys.fsutil import sibling_lock
 COMPRESSION = "snappy"  # decodes faster than zstd; the loader is read-bound
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet leaf columns (dotted paths, e.g. ``tags.list.element``) of ``schema`` that are
+    not floating point: the columns a shard dictionary-encodes.
+
+    Ids and labels repeat, so a dictionary makes them small and quick to decode. Continuous floats
+    (dense features, scores, probabilities) rarely repeat: dictionary-encoding them costs a hash per
+    value on write (a quarter to a third of writing a shard) and decodes at half the speed of the
+    plain values, for files no smaller.
+
+    Example:
+        >>> dictionary_columns(pa.schema([("id", pa.int64()), ("x", pa.float32()),
+        ...                               ("tags", pa.list_(pa.int64()))]))
+        ['id', 'tags.list.element']
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    leaves = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return [leaves.column(i).path for i in range(len(leaves))
+            if leaves.column(i).physical_type not in ("FLOAT", "DOUBLE")]
+
+
 class ShardWriter:
     """Streams Arrow tables into ``part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows,
     cut into row groups of exactly ``row_group_size`` rows (the last one may be shorter).
@@ -57,6 +78,7 @@ class ShardWriter:
         self._rows_in_shard = 0
         self._buffer: list[pa.Table] = []
         self._buffered = 0
+        self._dictionary = dictionary_columns(schema)
         directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, table: pa.Table) -> None:
@@ -88,7 +110,8 @@ class ShardWriter:
             name = f"part-{len(self.files):05d}.parquet"
             self.files.append(name)
             self._writer = pq.ParquetWriter(self.directory / name, self.schema,
-                                            compression=COMPRESSION)
+                                            compression=COMPRESSION,
+                                            use_dictionary=self._dictionary)
         self._writer.write_table(head, row_group_size=n)
         self._rows_in_shard += n
         self.rows += n
