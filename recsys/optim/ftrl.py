@@ -199,7 +199,10 @@ def group_ftrl_rows(w: torch.Tensor, n: torch.Tensor, z: torch.Tensor, rows: tor
         >>> (w == 0).all(dim=1).tolist()
         [False, True, False]
     """
-    w_r, n_r, z_r = w[rows].to(n.dtype), n[rows], z[rows]
+    # index_select / index_copy_: a row gather with a tensor index (w[rows]) is 3-4x slower on
+    # the CPU, and a step touches tens of thousands of rows
+    w_r = w.index_select(0, rows).to(n.dtype)
+    n_r, z_r = n.index_select(0, rows), z.index_select(0, rows)
     g = g.to(n.dtype)
     sqrt_n = _FTRLBase._accumulate(w_r, g, n_r, z_r, lr)
     threshold = l1 * math.sqrt(w.shape[1])
@@ -207,7 +210,9 @@ def group_ftrl_rows(w: torch.Tensor, n: torch.Tensor, z: torch.Tensor, rows: tor
     shrink = threshold / norm.clamp_min(torch.finfo(norm.dtype).tiny) - 1.0
     new_w = z_r * shrink / ((beta + sqrt_n) / lr + l2)
     new_w = torch.where(norm <= threshold, torch.zeros_like(new_w), new_w)
-    w[rows], n[rows], z[rows] = new_w.to(w.dtype), n_r, z_r
+    w.index_copy_(0, rows, new_w.to(w.dtype))
+    n.index_copy_(0, rows, n_r)
+    z.index_copy_(0, rows, z_r)
 
 
 def zero_fraction(tensors: Iterable[torch.Tensor]) -> float:

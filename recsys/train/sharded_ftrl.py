@@ -124,7 +124,9 @@ class _ShardGroup:
         s = self.settings
         if self.whole is not None:
             dim = self.feature_dims[0]
-            g = grad_out.view(batch, num_features, dim)[row_in_batch, feature]  # (nnz, D)
+            # (nnz, D): one index_select of the (B·F, D) rows, 3-4x a two-tensor index
+            g = grad_out.reshape(batch * num_features, dim).index_select(
+                0, row_in_batch * num_features + feature)
             if scale is not None:
                 g = g * scale[:, None]
             rows, inverse = torch.unique(key, return_inverse=True)
