@@ -118,9 +118,10 @@ class _ShardGroup:
         scale = None if per_sample_weights is None else per_sample_weights.to(self.state_dtype)
         if self.mean:
             inv = 1.0 / lengths.clamp_min(1).to(self.state_dtype)
-            scale = inv[bag] if scale is None else scale * inv[bag]
+            per_id = inv.index_select(0, bag)
+            scale = per_id if scale is None else scale * per_id
         grad_out = grad_out.to(self.state_dtype)
-        key = self.feature_base[feature] + indices
+        key = self.feature_base.index_select(0, feature) + indices
         s = self.settings
         if self.whole is not None:
             dim = self.feature_dims[0]
