@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -94,12 +95,6 @@ def run_order(models: list[str]) -> list[str]:
             order.remove(num)
             order.insert(order.index(den) + 1, num)
     return order
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def model_spec(name: str, cfg: ModelsBenchConfig) -> dict[str, Any]:
@@ -173,7 +168,7 @@ def summarise(cfg: ModelsBenchConfig, specs: dict[str, Any],
             # the pairs that ran side by side in each repeat (run_order)
             pairs = [a["samples_per_s"] / b["samples_per_s"]
                      for a, b in zip(runs[num], runs[den], strict=True)]
-            value = _median(pairs)
+            value = statistics.median(pairs)
             ratios[key] = {"value": value, "per_repeat": pairs,
                            "of_best": best[num] / best[den], "target": target,
                            "met": value >= target}

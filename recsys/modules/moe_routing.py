@@ -154,22 +154,25 @@ def input_noise(x: torch.Tensor, eps: float) -> torch.Tensor:
         True
     """
     if x.device.type == "cpu" and not torch.jit.is_scripting():
-        return _input_noise_cpu(x, eps)
+        noisy = _input_noise_cpu(x, eps)
+        if noisy is not None:
+            return noisy
     return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
 
 
 @torch.jit.unused
-def _input_noise_cpu(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _input_noise_cpu(x: torch.Tensor, eps: float) -> torch.Tensor | None:
     # torch's CPU generator (mt19937) takes about 5 ns a value: the four routers' noise was 7% of
     # an AdaEnsemble training step (B x 432 values each). numpy's SFC64 gives raw 64-bit words at
     # under 1 ns per 32 bits; each 32-bit half's low 24 bits are a float32 uniform on [0, 1) once
     # scaled by 2^-24 (numpy's own float32 draw keeps 24 bits too). Its seed comes from torch's
     # generator, so torch.manual_seed still decides the draw.
-    # (numpy is imported here: the pure-torch layers must import with torch alone)
+    # (numpy is imported here: the pure-torch layers must import with torch alone; without it,
+    # None: torch's own draw)
     try:
         import numpy as np
     except ImportError:
-        return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        return None
     seed = int(torch.randint(0, 2**62, (1,)).numpy()[0])  # (.numpy(): no aten op, no sync)
     words = np.random.SFC64(seed).random_raw((x.numel() + 1) // 2)
     bits = torch.from_numpy(words.view(np.int32)[:x.numel()]).view(x.shape)

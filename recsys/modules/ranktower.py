@@ -148,11 +148,11 @@ class GatedCrossAttention(nn.Module):
         return self.user_side(u, v), self.item_side(v, u)
 
 
-def _softmax_last(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over a short last axis (a few heads), written out: ``torch.softmax`` over 4 values
-    per row is several times slower on CPU than these elementwise kernels."""
-    e = torch.exp(x - x.amax(dim=-1, keepdim=True))
-    return e / e.sum(dim=-1, keepdim=True)
+def _softmax_short(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over a short axis (a few heads), written out: ``torch.softmax`` over 4 values per
+    row is several times slower on CPU than these elementwise kernels."""
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
 
 
 def max_sim(u: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
@@ -308,11 +308,9 @@ class RankTowerNet(nn.Module):
         logits = items.reshape(n * h, d) @ torch.cat([proj[:, :d], proj[:, d:2 * d]]).t()
         by_head = logits.view(n, h, 2 * h).permute(1, 2, 0).contiguous()
         # the user's heads attend over the item's heads (softmax over axis 0) ...
-        e = torch.exp(by_head[:, :h] - by_head[:, :h].amax(0, keepdim=True))
-        to_items = (e / e.sum(0, keepdim=True)).permute(2, 1, 0).contiguous()  # (N, H_u, H_v)
+        to_items = _softmax_short(by_head[:, :h], 0).permute(2, 1, 0).contiguous()  # (N, H_u, H_v)
         # ... and the item's heads over the user's (softmax over axis 1)
-        e = torch.exp(by_head[:, h:] - by_head[:, h:].amax(1, keepdim=True))
-        to_user = (e / e.sum(1, keepdim=True)).permute(2, 0, 1).reshape(n * h, h)
+        to_user = _softmax_short(by_head[:, h:], 1).permute(2, 0, 1).reshape(n * h, h)
         # contexts and gate inputs side by side, (N, H, 2d) each: [context | gate input]
         user_gate = torch.cat([torch.zeros_like(u), proj[:, 2 * d:3 * d]], 1)
         user_ctx = torch.baddbmm(user_gate.unsqueeze(0), to_items, prepared[:, :, :2 * d])
