@@ -100,6 +100,11 @@ def test_stable_hash_is_the_documented_formula_and_pinned() -> None:
     many = pa.array([f"value-{i:07d}" for i in range(120_000)])
     assert np.array_equal(stable_hash(many.dictionary_encode()), stable_hash(many))
     assert stable_hash(many)[99_999] == reference_hash("value-0099999")
+    # one string longer than a chunk needs powers past the table kept per base, computed apart
+    long = "ab" * ((1 << 19) + 3)
+    assert stable_hash(pa.array([long, "u1"])).tolist() == [reference_hash(long),
+                                                            reference_hash("u1")]
+    assert stable_hash(pa.array(values)).tolist() == [reference_hash(v) for v in values]
 
 
 def test_builder_orders_by_count_then_value_and_drops_rare() -> None:
