@@ -36,6 +36,8 @@ def test_targets_are_read_from_each_benchmark_and_judged() -> None:
     bf16 = next(r for r in summary["targets"] if r["target"].startswith("bf16 autocast"))
     assert bf16["met"] is False and bf16["measured"] == "1 of 2 arch/phase pairs; slower: moe train"
     assert (summary["met"], summary["applicable"], summary["total"]) == (4, 7, 8)
+    loading = next(r for r in summary["targets"] if r["benchmark"] == "data")
+    assert loading["measured"] == "0.50x"  # no worker case in this run: nothing beside it
     assert "| no  |" in table and "4 of 7 targets met on this machine (1 n/a here)" in table
 
 
@@ -63,3 +65,14 @@ def test_bf16_goal_is_not_applicable_where_the_device_gains_nothing_from_bf16() 
                                        "slower in 0 of 1 arch/phase pairs")
         else:
             assert row["measured"] == "0 of 1 arch/phase pairs; slower: moe train"
+
+
+def test_loading_target_reports_the_worker_case_beside_it() -> None:
+    name = "loader -> Batch (shuffled, 2 workers)"
+    data = {"ratio_to_bare": {"loader -> Batch (shuffled)": 0.41, name: 0.2}, "num_workers": 2,
+            "rows_per_s": {name: 3_400_000.0}, "cores": {name: 2},
+            "rows_per_s_per_core": {name: 1_700_000.0}}
+    summary, _ = targets({"data": data})
+    (row,) = summary["targets"]
+    assert row["met"] is False
+    assert row["measured"] == "0.41x (2 workers: 3.40M rows/s on 2 cores, 1.70M per core)"

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import time
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys.data.batch import Batch
-from recsys.data.loader import ParquetLoader
+from recsys.data.batch import Batch, BatchBuilder, Window
+from recsys.data.loader import ParquetLoader, SharedWindows
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema, DatasetManifest, SparseColumn
 from recsys.spec import OOVPolicy
@@ -294,18 +297,60 @@ def compare_batches(a: list[Batch], b: list[Batch]) -> None:
             assert torch.equal(x.groups[k], y.groups[k])
 
 
-def test_workers_give_the_same_batches_in_the_same_order(tiny_dataset, tiny_schema):
+@pytest.mark.parametrize(("window_batches", "num_workers", "start_step"), [(3, 2, 7), (1, 3, 9)])
+def test_workers_give_the_same_batches_in_the_same_order(tiny_dataset, tiny_schema,
+                                                         window_batches, num_workers, start_step):
+    """Workers build runs of WINDOWS_PER_ITEM windows in turn; with one window per 128-row batch
+    (18 windows) three workers take several turns each, and a restart begins mid-run."""
     start = time.perf_counter()
     files = tiny_dataset.files("impressions", "train")
     split = ParquetSplit(files, tiny_schema)
-    kwargs = {"rank": 1, "world_size": 2, "seed": 8, "window_batches": 3, "drop_last": False}
+    kwargs = {"rank": 1, "world_size": 2, "seed": 8, "window_batches": window_batches,
+              "drop_last": False}
     plain = list(ParquetLoader(split, 128, num_workers=0, **kwargs).epoch(1))
-    workers = list(ParquetLoader(split, 128, num_workers=2, **kwargs).epoch(1))
+    workers = list(ParquetLoader(split, 128, num_workers=num_workers, **kwargs).epoch(1))
     assert len(plain) == -(-4500 // 128)
     compare_batches(plain, workers)
-    restarted = list(ParquetLoader(split, 128, num_workers=2, **kwargs).epoch(1, start_step=7))
-    compare_batches(plain[7:], restarted)
+    restarted = list(ParquetLoader(split, 128, num_workers=num_workers, **kwargs)
+                     .epoch(1, start_step=start_step))
+    compare_batches(plain[start_step:], restarted)
     assert time.perf_counter() - start < 30
+
+
+def test_shared_windows_give_back_every_array(handmade):
+    """A run of windows packed into one shared buffer comes back with every array equal (dtype,
+    shape, values; bool masks and Nones included) and as views of that buffer."""
+    files, schema = handmade
+    loader = ParquetLoader(ParquetSplit(files, schema), 4, seed=2, window_batches=2,
+                           drop_last=False)
+    originals = [loader.window(0, w) for w in range(loader.num_windows())]
+    # and one with a null single id (a bool mask for lengths) and per-id weights
+    table = pa.table({"rid": pa.array([3, None, 0, 9]), "x": pa.array([1, 2, 3, 4], pa.float32()),
+                      "tags": pa.array([[1, 2], [], None, [4]]),
+                      "tag_w": pa.array([[0.5, 0.25], [], None, [2.0]], pa.list_(pa.float32())),
+                      "y": pa.array([0, 1, 0, 1], pa.int8())})
+    nulls = BatchSchema(dense=["x"], labels=["y"], sparse=[
+        SparseColumn("rid", "rid", 10, OOVPolicy.ERROR, False),
+        SparseColumn("tags", "tags", 7, OOVPolicy.ERROR, True, weights="tag_w")])
+    builder = BatchBuilder(nulls)
+    originals.append(builder.window(builder.columns(table), np.array([2, 0, 3, 1]), [0, 2, 4]))
+    assert originals[-1].lengths[0].dtype == bool and originals[-1].weights[0] is None
+    shared = pickle.loads(ForkingPickler.dumps(SharedWindows(originals)))  # as a worker sends
+    assert shared.buffer.is_shared()
+    copies = shared.windows()
+    assert len(copies) == len(originals)
+    base = shared.buffer.numpy()
+    for a, b in zip(originals, copies, strict=True):
+        for f in dataclasses.fields(Window):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            items = (list(zip(x, y, strict=True)) if isinstance(x, list)
+                     else [(x[k], y[k]) for k in x] if isinstance(x, dict) else [(x, y)])
+            for u, v in items:
+                if isinstance(u, np.ndarray):
+                    assert v.dtype == u.dtype and v.shape == u.shape and np.array_equal(u, v)
+                    assert np.shares_memory(v, base)
+                else:
+                    assert u == v
 
 
 def test_epochs_differ_and_repeat(handmade):

@@ -252,6 +252,8 @@ class DataSpec(StrictModel):
     # shuffle whole requests instead of rows and cut batches at request boundaries, so that a
     # request's rows share a batch (listwise losses over requests or user codes see whole lists)
     request_batches: bool = False
+    # loader worker processes (0: load in the training process); they pass windows through
+    # shared memory (/dev/shm), see docs/architecture.md
     num_workers: int = 0
     synthetic: SyntheticSpec | None = None
     prepare: PrepareSpec | None = None
