@@ -21,7 +21,7 @@ for, so that it reuses the memory of the batch consumed before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -331,31 +331,31 @@ class _Slot:
     index: int
 
 
-def _slots(obj: Any, arrays: list[np.ndarray]) -> Any:
-    """``obj`` (a Window, or a list, dict or value inside one) with every array replaced by the
-    :class:`_Slot` of its place in ``arrays``."""
-    if isinstance(obj, np.ndarray):
-        arrays.append(obj)
+def _slots(window: Window, arrays: list[np.ndarray]) -> Window:
+    """``window`` with every array appended to ``arrays`` and replaced by its :class:`_Slot`."""
+    def slot(a: np.ndarray) -> _Slot:
+        arrays.append(a)
         return _Slot(len(arrays) - 1)
-    if isinstance(obj, Window):
-        return Window(**{f.name: _slots(getattr(obj, f.name), arrays) for f in fields(obj)})
-    if isinstance(obj, list):
-        return [_slots(x, arrays) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _slots(v, arrays) for k, v in obj.items()}
-    return obj
+
+    return _mapped(window, np.ndarray, slot)
 
 
-def _filled(obj: Any, views: list[np.ndarray]) -> Any:
+def _filled(layout: Window, views: list[np.ndarray]) -> Window:
     """The inverse of :func:`_slots`: every slot replaced by its array's view."""
-    if isinstance(obj, _Slot):
-        return views[obj.index]
+    return _mapped(layout, _Slot, lambda s: views[s.index])
+
+
+def _mapped(obj: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` (a Window, or a list, dict or value inside one) with every ``kind`` in it
+    replaced by ``fn`` of it."""
+    if isinstance(obj, kind):
+        return fn(obj)
     if isinstance(obj, Window):
-        return Window(**{f.name: _filled(getattr(obj, f.name), views) for f in fields(obj)})
+        return Window(**{f.name: _mapped(getattr(obj, f.name), kind, fn) for f in fields(obj)})
     if isinstance(obj, list):
-        return [_filled(x, views) for x in obj]
+        return [_mapped(x, kind, fn) for x in obj]
     if isinstance(obj, dict):
-        return {k: _filled(v, views) for k, v in obj.items()}
+        return {k: _mapped(v, kind, fn) for k, v in obj.items()}
     return obj
 
 
