@@ -79,6 +79,7 @@ from recsys.bench.arch_models import (
     Output,
     build_arch,
 )
+from recsys.denormals import flush_denormals
 from recsys.losses.pointwise import bce
 from recsys.malloc import tune_malloc
 from recsys.tables import format_table
@@ -362,6 +363,7 @@ def run(cfg: ArchBenchConfig,
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     tune_malloc()  # the allocator settings of a training process (recsys.malloc)
+    flush_denormals()  # and its float modes (recsys.denormals)
     results: dict[str, dict[str, Any]] = {}
     sync: dict[str, dict[str, dict[str, str]]] = {}
     with torch_threads(cfg.threads if device.type == "cpu" else None):

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from recsys.denormals import flush_denormals
 from recsys.malloc import tune_malloc
 
 
@@ -28,6 +29,7 @@ def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
     from recsys.modules.ranktower import DSSMNet, RankTowerNet
 
     tune_malloc()  # a serving process's allocator settings (recsys serve does the same)
+    flush_denormals()
     spec = RankTowerSpec()
     torch.manual_seed(0)
     results = {}

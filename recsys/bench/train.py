@@ -53,6 +53,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.bench.plain import PLAIN_DENSE, PLAIN_SPARSE, PlainSide
 from recsys.data.batch import Batch
+from recsys.denormals import flush_denormals
 from recsys.errors import DataError
 from recsys.malloc import tune_malloc
 from recsys.models.tables import embedding_bag_configs
@@ -285,6 +286,7 @@ def run_side(side: str, spec: Spec, batches: Sequence[Batch], steps: int, warmup
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got '{side}'")
     tune_malloc()  # as recsys train does, on both sides alike
+    flush_denormals()
     if len(batches) < warmup + steps:
         raise ValueError(f"{len(batches)} batches for {warmup} + {steps} steps")
     rss_before = peak_rss_bytes()

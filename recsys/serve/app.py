@@ -34,6 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from recsys.denormals import flush_denormals
 from recsys.errors import UsageError
 from recsys.malloc import tune_malloc
 from recsys.serve.batching import ShuttingDown
@@ -140,6 +141,7 @@ async def serve(export_dir: str | Path, cfg: ServeConfig, stop: asyncio.Event | 
         UsageError: the address cannot be listened on (the port is taken, ...).
     """
     tune_malloc()  # requests allocate and free the same tensors, as training steps do
+    flush_denormals()
     service = ScoringService.load(export_dir, cfg)
     service.warm_up()
     stop = stop or asyncio.Event()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from recsys import __version__
+from recsys.denormals import flush_denormals
 from recsys.errors import RunError
 from recsys.evaluate import plots
 from recsys.evaluate.accumulator import flatten_for_report
@@ -81,6 +82,7 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         >>> metrics["test"]["auc"]
     """
     tune_malloc()
+    flush_denormals()
     out = Path(run_dir) if run_dir else default_run_dir(spec)
     if init_from is not None and Path(init_from).resolve() == out.resolve():
         raise RunError(str(out), "--init-from names this run's own directory; use --resume to "
@@ -179,6 +181,7 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
         >>> evaluate_run("runs/quickstart-5d5ee98d")["test"]["auc"]
     """
     tune_malloc()
+    flush_denormals()
     run = RunDir(run_dir)
     out = run.path
     spec = run.spec()
