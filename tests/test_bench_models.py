@@ -39,3 +39,23 @@ def test_ratio_is_the_median_of_the_side_by_side_pairs() -> None:
     # an even number of repeats: the mean of the middle two
     runs = {m: r[:2] for m, r in runs.items()}
     assert summarise(cfg, specs, runs)[0]["ratios"]["moe_vs_dcn"]["value"] == pytest.approx(0.325)
+
+
+def test_interleaved_run_gives_the_ratio_and_the_pairs_stay_beside_it() -> None:
+    from recsys.bench.models import model_spec
+
+    cfg = ModelsBenchConfig(tables=2, rows=100, batch_size=8, repeats=2, models=["dcn", "moe"])
+    specs = {m: validate_spec(model_spec(m, cfg), m) for m in cfg.models}
+
+    def run(rate: float) -> dict[str, float]:
+        return {"samples_per_s": rate, "optimizer_state_bytes": 0, "param_bytes": 0}
+
+    runs = {"dcn": [run(100.0), run(200.0)], "moe": [run(40.0), run(50.0)]}  # pairs 0.4, 0.25
+    turns = {"moe_vs_dcn": {"dcn": 120.0, "moe": 54.0, "chunk": 2, "steps": 20}}
+    result, table = summarise(cfg, specs, runs, turns)
+    ratio = result["ratios"]["moe_vs_dcn"]
+    assert ratio["value"] == pytest.approx(0.45) and ratio["met"]  # 54 / 120, from the turns
+    assert ratio["median_of_pairs"] == pytest.approx(0.325)
+    assert ratio["interleaved"] == turns["moe_vs_dcn"]
+    assert "moe_vs_dcn: 0.45x in turns of 2 steps in one process" in table
+    assert "the median of the side-by-side pairs 0.33x (0.40, 0.25)" in table

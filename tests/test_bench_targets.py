@@ -7,7 +7,9 @@ from recsys.bench.targets import targets
 
 def test_targets_are_read_from_each_benchmark_and_judged() -> None:
     results = {
-        "models": {"ratios": {"moe_vs_dcn": {"value": 0.35, "target": 0.4, "met": False},
+        "models": {"ratios": {"moe_vs_dcn": {"value": 0.35, "target": 0.4, "met": False,
+                                             "interleaved": {"chunk": 2},
+                                             "median_of_pairs": 0.41},
                               "xdeepint_gftrl_vs_adagrad": {"value": 0.9, "target": 0.5,
                                                             "met": True}}},
         "moe": {"ratio_depth4_to_depth1": {"best": 3.1, "median": 3.0}},
@@ -36,6 +38,8 @@ def test_targets_are_read_from_each_benchmark_and_judged() -> None:
     bf16 = next(r for r in summary["targets"] if r["target"].startswith("bf16 autocast"))
     assert bf16["met"] is False and bf16["measured"] == "1 of 2 arch/phase pairs; slower: moe train"
     assert (summary["met"], summary["applicable"], summary["total"]) == (4, 7, 8)
+    moe = next(r for r in summary["targets"] if r["target"].startswith("AdaEnsemble full"))
+    assert moe["measured"] == "0.35x (in turns; separate runs 0.41x)"
     loading = next(r for r in summary["targets"] if r["benchmark"] == "data")
     assert loading["measured"] == "0.50x"  # no worker case in this run: nothing beside it
     assert "| no  |" in table and "4 of 7 targets met on this machine (1 n/a here)" in table

@@ -328,6 +328,51 @@ def run_side(side: str, spec: Spec, batches: Sequence[Batch], steps: int, warmup
     return result
 
 
+def run_interleaved(specs: Sequence[Spec], batches: Sequence[Batch], steps: int, warmup: int,
+                    chunk: int = 2) -> dict[str, Any]:
+    """Train the sharded side of every spec in this one process, in turns of ``chunk`` steps
+    (model 1, model 2, ..., model 1, ...), each on ``batches[:warmup + steps]``, and time each
+    model's turns: a slow phase of the machine then falls on every model alike, which runs in
+    separate processes, seconds or minutes apart, cannot promise.
+
+    Returns each model's samples/s (in the order of ``specs``) over its ``steps`` timed steps.
+
+    Example:
+        >>> r = run_interleaved([dcn_spec, moe_spec], batches, steps=20, warmup=3)
+        >>> r["samples_per_s"][1] / r["samples_per_s"][0]  # moe's speed as a share of dcn's
+    """
+    from recsys.train.distributed import init_distributed, seed_everything, shutdown
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if len(batches) < warmup + steps:
+        raise ValueError(f"{len(batches)} batches for {warmup} + {steps} steps")
+    tune_malloc()
+    flush_denormals()
+    ctx = init_distributed("cpu")
+    try:
+        sides, feeds = [], []
+        for spec in specs:
+            seed_everything(spec.train.seed, 0)
+            sides.append(ShardedSide.build(spec, ctx.device, total_steps=warmup + steps))
+            feeds.append(iter(batches[:warmup + steps]))
+        for side, feed in zip(sides, feeds, strict=True):
+            for _ in range(warmup):
+                side.step(feed)
+        seconds = [0.0] * len(sides)
+        for first in range(0, steps, chunk):
+            for i, (side, feed) in enumerate(zip(sides, feeds, strict=True)):
+                start = time.perf_counter()
+                for _ in range(min(chunk, steps - first)):
+                    side.step(feed)
+                seconds[i] += time.perf_counter() - start
+    finally:
+        shutdown()
+    rows = sum(b.batch_size for b in batches[warmup:warmup + steps])
+    return {"samples_per_s": [rows / t for t in seconds], "seconds": seconds, "steps": steps,
+            "chunk": chunk, "rows": rows, "threads": torch.get_num_threads()}
+
+
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
     root = str(Path(__file__).resolve().parents[2])  # the checkout, when recsys is not installed
@@ -351,16 +396,21 @@ def _child_failed(what: str, proc: subprocess.CompletedProcess[str]) -> str:
     return f"{what} failed (exit {proc.returncode}):\n{tail}"
 
 
-def _run_child(side: str, work: Path, cfg: TrainBenchConfig, repeat: int) -> dict[str, Any]:
+def _run_child(side: str, work: Path, cfg: TrainBenchConfig, repeat: int,
+               specs: Sequence[Path] | None = None) -> dict[str, Any]:
+    """One side's run in a subprocess (``work/spec.json`` on ``work/batches.pt``); with
+    ``specs``, the sharded sides of those specs in turns (:func:`run_interleaved`)."""
     out = work / f"{side}-{repeat}.json"
-    cmd = [sys.executable, "-m", "recsys.bench.train", "--side", side,
-           "--spec-json", str(work / "spec.json"), "--batches", str(work / "batches.pt"),
-           "--steps", str(cfg.steps), "--warmup", str(cfg.warmup), "--result", str(out)]
+    spec_args = [a for p in (specs or [work / "spec.json"]) for a in ("--spec-json", str(p))]
+    cmd = [sys.executable, "-m", "recsys.bench.train", "--side", side, *spec_args,
+           "--batches", str(work / "batches.pt"), "--steps", str(cfg.steps),
+           "--warmup", str(cfg.warmup), "--result", str(out)]
     if not cfg.one_core:
         cmd.append("--all-cores")
-    proc = run_child(cmd, f"the {side} side")
+    what = f"the {side} side" if not specs else "the interleaved models"
+    proc = run_child(cmd, what)
     if not out.is_file():
-        raise RuntimeError(_child_failed(f"the {side} side", proc))
+        raise RuntimeError(_child_failed(what, proc))
     return json.loads(out.read_text())
 
 
@@ -488,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recsys.bench.train",
                                 description="one side of recsys bench train (internal)")
     p.add_argument("--side", choices=SIDES, required=True)
-    p.add_argument("--spec-json", required=True, type=Path)
+    p.add_argument("--spec-json", required=True, type=Path, action="append",
+                   help="repeated (sharded side only): the models train in turns in one process")
     p.add_argument("--batches", required=True, type=Path)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
@@ -497,10 +548,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     from recsys.bench.data import one_core
 
-    spec = Spec.model_validate_json(args.spec_json.read_text())
+    specs = [Spec.model_validate_json(path.read_text()) for path in args.spec_json]
+    if len(specs) > 1 and args.side != "sharded":
+        p.error("several --spec-json take --side sharded")
     batches = load_batches(args.batches)
     with one_core(not args.all_cores):
-        result = run_side(args.side, spec, batches, args.steps, args.warmup)
+        result = (run_side(args.side, specs[0], batches, args.steps, args.warmup)
+                  if len(specs) == 1 else
+                  run_interleaved(specs, batches, args.steps, args.warmup))
     args.result.write_text(json.dumps(result, indent=1))
     return 0
 
