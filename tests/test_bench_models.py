@@ -59,3 +59,24 @@ def test_interleaved_run_gives_the_ratio_and_the_pairs_stay_beside_it() -> None:
     assert ratio["interleaved"] == turns["moe_vs_dcn"]
     assert "moe_vs_dcn: 0.45x in turns of 2 steps in one process" in table
     assert "the median of the side-by-side pairs 0.33x (0.40, 0.25)" in table
+
+
+@pytest.mark.slow
+def test_command_trains_each_target_pair_in_turns(tmp_path) -> None:
+    """The whole command on tiny tables: the separate runs, then dcn and moe in turns in one
+    subprocess (python -m recsys.bench.train with two --spec-json), which gives the ratio."""
+    import json
+
+    from recsys.cli import main
+
+    rc = main(["bench", "models", "--models", "dcn,moe", "--tables", "3", "--rows", "1000",
+               "--batch-size", "256", "--steps", "3", "--warmup", "1", "--repeats", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "models.json").read_text())
+    ratio = result["ratios"]["moe_vs_dcn"]
+    turns = ratio["interleaved"]
+    assert turns["steps"] == 3 and turns["chunk"] == 2 and turns["dcn"] > 0 and turns["moe"] > 0
+    assert ratio["value"] == pytest.approx(turns["moe"] / turns["dcn"])
+    assert len(ratio["per_repeat"]) == 1
+    assert "in turns of 2 steps in one process" in (tmp_path / "models.md").read_text()
