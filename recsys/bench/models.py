@@ -10,11 +10,11 @@ tables (``gftrl``) and with ``rowwise_adagrad``; ``moe`` runs at its annealed to
 state of a long run). Each model trains in its own subprocess on the same
 saved batches; repeats go round the models (the order reversed every other repeat) and the table
 keeps the best repeat of each. A target's ratio compares its two models side by side: after the
-repeats, the two train once more in one process, in turns of two steps (``recsys.bench.train.run_interleaved``),
-so that a slow phase of the machine falls on both alike; the machine's speed drifts within
-seconds as well as minutes, and on one day the pairs of separate runs gave 0.35-0.50 for the
-same code. The repeats still run each target's two models one right after the other, and the
-median of those pairs' ratios is kept beside it.
+repeats, the two train once more in one process, in turns of two steps
+(``recsys.bench.train.run_interleaved``), so that a slow phase of the machine falls on both
+alike; the machine's speed drifts within seconds as well as minutes, and on one day the pairs of
+separate runs gave 0.34-0.51 for the same code. The repeats still run each target's two models
+one right after the other, and the median of those pairs' ratios is kept beside it.
 
 Example:
     >>> result, table = run(ModelsBenchConfig(steps=20, repeats=3))
