@@ -542,3 +542,24 @@ def test_shards_dictionary_encode_all_but_floats(tmp_path: Path) -> None:
     assert dictionary == {"user_id": True, "tags.list.element": True, "price": False,
                           "click": True}
     assert f.read().equals(table)
+
+
+def test_short_shared_memory_sends_windows_through_the_pipe(tiny_dataset, tiny_schema, monkeypatch,
+                                                             caplog):
+    """With too little free in /dev/shm for what the workers keep in flight, the windows travel
+    as plain lists (with a warning), and the batches are the same."""
+    import recsys.data.loader as loader_module
+
+    split = ParquetSplit(tiny_dataset.files("impressions", "train"), tiny_schema)
+    kwargs = {"seed": 3, "window_batches": 2, "drop_last": False}
+    loader = ParquetLoader(split, 128, **kwargs)
+    assert isinstance(next(iter(loader_module._WindowDataset(loader, 0, 0))), SharedWindows) or \
+        loader_module.shared_memory_free() is None  # room enough: shared (on Linux)
+    monkeypatch.setattr(loader_module, "shared_memory_free", lambda: 0)
+    with caplog.at_level("WARNING", logger="recsys.data"):
+        items = list(loader_module._WindowDataset(loader, 0, 0))
+    assert items and all(isinstance(item, list) for item in items)
+    assert "/dev/shm has 0 MB free" in caplog.text
+    plain = list(ParquetLoader(split, 128, num_workers=0, **kwargs).epoch(0))
+    workers = list(ParquetLoader(split, 128, num_workers=2, **kwargs).epoch(0))  # forked: patched
+    compare_batches(plain, workers)

@@ -21,6 +21,8 @@ for, so that it reuses the memory of the batch consumed before it.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -32,6 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from recsys.data.batch import Batch, BatchBuilder, Columns, Window
 from recsys.data.parquet import ParquetSplit, RowGroupRef
 from recsys.errors import RecsysError, SpecError
+
+log = logging.getLogger("recsys.data")
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
@@ -262,26 +266,61 @@ class _WindowDataset(IterableDataset):
     the row group between them: each worker reads it only at the ends of its runs.
 
     Each run travels as one :class:`SharedWindows` buffer in shared memory, so the main process
-    maps it instead of unpickling a copy of every array."""
+    maps it instead of unpickling a copy of every array; where shared memory is short (a
+    container's small ``/dev/shm``), as a plain list through the pipe, with a warning, rather than
+    fail when a shared page cannot be backed."""
 
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
 
-    def __iter__(self) -> Iterator[SharedWindows | _Raised]:
+    def __iter__(self) -> Iterator[SharedWindows | list[Window] | _Raised]:
         info = get_worker_info()
         j, n = (info.id, info.num_workers) if info else (0, 1)
         order = self.loader._row_group_order(self.epoch)
         end = self.loader.num_windows()
+        warned = False
         for start in range(self.first + j * WINDOWS_PER_ITEM, end, n * WINDOWS_PER_ITEM):
             try:
-                yield SharedWindows([self.loader.window(self.epoch, w, order)
-                                     for w in range(start, min(start + WINDOWS_PER_ITEM, end))])
+                windows = [self.loader.window(self.epoch, w, order)
+                           for w in range(start, min(start + WINDOWS_PER_ITEM, end))]
+                # what the workers keep in flight: each has up to two runs waiting (the
+                # DataLoader's prefetch) besides the run the trainer is cutting into batches
+                need = _nbytes(windows) * (2 * n + 2)
+                free = shared_memory_free()
+                if free is None or free >= need:
+                    yield SharedWindows(windows)
+                    continue
+                if not warned:
+                    warned = True
+                    log.warning("loader worker %d: %s has %d MB free, less than the about %d MB "
+                                "that the workers keep in flight; windows go through a pipe "
+                                "instead (slower). Give the process more shared memory "
+                                "(docker run --shm-size=1g)", j, SHM, free >> 20, need >> 20)
+                yield windows
             except RecsysError as e:
                 # torch re-raises a worker's exception as its type built from one message
                 # string, which our errors (where + message) do not take: it would surface as a
                 # RuntimeError traceback. Send the error itself to the main process instead.
                 yield _Raised(e)
                 return
+
+
+SHM = "/dev/shm"  # where torch's shared tensors live on Linux
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in :data:`SHM` (None where there is no such folder: other systems)."""
+    try:
+        return shutil.disk_usage(SHM).free
+    except OSError:
+        return None
+
+
+def _nbytes(windows: list[Window]) -> int:
+    arrays: list[np.ndarray] = []
+    for w in windows:
+        _slots(w, arrays)
+    return sum(a.nbytes for a in arrays)
 
 
 class SharedWindows:
@@ -366,7 +405,7 @@ class _Raised:
         self.error = error
 
 
-def _unwrapped(item: SharedWindows | _Raised) -> list[Window]:
+def _unwrapped(item: SharedWindows | list[Window] | _Raised) -> list[Window]:
     if isinstance(item, _Raised):
         raise item.error
-    return item.windows()
+    return item.windows() if isinstance(item, SharedWindows) else item
