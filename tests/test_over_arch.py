@@ -59,8 +59,16 @@ def test_over_arch_outputs_and_scripted_parity(arch: str) -> None:
     assert out["click"].shape == (16,) and out[AUX_LOSS].shape == ()
     scripted = torch.jit.script(over)
     again = scripted(pooled, dense)
+    # an eager-only fast path (DynInt's fused stack) sums in another order than the path
+    # TorchScript compiles: bit-exact against that same path, within float32 rounding of the fast one
+    reference = [m for m in over.modules() if getattr(m, "fused", False)]
+    for m in reference:
+        m.fused = False
+    exact = over(pooled, dense)
     for key in out:
-        torch.testing.assert_close(again[key], out[key], rtol=0, atol=0)
+        torch.testing.assert_close(again[key], exact[key], rtol=0, atol=0)
+        torch.testing.assert_close(again[key], out[key], rtol=1e-5, atol=1e-5)
+    assert bool(reference) == (arch == "dynint")
     # the interaction optimizer's parameters belong to the module
     ids = {id(p) for p in over.parameters()}
     assert all(id(w) in ids for w in over.interaction_weights())
