@@ -44,3 +44,24 @@ def test_cores_widens_then_restores() -> None:
     assert os.sched_getaffinity(0) == before
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         DataBenchConfig(num_workers=-1)
+
+
+def test_shuffled_cases_use_the_specs_shuffle_window(tiny_spec: Spec,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark shuffles as training would: windows of ``data.shuffle_window_batches``."""
+    import recsys.bench.data as bench_data
+    from recsys.data.loader import ParquetLoader
+
+    seen: list[tuple[bool, int]] = []
+
+    class Recording(ParquetLoader):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            seen.append((self.shuffle, self.window_batches))
+
+    monkeypatch.setattr(bench_data, "ParquetLoader", Recording)
+    spec = tiny_spec.model_copy(update={"data": tiny_spec.data.model_copy(
+        update={"shuffle_window_batches": 3})})
+    result, table = run(spec, DataBenchConfig(view="impressions", repeats=1), progress=False)
+    assert result["window_batches"] == 3 and "shuffle windows of 3 batches" in table
+    assert sorted(set(seen)) == [(False, 16), (True, 3)]

@@ -84,9 +84,10 @@ def bare_read(split: ParquetSplit) -> int:
     return rows
 
 
-def loader_read(split: ParquetSplit, batch_size: int, shuffle: bool, num_workers: int = 0) -> int:
+def loader_read(split: ParquetSplit, batch_size: int, shuffle: bool, num_workers: int = 0,
+                window_batches: int = 16) -> int:
     loader = ParquetLoader(split, batch_size, shuffle=shuffle, drop_last=False,
-                           num_workers=num_workers)
+                           num_workers=num_workers, window_batches=window_batches)
     return sum(b.batch_size for b in loader.epoch(0))
 
 
@@ -122,15 +123,16 @@ def run(spec: Spec, cfg: DataBenchConfig, progress: bool = True) -> tuple[dict[s
     files = manifest.files(cfg.view, cfg.split)
     batch_size = cfg.batch_size or spec.train.batch_size
     workers = spec.data.num_workers if cfg.num_workers is None else cfg.num_workers
+    window = spec.data.shuffle_window_batches  # the shuffle that training would do
     # (read, cores it asks for): the single-process cases run on the one core
     cases: dict[str, tuple[Callable[[ParquetSplit], int], int]] = {
         "bare pyarrow read": (bare_read, 1),
         "loader -> Batch (file order)": (lambda s: loader_read(s, batch_size, False), 1),
-        "loader -> Batch (shuffled)": (lambda s: loader_read(s, batch_size, True), 1),
+        "loader -> Batch (shuffled)": (lambda s: loader_read(s, batch_size, True, 0, window), 1),
     }
     if workers:
         cases[f"loader -> Batch (shuffled, {workers} workers)"] = (
-            lambda s: loader_read(s, batch_size, True, workers), workers + 1)
+            lambda s: loader_read(s, batch_size, True, workers, window), workers + 1)
     allowed = allowed_cores()
     with one_core(cfg.one_core):
         best: dict[str, float] = {}
@@ -158,6 +160,7 @@ def run(spec: Spec, cfg: DataBenchConfig, progress: bool = True) -> tuple[dict[s
         "files": len(files),
         "columns": len(schema.columns),
         "batch_size": batch_size,
+        "window_batches": window,
         "one_core": cfg.one_core,
         "num_workers": workers,
         "rows_per_s": best,
@@ -176,7 +179,8 @@ def run(spec: Spec, cfg: DataBenchConfig, progress: bool = True) -> tuple[dict[s
          for name, rate in best.items()],
     )
     table += (f"\n\n{rows:,} rows x {len(schema.columns)} columns of {Path(files[0]).parent}, "
-              f"batch {batch_size}, {'one core' if cfg.one_core else 'all cores'} "
+              f"batch {batch_size}, shuffle windows of {window} batches, "
+              f"{'one core' if cfg.one_core else 'all cores'} "
               f"(workers: {workers + 1 if workers else 1} processes). Goals, per core: "
               f">= {GOAL_ROWS_PER_S:,} rows/s and >= {GOAL_RATIO:g}x the bare read.")
     return result, table
