@@ -321,3 +321,42 @@ def test_sync_debug_reports_the_arches_that_sync(monkeypatch: pytest.MonkeyPatch
     assert row["dcn"]["train"]["samples_per_s"] > 0
     text = archs.table(result)
     assert "| sync-free" in text and "failing:\n- dlrm: RuntimeError" in text
+
+
+def test_each_dtype_starts_from_the_same_weights_and_runs_in_turns_with_the_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 against fp32 compares like with like: each dtype trains its own copy of every model,
+    built from the same seed (not the weights the other dtype's steps left), and every repeat
+    times both dtypes (not all of fp32's repeats, then all of bf16's)."""
+    import recsys.bench.archs as archs
+
+    built: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+
+    def recording_build(name: str) -> nn.Module:
+        model = build_arch(name)
+        built.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    timed: list[torch.dtype | None] = []  # the autocast dtype of each timed step block
+    real_seconds = archs.seconds_per_call
+
+    def recording_seconds(fn: Any, calls: int, cuda: bool) -> float:
+        case = getattr(fn, "__self__", None)
+        if isinstance(case, archs.Case):  # not the bf16-against-fp32 product timing
+            timed.append(case.dtype)
+        return real_seconds(fn, calls, cuda)
+
+    monkeypatch.setattr(archs, "build_arch", recording_build)
+    cfg = ArchBenchConfig(archs=("moe",), batch_sizes=(16,), dtypes=("fp32", "bf16"),
+                          repeats=2, warmup=0, min_seconds=0.0, progress=False)
+    monkeypatch.setattr(archs, "seconds_per_call", recording_seconds)
+    result = archs.run(cfg)
+    assert len(built) == 2 and built[0][0] is not built[1][0]
+    (_, first), (_, second) = built
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
+    # each repeat: moe in fp32 (no autocast), train and infer, then moe under bf16 autocast
+    assert timed == [None, None, torch.bfloat16, torch.bfloat16] * 2
+    assert set(result["results"]) == {"fp32", "bf16"}
+    assert result["results"]["bf16"]["16"]["moe"]["train"]["steps"] == 1

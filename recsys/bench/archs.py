@@ -5,9 +5,10 @@ Each over-arch runs above a Criteo-shaped batch of pooled embeddings: 26 sparse 
 AdaEnsemble's auxiliary router loss). A **training step** is forward, backward (into the
 parameters and into ``pooled``, as the embedding tables' backward would receive it) and an Adam
 step; an **inference step** is an eval-mode forward under ``torch.inference_mode``. Every arch is
-timed at every batch size (default 2048 and 32768) in fp32 and under bf16 autocast; each repeat
-times every arch once in turn, so machine noise hits all alike, and each timed block runs enough
-steps to last ``min_seconds`` (counted from the warm-up). Samples/s come from the best repeat.
+timed at every batch size (default 2048 and 32768) in fp32 and under bf16 autocast, each dtype on
+its own copy of the models built from the same seed; each repeat times every arch in every dtype
+once in turn, so machine noise hits all alike, and each timed block runs enough steps to last
+``min_seconds`` (counted from the warm-up). Samples/s come from the best repeat.
 Step-time ratios: each arch against ``dcn``, ``dynint`` against ``pin``, and bf16 against fp32.
 
 The models are built here from the pure-torch layers of :mod:`recsys.modules` and the loss of
@@ -359,7 +360,7 @@ def run(cfg: ArchBenchConfig,
         partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build every arch, time it at every batch size and dtype, and return the result
     (JSON-ready; :func:`table` renders it). ``partial`` gets the result so far after each
-    (dtype, batch): a run cut short by a time limit still leaves its finished groups."""
+    batch size (all dtypes): a run cut short by a time limit still leaves its finished groups."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     tune_malloc()  # the allocator settings of a training process (recsys.malloc)
@@ -367,10 +368,17 @@ def run(cfg: ArchBenchConfig,
     results: dict[str, dict[str, Any]] = {}
     sync: dict[str, dict[str, dict[str, str]]] = {}
     with torch_threads(cfg.threads if device.type == "cpu" else None):
-        models = {name: build_arch(name).to(device) for name in cfg.archs}
-        calls: dict[str, Callable[..., Output]] = {
-            name: torch.compile(m) if cfg.compile else m for name, m in models.items()}
-        opts = {name: torch.optim.Adam(m.parameters(), lr=ADAM_LR) for name, m in models.items()}
+        # one set of models per dtype, each from the same seed: a dtype starts from the weights
+        # the other started from, not from where the other's steps left them (AdaEnsemble's
+        # routing, hence its work per step, moves as it trains)
+        models: dict[str, dict[str, nn.Module]] = {}
+        for dtype in cfg.dtypes:
+            torch.manual_seed(cfg.seed)
+            models[dtype] = {name: build_arch(name).to(device) for name in cfg.archs}
+        calls = {dtype: {name: torch.compile(m) if cfg.compile else m for name, m in ms.items()}
+                 for dtype, ms in models.items()}
+        opts = {dtype: {name: torch.optim.Adam(m.parameters(), lr=ADAM_LR)
+                        for name, m in ms.items()} for dtype, ms in models.items()}
         threads = torch.get_num_threads() if device.type == "cpu" else None
 
         gemm = ({str(b): gemm_bf16_vs_fp32(b, device, cfg) for b in cfg.batch_sizes}
@@ -385,16 +393,22 @@ def run(cfg: ArchBenchConfig,
 
         for dtype in cfg.dtypes:
             results[dtype], sync[dtype] = {}, {}
-            for batch in cfg.batch_sizes:
-                data = random_batch(batch, device, cfg.seed)
-                cases = {name: Case(models[name], calls[name], opts[name], data, device,
-                                    DTYPES[dtype]) for name in cfg.archs}
-                label = f"{cfg.device} {dtype} batch {batch}"
-                results[dtype][str(batch)], sync[dtype][str(batch)] = _bench_group(
-                    cfg, cases, batch, label)
-                del cases, data
-                if partial is not None:
-                    partial(result(False))
+        for batch in cfg.batch_sizes:
+            data = random_batch(batch, device, cfg.seed)
+            # every dtype's cases in one group: each repeat times all of them in turn, so that
+            # the bf16-against-fp32 ratios compare runs seconds apart, not minutes
+            cases = {f"{name} {dtype}": Case(models[dtype][name], calls[dtype][name],
+                                             opts[dtype][name], data, device, DTYPES[dtype])
+                     for dtype in cfg.dtypes for name in cfg.archs}
+            out, verdict = _bench_group(cfg, cases, batch,
+                                        f"{cfg.device} {'+'.join(cfg.dtypes)} batch {batch}")
+            for dtype in cfg.dtypes:
+                results[dtype][str(batch)] = {name: out[f"{name} {dtype}"] for name in cfg.archs}
+                sync[dtype][str(batch)] = {name: verdict[f"{name} {dtype}"]
+                                           for name in cfg.archs if f"{name} {dtype}" in verdict}
+            del cases, data
+            if partial is not None:
+                partial(result(False))
     return result(True)
 
 
