@@ -347,16 +347,16 @@ def test_each_dtype_starts_from_the_same_weights_and_runs_in_turns_with_the_othe
         return real_seconds(fn, calls, cuda)
 
     monkeypatch.setattr(archs, "build_arch", recording_build)
-    cfg = ArchBenchConfig(archs=("moe",), batch_sizes=(16,), dtypes=("fp32", "bf16"),
+    cfg = ArchBenchConfig(archs=("mlp", "moe"), batch_sizes=(16,), dtypes=("fp32", "bf16"),
                           repeats=2, warmup=0, min_seconds=0.0, progress=False)
     monkeypatch.setattr(archs, "seconds_per_call", recording_seconds)
     result = archs.run(cfg)
-    assert len(built) == 2 and built[0][0] is not built[1][0]
-    (_, first), (_, second) = built
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
-    # each repeat: moe in fp32 (no autocast), train and infer, then moe under bf16 autocast
-    assert timed == [None, None, torch.bfloat16, torch.bfloat16] * 2
+    assert len(built) == 4 and len({id(m) for m, _ in built}) == 4  # mlp, moe; twice
+    for (_, first), (_, second) in ((built[0], built[2]), (built[1], built[3])):
+        assert first.keys() == second.keys()
+        for key in first:
+            torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
+    # each repeat, per arch: fp32 (no autocast) train and infer, then bf16 autocast's
+    assert timed == [None, None, torch.bfloat16, torch.bfloat16] * 4
     assert set(result["results"]) == {"fp32", "bf16"}
     assert result["results"]["bf16"]["16"]["moe"]["train"]["steps"] == 1

@@ -145,11 +145,13 @@ def bench_models(cfg: AllConfig) -> tuple[dict[str, Any], str]:
 
 def bench_archs(cfg: AllConfig) -> tuple[dict[str, Any], str]:
     """Training and inference samples/s of every over-arch on this machine's CPU, one thread
-    (quick: batch 128, one step each; else batch 2048, fp32 and bf16)."""
+    (quick: batch 128, one step each; else batch 2048, fp32 and bf16, timed blocks of at least a
+    second: the slowest arch's step takes about 0.25 s, and at the command's default 0.3 s its
+    blocks held one or two steps, too few for a bf16/fp32 ratio near 1 to come out the same twice)."""
     from recsys.bench.archs import ArchBenchConfig, run, table
 
     acfg = (ArchBenchConfig.quick(progress=False) if cfg.quick else
-            ArchBenchConfig(batch_sizes=(2048,), progress=False))
+            ArchBenchConfig(batch_sizes=(2048,), min_seconds=1.0, progress=False))
     result = run(acfg)
     return result, table(result)
 

@@ -6,9 +6,10 @@ AdaEnsemble's auxiliary router loss). A **training step** is forward, backward (
 parameters and into ``pooled``, as the embedding tables' backward would receive it) and an Adam
 step; an **inference step** is an eval-mode forward under ``torch.inference_mode``. Every arch is
 timed at every batch size (default 2048 and 32768) in fp32 and under bf16 autocast, each dtype on
-its own copy of the models built from the same seed; each repeat times every arch in every dtype
-once in turn, so machine noise hits all alike, and each timed block runs enough steps to last
-``min_seconds`` (counted from the warm-up). Samples/s come from the best repeat.
+its own copy of the models built from the same seed; each repeat times every arch once in turn,
+in each dtype one right after the other, so machine noise hits all alike, and each timed block
+runs enough steps to last ``min_seconds`` (counted from the warm-up). Samples/s come from the best
+repeat.
 Step-time ratios: each arch against ``dcn``, ``dynint`` against ``pin``, and bf16 against fp32.
 
 The models are built here from the pure-torch layers of :mod:`recsys.modules` and the loss of
@@ -395,11 +396,11 @@ def run(cfg: ArchBenchConfig,
             results[dtype], sync[dtype] = {}, {}
         for batch in cfg.batch_sizes:
             data = random_batch(batch, device, cfg.seed)
-            # every dtype's cases in one group: each repeat times all of them in turn, so that
-            # the bf16-against-fp32 ratios compare runs seconds apart, not minutes
+            # every dtype's cases in one group, an arch's dtypes one after the other: each
+            # repeat times an arch in bf16 right after fp32, not minutes later
             cases = {f"{name} {dtype}": Case(models[dtype][name], calls[dtype][name],
                                              opts[dtype][name], data, device, DTYPES[dtype])
-                     for dtype in cfg.dtypes for name in cfg.archs}
+                     for name in cfg.archs for dtype in cfg.dtypes}
             out, verdict = _bench_group(cfg, cases, batch,
                                         f"{cfg.device} {'+'.join(cfg.dtypes)} batch {batch}")
             for dtype in cfg.dtypes:
