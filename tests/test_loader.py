@@ -353,6 +353,65 @@ def test_shared_windows_give_back_every_array(handmade):
                     assert u == v
 
 
+def test_buffer_pool_reuses_a_slot_only_once_released() -> None:
+    from recsys.data.loader import BufferPool, _release
+
+    pool = BufferPool(2)
+    first, slot = pool.take(100)
+    assert slot == 0 and first.is_shared() and first.numel() == 100
+    assert pool.free.tolist() == [0, 1]
+    assert pool.take(100)[1] == 1
+    own, slot = pool.take(100)  # every slot busy: a buffer outside the pool
+    assert slot == -1 and own.is_shared() and pool.free.tolist() == [0, 0]
+    _release(pool.free, 0)
+    again, slot = pool.take(120)  # within the quarter of headroom: the same memory
+    assert slot == 0 and again.data_ptr() == first.data_ptr() and again.numel() == 120
+    _release(pool.free, 0)
+    bigger, slot = pool.take(1000)  # past it: the slot gets a larger buffer
+    assert slot == 0 and bigger.numel() == 1000 and bigger.data_ptr() != first.data_ptr()
+
+
+def test_a_pooled_buffer_is_released_only_when_its_last_batch_is_gone(handmade):
+    """Received (unpickled) windows hold their slot while any view of them, or any batch made
+    from them, lives; then the slot is free for the worker's next run."""
+    import gc
+
+    from recsys.data.loader import BufferPool
+
+    files, schema = handmade
+    loader = ParquetLoader(ParquetSplit(files, schema), 4, seed=2, window_batches=2,
+                           drop_last=False)
+    pool = BufferPool(2)
+    sent = SharedWindows([loader.window(0, 0)], pool)
+    assert sent.slot == 0 and pool.free.tolist() == [0, 1]
+    received = pickle.loads(ForkingPickler.dumps(sent))
+    del sent
+    [window] = received.windows()
+    assert received.windows()[0].dense.base is window.dense.base  # a second call: same views
+    batch = loader.builder.batch(window, 0)
+    del received, window
+    gc.collect()
+    assert pool.free.tolist() == [0, 1]  # the batch still reads the buffer
+    del batch
+    gc.collect()
+    assert pool.free.tolist() == [1, 1]
+
+
+def test_workers_reuse_buffers_without_touching_batches_still_held(tiny_dataset, tiny_schema):
+    """Many runs per worker, so that buffers go round the pools, while some batches are kept to
+    the end: each must still hold its rows when compared with the same epoch read in-process."""
+    split = ParquetSplit(tiny_dataset.files("impressions", "train"), tiny_schema)
+    kwargs = {"seed": 5, "window_batches": 1, "drop_last": False}
+    plain = list(ParquetLoader(split, 32, num_workers=0, **kwargs).epoch(0))
+    kept: dict[int, Batch] = {}
+    for step, batch in enumerate(ParquetLoader(split, 32, num_workers=2, **kwargs).epoch(0)):
+        compare_batches([plain[step]], [batch])
+        if step % 7 == 0:
+            kept[step] = batch
+    assert len(plain) > 8 * 4 * 2  # more runs per worker than its pool has slots
+    compare_batches([plain[k] for k in kept], list(kept.values()))
+
+
 def test_epochs_differ_and_repeat(handmade):
     files, schema = handmade
     split = ParquetSplit(files, schema)

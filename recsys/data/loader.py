@@ -22,7 +22,9 @@ for, so that it reuses the memory of the batch consumed before it.
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -221,7 +223,11 @@ class ParquetLoader:
             # happens here, since sending one shared buffer costs far less than many tensors
             loader = DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
                                 num_workers=self.num_workers)
-            windows = (w for item in loader for w in _unwrapped(item))
+            # the workers' pooled buffers stay mapped here for the epoch: a buffer sent again
+            # then arrives as the storage already mapped, not as a new mapping whose every page
+            # faults on first read
+            mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
+            windows = (w for item in loader for w in _unwrapped(item, mapped))
         for w, window in enumerate(windows):
             # built one at a time: a batch reuses the memory of the one just consumed
             yield from self.builder.batches(window, skip if w == 0 else 0)
@@ -265,10 +271,10 @@ class _WindowDataset(IterableDataset):
     turn, so windows arrive in order. A run, not a single window, since consecutive windows share
     the row group between them: each worker reads it only at the ends of its runs.
 
-    Each run travels as one :class:`SharedWindows` buffer in shared memory, so the main process
-    maps it instead of unpickling a copy of every array; where shared memory is short (a
-    container's small ``/dev/shm``), as a plain list through the pipe, with a warning, rather than
-    fail when a shared page cannot be backed."""
+    Each run travels as one :class:`SharedWindows` buffer in shared memory, taken from the
+    worker's :class:`BufferPool`, so the main process maps it instead of unpickling a copy of
+    every array; where shared memory is short (a container's small ``/dev/shm``), as a plain list
+    through the pipe, with a warning, rather than fail when a shared page cannot be backed."""
 
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
@@ -279,16 +285,17 @@ class _WindowDataset(IterableDataset):
         order = self.loader._row_group_order(self.epoch)
         end = self.loader.num_windows()
         warned = False
+        pool: BufferPool | None = None  # made at the first run that goes through shared memory
         for start in range(self.first + j * WINDOWS_PER_ITEM, end, n * WINDOWS_PER_ITEM):
             try:
                 windows = [self.loader.window(self.epoch, w, order)
                            for w in range(start, min(start + WINDOWS_PER_ITEM, end))]
-                # what the workers keep in flight: each has up to two runs waiting (the
-                # DataLoader's prefetch) besides the run the trainer is cutting into batches
-                need = _nbytes(windows) * (2 * n + 2)
+                # what the workers keep: each its pool of buffers, a run in each
+                need = _nbytes(windows) * n * POOL_SLOTS
                 free = shared_memory_free()
                 if free is None or free >= need:
-                    yield SharedWindows(windows)
+                    pool = pool or BufferPool(POOL_SLOTS)
+                    yield SharedWindows(windows, pool)
                     continue
                 if not warned:
                     warned = True
@@ -323,16 +330,64 @@ def _nbytes(windows: list[Window]) -> int:
     return sum(a.nbytes for a in arrays)
 
 
+POOL_SLOTS = 4  # buffers a worker reuses: two runs queued, one being cut, one still in batches
+
+
+class BufferPool:
+    """A worker's shared-memory buffers, each used again once the main process has let go of it.
+
+    A fresh shared buffer costs its first touch: about 2 ms per 3.3 MB (page faults and zeroing),
+    against 0.06 ms to copy into one already touched. Slot ``i`` is free while ``free[i]`` is 1;
+    the worker clears it when it sends the buffer, and the main process sets it again when the
+    last view of its copy of the buffer is gone (:meth:`SharedWindows.windows`), so a buffer is
+    never written while a batch still reads it. With every slot busy (a consumer that keeps its
+    batches), a run gets a buffer of its own, outside the pool.
+
+    Example:
+        >>> pool = BufferPool(4)
+        >>> buffer, slot = pool.take(1 << 20)  # a shared uint8 tensor of 1 MiB, slot 0
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.id = secrets.randbits(62)  # tells the pools of one epoch's workers apart
+        self.free = torch.ones(slots, dtype=torch.int32).share_memory_()
+        self._flags = self.free.numpy()  # the same shared memory, read without torch's overhead
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        """A shared uint8 tensor of ``nbytes`` and its slot (-1: outside the pool)."""
+        for i, buffer in enumerate(self._buffers):
+            if not self._flags[i]:
+                continue
+            if buffer is None or buffer.numel() < nbytes:
+                # a quarter more, so that a run a little longer than the last still fits
+                buffer = _shared_bytes(nbytes + nbytes // 4)
+                self._buffers[i] = buffer
+            self._flags[i] = 0
+            return buffer[:nbytes], i
+        return _shared_bytes(nbytes), -1
+
+
+def _shared_bytes(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+
+
+def _release(free: torch.Tensor, slot: int) -> None:
+    free[slot] = 1
+
+
 class SharedWindows:
     """Windows whose arrays are packed into one shared-memory byte tensor.
 
     Pickled between processes (as a DataLoader worker sends its items), a tensor in shared memory
     passes as a handle that the receiver maps, where numpy arrays would be copied into the pickle,
-    through a pipe and out of it again in the receiver. Packing costs the worker more than
-    pickling (about 3.6 against 2 ms per 32k-row window, mostly the first touch of shared pages),
-    but the main process, which trains, spent 0.7 s instead of 1.5-2.2 s per 9M-row epoch on two
-    workers' windows, and the two together delivered 3.4-3.6M rows/s instead of 2.3-2.6M on 2
-    cores. :meth:`windows` gives views of the buffer, which stays alive while any of them does.
+    through a pipe and out of it again in the receiver. With fresh buffers, packing cost the worker
+    more than pickling (about 3.6 against 2 ms per 32k-row window, mostly the first touch of shared
+    pages), which a :class:`BufferPool` saves: two workers on 2 cores gave 3.3-3.6M rows/s pooled
+    against 2.5-2.7M with a fresh buffer per run (epochs alternating in one process). On the
+    main process, which trains, two workers' windows cost 0.7 s per 9M-row epoch this way and
+    1.5-2.2 s pickled. :meth:`windows` gives views of the buffer, which stays alive (and out of
+    its pool) while any of them does.
 
     Example:
         >>> shared = SharedWindows([loader.window(0, 0)])
@@ -341,7 +396,7 @@ class SharedWindows:
 
     _ALIGN = 64
 
-    def __init__(self, windows: list[Window]) -> None:
+    def __init__(self, windows: list[Window], pool: BufferPool | None = None) -> None:
         arrays: list[np.ndarray] = []
         self.layout = [_slots(w, arrays) for w in windows]
         self.specs: list[tuple[int, np.dtype, tuple[int, ...]]] = []
@@ -349,7 +404,14 @@ class SharedWindows:
         for a in arrays:
             self.specs.append((offset, a.dtype, a.shape))
             offset += -(-a.nbytes // self._ALIGN) * self._ALIGN
-        self.buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
+        self.free: torch.Tensor | None = None
+        self.pool_id, self.slot = 0, -1
+        self._raw: np.ndarray | None = None
+        if pool is None:
+            self.buffer = _shared_bytes(offset)
+        else:
+            self.buffer, self.slot = pool.take(offset)
+            self.free, self.pool_id = pool.free, pool.id
         raw = self.buffer.numpy()
         for a, view in zip(arrays, self._views(raw), strict=True):
             np.copyto(view, a)
@@ -359,8 +421,19 @@ class SharedWindows:
                 for o, dtype, shape in self.specs]
 
     def windows(self) -> list[Window]:
-        views = self._views(self.buffer.numpy())
+        """The windows, as views of the buffer (in the process that received it). The buffer
+        goes back to its worker's pool once this object, every view and every batch made from
+        them are gone: each view, and each tensor made from one, keeps the one array they all
+        derive from alive (not the tensor ``buffer``, which ``numpy()`` does not keep)."""
+        if self._raw is None:
+            self._raw = self.buffer.numpy()
+            if self.free is not None and self.slot >= 0:
+                weakref.finalize(self._raw, _release, self.free, self.slot)
+        views = self._views(self._raw)
         return [_filled(w, views) for w in self.layout]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_raw": None}  # the receiver makes its own views
 
 
 @dataclass(frozen=True)
@@ -405,7 +478,12 @@ class _Raised:
         self.error = error
 
 
-def _unwrapped(item: SharedWindows | list[Window] | _Raised) -> list[Window]:
+def _unwrapped(item: SharedWindows | list[Window] | _Raised,
+               mapped: dict[tuple[int, int], torch.UntypedStorage]) -> list[Window]:
     if isinstance(item, _Raised):
         raise item.error
-    return item.windows() if isinstance(item, SharedWindows) else item
+    if not isinstance(item, SharedWindows):
+        return item
+    if item.slot >= 0:
+        mapped[item.pool_id, item.slot] = item.buffer.untyped_storage()
+    return item.windows()
