@@ -335,7 +335,7 @@ def test_shared_windows_give_back_every_array(handmade):
     builder = BatchBuilder(nulls)
     originals.append(builder.window(builder.columns(table), np.array([2, 0, 3, 1]), [0, 2, 4]))
     assert originals[-1].lengths[0].dtype == bool and originals[-1].weights[0] is None
-    shared = pickle.loads(ForkingPickler.dumps(SharedWindows(originals)))  # as a worker sends
+    shared = pickle.loads(ForkingPickler.dumps(SharedWindows.of(originals)))  # as a worker sends
     assert shared.buffer.is_shared()
     copies = shared.windows()
     assert len(copies) == len(originals)
@@ -382,7 +382,7 @@ def test_a_pooled_buffer_is_released_only_when_its_last_batch_is_gone(handmade):
     loader = ParquetLoader(ParquetSplit(files, schema), 4, seed=2, window_batches=2,
                            drop_last=False)
     pool = BufferPool(2)
-    sent = SharedWindows([loader.window(0, 0)], pool)
+    sent = SharedWindows.of([loader.window(0, 0)], pool)
     assert sent.slot == 0 and pool.free.tolist() == [0, 1]
     received = pickle.loads(ForkingPickler.dumps(sent))
     del sent

@@ -290,12 +290,13 @@ class _WindowDataset(IterableDataset):
             try:
                 windows = [self.loader.window(self.epoch, w, order)
                            for w in range(start, min(start + WINDOWS_PER_ITEM, end))]
+                layout, arrays = _flattened(windows)
                 # what the workers keep: each its pool of buffers, a run in each
-                need = _nbytes(windows) * n * POOL_SLOTS
+                need = sum(a.nbytes for a in arrays) * n * POOL_SLOTS
                 free = shared_memory_free()
                 if free is None or free >= need:
                     pool = pool or BufferPool(POOL_SLOTS)
-                    yield SharedWindows(windows, pool)
+                    yield SharedWindows(layout, arrays, pool)
                     continue
                 if not warned:
                     warned = True
@@ -323,11 +324,11 @@ def shared_memory_free() -> int | None:
         return None
 
 
-def _nbytes(windows: list[Window]) -> int:
+def _flattened(windows: list[Window]) -> tuple[list[Window], list[np.ndarray]]:
+    """Every array of ``windows`` in one list, and the windows with each array replaced by its
+    :class:`_Slot` in that list (what :class:`SharedWindows` packs)."""
     arrays: list[np.ndarray] = []
-    for w in windows:
-        _slots(w, arrays)
-    return sum(a.nbytes for a in arrays)
+    return [_slots(w, arrays) for w in windows], arrays
 
 
 POOL_SLOTS = 4  # buffers a worker reuses: two runs queued, one being cut, one still in batches
@@ -389,16 +390,23 @@ class SharedWindows:
     1.5-2.2 s pickled. :meth:`windows` gives views of the buffer, which stays alive (and out of
     its pool) while any of them does.
 
+    Built from :func:`_flattened` windows (one walk of them serves the caller's size check too),
+    or with :meth:`of` from the windows themselves.
+
     Example:
-        >>> shared = SharedWindows([loader.window(0, 0)])
+        >>> shared = SharedWindows.of([loader.window(0, 0)])
         >>> [window] = shared.windows()  # the same arrays, now views of shared.buffer
     """
 
     _ALIGN = 64
 
-    def __init__(self, windows: list[Window], pool: BufferPool | None = None) -> None:
-        arrays: list[np.ndarray] = []
-        self.layout = [_slots(w, arrays) for w in windows]
+    @classmethod
+    def of(cls, windows: list[Window], pool: BufferPool | None = None) -> SharedWindows:
+        return cls(*_flattened(windows), pool)
+
+    def __init__(self, layout: list[Window], arrays: list[np.ndarray],
+                 pool: BufferPool | None = None) -> None:
+        self.layout = layout
         self.specs: list[tuple[int, np.dtype, tuple[int, ...]]] = []
         offset = 0
         for a in arrays:
