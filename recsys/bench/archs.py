@@ -81,9 +81,8 @@ from recsys.bench.arch_models import (
     Output,
     build_arch,
 )
-from recsys.denormals import flush_denormals
 from recsys.losses.pointwise import bce
-from recsys.malloc import tune_malloc
+from recsys.process_settings import tune_process
 from recsys.tables import format_table
 
 NAME = "archs"
@@ -364,8 +363,7 @@ def run(cfg: ArchBenchConfig,
     batch size (all dtypes): a run cut short by a time limit still leaves its finished groups."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    tune_malloc()  # the allocator settings of a training process (recsys.malloc)
-    flush_denormals()  # and its float modes (recsys.denormals)
+    tune_process()  # the allocator and float modes of a training process
     results: dict[str, dict[str, Any]] = {}
     sync: dict[str, dict[str, dict[str, str]]] = {}
     with torch_threads(cfg.threads if device.type == "cpu" else None):

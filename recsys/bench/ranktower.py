@@ -15,8 +15,7 @@ import sys
 
 import torch
 
-from recsys.denormals import flush_denormals
-from recsys.malloc import tune_malloc
+from recsys.process_settings import tune_process
 
 
 def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
@@ -28,8 +27,7 @@ def ranktower_scoring(repeats: int) -> dict[str, dict[str, float]]:
     from recsys.models.archs.ranktower import RankTowerSpec
     from recsys.modules.ranktower import DSSMNet, RankTowerNet
 
-    tune_malloc()  # a serving process's allocator settings (recsys serve does the same)
-    flush_denormals()
+    tune_process()  # a serving process's settings (recsys serve does the same)
     spec = RankTowerSpec()
     torch.manual_seed(0)
     results = {}

@@ -53,10 +53,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.bench.plain import PLAIN_DENSE, PLAIN_SPARSE, PlainSide
 from recsys.data.batch import Batch
-from recsys.denormals import flush_denormals
 from recsys.errors import DataError
-from recsys.malloc import tune_malloc
 from recsys.models.tables import embedding_bag_configs
+from recsys.process_settings import tune_process
 from recsys.spec import (
     SparseOptimizer,
     Spec,
@@ -285,8 +284,7 @@ def run_side(side: str, spec: Spec, batches: Sequence[Batch], steps: int, warmup
 
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got '{side}'")
-    tune_malloc()  # as recsys train does, on both sides alike
-    flush_denormals()
+    tune_process()  # as recsys train does, on both sides alike
     if len(batches) < warmup + steps:
         raise ValueError(f"{len(batches)} batches for {warmup} + {steps} steps")
     rss_before = peak_rss_bytes()
@@ -347,8 +345,7 @@ def run_interleaved(specs: Sequence[Spec], batches: Sequence[Batch], steps: int,
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if len(batches) < warmup + steps:
         raise ValueError(f"{len(batches)} batches for {warmup} + {steps} steps")
-    tune_malloc()
-    flush_denormals()
+    tune_process()
     ctx = init_distributed("cpu")
     try:
         sides, feeds = [], []

@@ -27,11 +27,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.denormals import flush_denormals
 from recsys.export.inputs import flat_inputs
-from recsys.malloc import tune_malloc
 from recsys.models.ranker import Ranker
 from recsys.models.tables import PooledInput, feature_order
+from recsys.process_settings import tune_process
 from recsys.spec import Side, Spec
 
 
@@ -191,8 +190,7 @@ def time_scoring(scorer: Any, user: torch.Tensor, items: torch.Tensor, repeats: 
 
 def time_cached_scoring(out: Path, candidates: int = 1000, repeats: int = 50) -> dict[str, float]:
     """Milliseconds to score ``candidates`` cached items for one user (p50 / p99 of ``repeats``)."""
-    tune_malloc()  # as a serving process has it (recsys serve)
-    flush_denormals()
+    tune_process()  # as a serving process has it (recsys serve)
     scorer = torch.jit.load(str(out / "scorer.pt"))
     cache = torch.load(out / "item_cache.pt", weights_only=True)
     reprs = cache["repr"]

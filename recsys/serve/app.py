@@ -34,9 +34,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from recsys.denormals import flush_denormals
 from recsys.errors import UsageError
-from recsys.malloc import tune_malloc
+from recsys.process_settings import tune_process
 from recsys.serve.batching import ShuttingDown
 from recsys.serve.schema import RequestError
 from recsys.serve.service import ScoringService, ServeConfig
@@ -140,8 +139,7 @@ async def serve(export_dir: str | Path, cfg: ServeConfig, stop: asyncio.Event | 
         DataError: the export directory is not a loadable export.
         UsageError: the address cannot be listened on (the port is taken, ...).
     """
-    tune_malloc()  # requests allocate and free the same tensors, as training steps do
-    flush_denormals()
+    tune_process()  # requests allocate and free the same tensors, as training steps do
     service = ScoringService.load(export_dir, cfg)
     service.warm_up()
     stop = stop or asyncio.Event()

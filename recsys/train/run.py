@@ -24,12 +24,11 @@ import numpy as np
 import torch
 
 from recsys import __version__
-from recsys.denormals import flush_denormals
 from recsys.errors import RunError
 from recsys.evaluate import plots
 from recsys.evaluate.accumulator import flatten_for_report
 from recsys.fsutil import ExclusiveLock, atomic_write_text, writing
-from recsys.malloc import tune_malloc
+from recsys.process_settings import tune_process
 from recsys.run_dir import RunDir
 from recsys.spec import Spec, dump_toml, spec_hash
 from recsys.tables import format_table
@@ -81,8 +80,7 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         >>> metrics = run_training(load_spec("specs/quickstart.toml"), "runs/qs")
         >>> metrics["test"]["auc"]
     """
-    tune_malloc()
-    flush_denormals()
+    tune_process()
     out = Path(run_dir) if run_dir else default_run_dir(spec)
     if init_from is not None and Path(init_from).resolve() == out.resolve():
         raise RunError(str(out), "--init-from names this run's own directory; use --resume to "
@@ -180,8 +178,7 @@ def evaluate_run(run_dir: str | Path, progress: bool = True,
     Example:
         >>> evaluate_run("runs/quickstart-5d5ee98d")["test"]["auc"]
     """
-    tune_malloc()
-    flush_denormals()
+    tune_process()
     run = RunDir(run_dir)
     out = run.path
     spec = run.spec()
