@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.data.schema import BatchSchema, DatasetManifest
+from recsys.data.schema import BatchSchema, DatasetManifest, SparseColumn
 from recsys.data.synthetic import generate
-from recsys.spec import Spec, SyntheticSpec, validate_spec
+from recsys.spec import OOVPolicy, Spec, SyntheticSpec, validate_spec
 
 TINY_SYNTHETIC: dict[str, Any] = {
     "seed": 11,
@@ -104,6 +104,41 @@ def tiny_spec(tiny_dataset: DatasetManifest) -> Spec:
 @pytest.fixture(scope="session")
 def tiny_schema(tiny_spec: Spec, tiny_dataset: DatasetManifest) -> BatchSchema:
     return BatchSchema.from_spec(tiny_spec, tiny_dataset)
+
+
+# ---- hand-made files with several (uneven) row groups (the loader's tests) -----------------------
+
+FILE_SIZES = [(23, 5), (17, 4), (0, 4), (31, 8)]  # (rows, row_group_size) per file
+
+
+@pytest.fixture
+def handmade(tmp_path: Path) -> tuple[list[Path], BatchSchema]:
+    def rows_of(rid: np.ndarray) -> pa.Table:
+        return pa.table({
+            "rid": rid,
+            "x": (rid * 0.5).astype(np.float32),
+            "tags": pa.array([[int(r) % 7] * (int(r) % 3) for r in rid], type=pa.list_(pa.int64())),
+            "y": (rid % 2).astype(np.int8),
+        })
+
+    files = []
+    for i, (rows, rg) in enumerate(FILE_SIZES):
+        path = tmp_path / f"part-{i:05d}.parquet"
+        pq.write_table(rows_of(np.arange(rows, dtype=np.int64) + 1000 * i), path,
+                       row_group_size=rg)
+        files.append(path)
+    # a file whose middle row group is empty (kept in metadata, skipped by the loader)
+    path = tmp_path / "part-00004.parquet"
+    with pq.ParquetWriter(path, pq.read_schema(files[0])) as w:
+        for rid in (np.arange(4000, 4003), np.arange(0), np.arange(4003, 4006)):
+            w.write_table(rows_of(rid.astype(np.int64)))
+    files.append(path)
+    assert pq.read_metadata(path).num_row_groups == 3
+    bschema = BatchSchema(dense=["x"],
+                          sparse=[SparseColumn("rid", "rid", 10_000, OOVPolicy.ERROR, False),
+                                  SparseColumn("tags", "tags", 7, OOVPolicy.ERROR, True)],
+                          labels=["y"], groups={"request": "rid"})
+    return files, bschema
 
 
 @pytest.fixture

@@ -3,20 +3,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import pickle
-import time
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from recsys.data.batch import Batch, BatchBuilder, Window
-from recsys.data.loader import ParquetLoader, SharedWindows
+from recsys.data.batch import Batch
+from recsys.data.loader import ParquetLoader
 from recsys.data.parquet import ParquetSplit
 from recsys.data.schema import BatchSchema, DatasetManifest, SparseColumn
 from recsys.spec import OOVPolicy
@@ -66,41 +61,6 @@ def reference_plan(groups: list[tuple[int, int, np.ndarray]], *, batch_size: int
 def keys_of(batch: Batch) -> np.ndarray:
     """The row key of every row of a batch: the ``rid`` feature of the hand-made files."""
     return batch.sparse.to_dict()["rid"].values().numpy()
-
-
-# ---- hand-made files with several (uneven) row groups ---------------------------------------------
-
-FILE_SIZES = [(23, 5), (17, 4), (0, 4), (31, 8)]  # (rows, row_group_size) per file
-
-
-@pytest.fixture
-def handmade(tmp_path: Path) -> tuple[list[Path], BatchSchema]:
-    def rows_of(rid: np.ndarray) -> pa.Table:
-        return pa.table({
-            "rid": rid,
-            "x": (rid * 0.5).astype(np.float32),
-            "tags": pa.array([[int(r) % 7] * (int(r) % 3) for r in rid], type=pa.list_(pa.int64())),
-            "y": (rid % 2).astype(np.int8),
-        })
-
-    files = []
-    for i, (rows, rg) in enumerate(FILE_SIZES):
-        path = tmp_path / f"part-{i:05d}.parquet"
-        pq.write_table(rows_of(np.arange(rows, dtype=np.int64) + 1000 * i), path,
-                       row_group_size=rg)
-        files.append(path)
-    # a file whose middle row group is empty (kept in metadata, skipped by the loader)
-    path = tmp_path / "part-00004.parquet"
-    with pq.ParquetWriter(path, pq.read_schema(files[0])) as w:
-        for rid in (np.arange(4000, 4003), np.arange(0), np.arange(4003, 4006)):
-            w.write_table(rows_of(rid.astype(np.int64)))
-    files.append(path)
-    assert pq.read_metadata(path).num_row_groups == 3
-    bschema = BatchSchema(dense=["x"],
-                          sparse=[SparseColumn("rid", "rid", 10_000, OOVPolicy.ERROR, False),
-                                  SparseColumn("tags", "tags", 7, OOVPolicy.ERROR, True)],
-                          labels=["y"], groups={"request": "rid"})
-    return files, bschema
 
 
 TOTAL_HANDMADE = 23 + 17 + 0 + 31 + 6
@@ -283,133 +243,6 @@ def test_restart_reads_no_earlier_row_group_on_synthetic(tiny_dataset, tiny_sche
     batches = list(loader.epoch(0, start_step=35))
     assert len(batches) == 90 - 35
     assert split.reads == [refs[i] for i in order[3:]]
-
-
-def compare_batches(a: list[Batch], b: list[Batch]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x.dense, y.dense)
-        assert torch.equal(x.sparse.values(), y.sparse.values())
-        assert torch.equal(x.sparse.lengths(), y.sparse.lengths())
-        for k in x.labels:
-            assert torch.equal(x.labels[k], y.labels[k])
-        for k in x.groups:
-            assert torch.equal(x.groups[k], y.groups[k])
-
-
-@pytest.mark.parametrize(("window_batches", "num_workers", "start_step"), [(3, 2, 7), (1, 3, 9)])
-def test_workers_give_the_same_batches_in_the_same_order(tiny_dataset, tiny_schema,
-                                                         window_batches, num_workers, start_step):
-    """Workers build runs of WINDOWS_PER_ITEM windows in turn; with one window per 128-row batch
-    (18 windows) three workers take several turns each, and a restart begins mid-run."""
-    start = time.perf_counter()
-    files = tiny_dataset.files("impressions", "train")
-    split = ParquetSplit(files, tiny_schema)
-    kwargs = {"rank": 1, "world_size": 2, "seed": 8, "window_batches": window_batches,
-              "drop_last": False}
-    plain = list(ParquetLoader(split, 128, num_workers=0, **kwargs).epoch(1))
-    workers = list(ParquetLoader(split, 128, num_workers=num_workers, **kwargs).epoch(1))
-    assert len(plain) == -(-4500 // 128)
-    compare_batches(plain, workers)
-    restarted = list(ParquetLoader(split, 128, num_workers=num_workers, **kwargs)
-                     .epoch(1, start_step=start_step))
-    compare_batches(plain[start_step:], restarted)
-    assert time.perf_counter() - start < 30
-
-
-def test_shared_windows_give_back_every_array(handmade):
-    """A run of windows packed into one shared buffer comes back with every array equal (dtype,
-    shape, values; bool masks and Nones included) and as views of that buffer."""
-    files, schema = handmade
-    loader = ParquetLoader(ParquetSplit(files, schema), 4, seed=2, window_batches=2,
-                           drop_last=False)
-    originals = [loader.window(0, w) for w in range(loader.num_windows())]
-    # and one with a null single id (a bool mask for lengths) and per-id weights
-    table = pa.table({"rid": pa.array([3, None, 0, 9]), "x": pa.array([1, 2, 3, 4], pa.float32()),
-                      "tags": pa.array([[1, 2], [], None, [4]]),
-                      "tag_w": pa.array([[0.5, 0.25], [], None, [2.0]], pa.list_(pa.float32())),
-                      "y": pa.array([0, 1, 0, 1], pa.int8())})
-    nulls = BatchSchema(dense=["x"], labels=["y"], sparse=[
-        SparseColumn("rid", "rid", 10, OOVPolicy.ERROR, False),
-        SparseColumn("tags", "tags", 7, OOVPolicy.ERROR, True, weights="tag_w")])
-    builder = BatchBuilder(nulls)
-    originals.append(builder.window(builder.columns(table), np.array([2, 0, 3, 1]), [0, 2, 4]))
-    assert originals[-1].lengths[0].dtype == bool and originals[-1].weights[0] is None
-    shared = pickle.loads(ForkingPickler.dumps(SharedWindows.of(originals)))  # as a worker sends
-    assert shared.buffer.is_shared()
-    copies = shared.windows()
-    assert len(copies) == len(originals)
-    base = shared.buffer.numpy()
-    for a, b in zip(originals, copies, strict=True):
-        for f in dataclasses.fields(Window):
-            x, y = getattr(a, f.name), getattr(b, f.name)
-            items = (list(zip(x, y, strict=True)) if isinstance(x, list)
-                     else [(x[k], y[k]) for k in x] if isinstance(x, dict) else [(x, y)])
-            for u, v in items:
-                if isinstance(u, np.ndarray):
-                    assert v.dtype == u.dtype and v.shape == u.shape and np.array_equal(u, v)
-                    assert np.shares_memory(v, base)
-                else:
-                    assert u == v
-
-
-def test_buffer_pool_reuses_a_slot_only_once_released() -> None:
-    from recsys.data.loader import BufferPool, _release
-
-    pool = BufferPool(2)
-    first, slot = pool.take(100)
-    assert slot == 0 and first.is_shared() and first.numel() == 100
-    assert pool.free.tolist() == [0, 1]
-    assert pool.take(100)[1] == 1
-    own, slot = pool.take(100)  # every slot busy: a buffer outside the pool
-    assert slot == -1 and own.is_shared() and pool.free.tolist() == [0, 0]
-    _release(pool.free, 0)
-    again, slot = pool.take(120)  # within the quarter of headroom: the same memory
-    assert slot == 0 and again.data_ptr() == first.data_ptr() and again.numel() == 120
-    _release(pool.free, 0)
-    bigger, slot = pool.take(1000)  # past it: the slot gets a larger buffer
-    assert slot == 0 and bigger.numel() == 1000 and bigger.data_ptr() != first.data_ptr()
-
-
-def test_a_pooled_buffer_is_released_only_when_its_last_batch_is_gone(handmade):
-    """Received (unpickled) windows hold their slot while any view of them, or any batch made
-    from them, lives; then the slot is free for the worker's next run."""
-    import gc
-
-    from recsys.data.loader import BufferPool
-
-    files, schema = handmade
-    loader = ParquetLoader(ParquetSplit(files, schema), 4, seed=2, window_batches=2,
-                           drop_last=False)
-    pool = BufferPool(2)
-    sent = SharedWindows.of([loader.window(0, 0)], pool)
-    assert sent.slot == 0 and pool.free.tolist() == [0, 1]
-    received = pickle.loads(ForkingPickler.dumps(sent))
-    del sent
-    [window] = received.windows()
-    assert received.windows()[0].dense.base is window.dense.base  # a second call: same views
-    batch = loader.builder.batch(window, 0)
-    del received, window
-    gc.collect()
-    assert pool.free.tolist() == [0, 1]  # the batch still reads the buffer
-    del batch
-    gc.collect()
-    assert pool.free.tolist() == [1, 1]
-
-
-def test_workers_reuse_buffers_without_touching_batches_still_held(tiny_dataset, tiny_schema):
-    """Many runs per worker, so that buffers go round the pools, while some batches are kept to
-    the end: each must still hold its rows when compared with the same epoch read in-process."""
-    split = ParquetSplit(tiny_dataset.files("impressions", "train"), tiny_schema)
-    kwargs = {"seed": 5, "window_batches": 1, "drop_last": False}
-    plain = list(ParquetLoader(split, 32, num_workers=0, **kwargs).epoch(0))
-    kept: dict[int, Batch] = {}
-    for step, batch in enumerate(ParquetLoader(split, 32, num_workers=2, **kwargs).epoch(0)):
-        compare_batches([plain[step]], [batch])
-        if step % 7 == 0:
-            kept[step] = batch
-    assert len(plain) > 8 * 4 * 2  # more runs per worker than its pool has slots
-    compare_batches([plain[k] for k in kept], list(kept.values()))
 
 
 def test_epochs_differ_and_repeat(handmade):
@@ -601,24 +434,3 @@ def test_shards_dictionary_encode_all_but_floats(tmp_path: Path) -> None:
     assert dictionary == {"user_id": True, "tags.list.element": True, "price": False,
                           "click": True}
     assert f.read().equals(table)
-
-
-def test_short_shared_memory_sends_windows_through_the_pipe(tiny_dataset, tiny_schema, monkeypatch,
-                                                             caplog):
-    """With too little free in /dev/shm for what the workers keep in flight, the windows travel
-    as plain lists (with a warning), and the batches are the same."""
-    import recsys.data.loader as loader_module
-
-    split = ParquetSplit(tiny_dataset.files("impressions", "train"), tiny_schema)
-    kwargs = {"seed": 3, "window_batches": 2, "drop_last": False}
-    loader = ParquetLoader(split, 128, **kwargs)
-    assert isinstance(next(iter(loader_module._WindowDataset(loader, 0, 0))), SharedWindows) or \
-        loader_module.shared_memory_free() is None  # room enough: shared (on Linux)
-    monkeypatch.setattr(loader_module, "shared_memory_free", lambda: 0)
-    with caplog.at_level("WARNING", logger="recsys.data"):
-        items = list(loader_module._WindowDataset(loader, 0, 0))
-    assert items and all(isinstance(item, list) for item in items)
-    assert "/dev/shm has 0 MB free" in caplog.text
-    plain = list(ParquetLoader(split, 128, num_workers=0, **kwargs).epoch(0))
-    workers = list(ParquetLoader(split, 128, num_workers=2, **kwargs).epoch(0))  # forked: patched
-    compare_batches(plain, workers)
