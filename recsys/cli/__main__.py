@@ -4,4 +4,5 @@ import sys
 
 from recsys.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a worker process imports it as its parent's main
+    sys.exit(main())

@@ -22,11 +22,13 @@ for, so that it reuses the memory of the batch consumed before it.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import secrets
 import shutil
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import numpy as np
@@ -197,6 +199,10 @@ class ParquetLoader:
                          else cols)
         return Columns.concat(parts)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # what a worker receives: the plan, not this process's cached row group
+        return {**self.__dict__, "_cached_ref": None, "_cached_cols": None}
+
     def _row_group_columns(self, ref: RowGroupRef) -> Columns:
         """One row group, read and checked once; the last one is kept, since consecutive windows
         share the row group that straddles their boundary."""
@@ -222,7 +228,8 @@ class ParquetLoader:
             # workers read, check and gather runs of windows; the cheap assembly into batches
             # happens here, since sending one shared buffer costs far less than many tensors
             loader = DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
-                                num_workers=self.num_workers)
+                                num_workers=self.num_workers,
+                                multiprocessing_context=worker_context())
             # the workers' pooled buffers stay mapped here for the epoch: a buffer sent again
             # then arrives as the storage already mapped, not as a new mapping whose every page
             # faults on first read
@@ -231,6 +238,28 @@ class ParquetLoader:
         for w, window in enumerate(windows):
             # built one at a time: a batch reuses the memory of the one just consumed
             yield from self.builder.batches(window, skip if w == 0 else 0)
+
+
+def worker_context() -> BaseContext:
+    """How loader workers start: forked from a fork server (a fresh process that imported this
+    module once), not from the process that trains.
+
+    A fork copies only the calling thread, with every lock as it was: one that another thread
+    held at that moment stays held in the child forever. A training process has such threads
+    (TensorBoard's writer, gloo's, Arrow's I/O pool, a user's own), and a worker forked while one
+    of them held torch's default generator hung in the ``manual_seed`` every DataLoader worker
+    starts with (reproduced: one epoch in a few hundred with a thread drawing random numbers;
+    the test suite once hung this way on CI). The server is started once per process (about
+    2 s on first use); each epoch's workers then start as fast as forked ones (about 45 ms for
+    two). ``spawn`` where there is no fork server (Windows).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # read when the server starts: it imports this module (torch, pyarrow, numpy) once, so that
+    # a worker does not
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -273,13 +302,14 @@ class _WindowDataset(IterableDataset):
 
     Each run travels as one :class:`SharedWindows` buffer in shared memory, taken from the
     worker's :class:`BufferPool`, so the main process maps it instead of unpickling a copy of
-    every array; where shared memory is short (a container's small ``/dev/shm``), as a plain list
-    through the pipe, with a warning, rather than fail when a shared page cannot be backed."""
+    every array; where shared memory is short (a container's small ``/dev/shm``), pickled through
+    the pipe (:class:`_Piped`), with a warning, rather than fail when a shared page cannot be
+    backed."""
 
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
 
-    def __iter__(self) -> Iterator[SharedWindows | list[Window] | _Raised]:
+    def __iter__(self) -> Iterator[SharedWindows | _Piped | _Raised]:
         info = get_worker_info()
         j, n = (info.id, info.num_workers) if info else (0, 1)
         order = self.loader._row_group_order(self.epoch)
@@ -298,13 +328,14 @@ class _WindowDataset(IterableDataset):
                     pool = pool or BufferPool(POOL_SLOTS)
                     yield SharedWindows(layout, arrays, pool)
                     continue
-                if not warned:
+                note = None
+                if not warned:  # logged by the main process, whose log is the run's
                     warned = True
-                    log.warning("loader worker %d: %s has %d MB free, less than the about %d MB "
-                                "that the workers keep in flight; windows go through a pipe "
-                                "instead (slower). Give the process more shared memory "
-                                "(docker run --shm-size=1g)", j, SHM, free >> 20, need >> 20)
-                yield windows
+                    note = (f"loader worker {j}: {SHM} has {free >> 20} MB free, less than the "
+                            f"about {need >> 20} MB that the workers keep in flight; windows go "
+                            "through a pipe instead (slower). Give the process more shared "
+                            "memory (docker run --shm-size=1g)")
+                yield _Piped(windows, note)
             except RecsysError as e:
                 # torch re-raises a worker's exception as its type built from one message
                 # string, which our errors (where + message) do not take: it would surface as a
@@ -479,6 +510,15 @@ def _mapped(obj: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
     return obj
 
 
+@dataclass
+class _Piped:
+    """A run of windows sent through the pipe, with the worker's warning about it the first
+    time (a worker's own log goes nowhere: it is a fresh process, see :func:`worker_context`)."""
+
+    windows: list[Window]
+    warning: str | None = None
+
+
 class _Raised:
     """A user-facing error met in a loader worker, carried to the main process as an item."""
 
@@ -486,12 +526,14 @@ class _Raised:
         self.error = error
 
 
-def _unwrapped(item: SharedWindows | list[Window] | _Raised,
+def _unwrapped(item: SharedWindows | _Piped | _Raised,
                mapped: dict[tuple[int, int], torch.UntypedStorage]) -> list[Window]:
     if isinstance(item, _Raised):
         raise item.error
-    if not isinstance(item, SharedWindows):
-        return item
+    if isinstance(item, _Piped):
+        if item.warning:
+            log.warning(item.warning)
+        return item.windows
     if item.slot >= 0:
         mapped[item.pool_id, item.slot] = item.buffer.untyped_storage()
     return item.windows()
