@@ -386,3 +386,20 @@ def test_bench_prepare_quick(tmp_path: Path) -> None:
     assert result["cases"]["csv/full"]["rows"] == 4000
     assert result["cases"]["parquet/small"]["rows"] == 1000
     assert "rows/s per core" in (tmp_path / "prepare.md").read_text()
+
+
+def test_bench_prepare_reports_a_conversion_process_that_dies_without_a_result() -> None:
+    """A child killed before it answers (out of memory, say) is an error naming its exit code,
+    not a wait for ever on its queue."""
+    import os
+
+    from recsys.bench.prepare import _result
+    from recsys.clean_start import clean_context
+
+    ctx = clean_context()
+    queue = ctx.Queue()
+    child = ctx.Process(target=os._exit, args=(3,))
+    child.start()
+    with pytest.raises(RuntimeError, match=r"exited \(code 3\) without a result"):
+        _result(queue, child)
+    child.join()

@@ -17,12 +17,12 @@ Example:
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as csv
 import pyarrow.parquet as pq
 
+from recsys.clean_start import clean_context
 from recsys.tables import format_table
 
 NAME = "prepare"
@@ -165,13 +166,14 @@ def _convert_in_child(path: str, out: str, one_core: bool, queue: Any) -> None:
 def measure(path: Path, out: Path, one_core: bool) -> dict[str, float]:
     """Convert ``path`` into ``out`` in a new process; its seconds, rows and memory.
 
-    The process is forked where the platform can (the parent has imported everything, so it
-    starts at once; its peak RSS is reset after the fork), spawned elsewhere."""
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    The process starts clean (:mod:`recsys.clean_start`: a fork of this process, where earlier
+    benchmarks left threads, could inherit a lock held for good); the conversion is timed after
+    its imports, and its peak RSS is reset when it starts."""
+    ctx = clean_context(["recsys.bench.prepare", "recsys.data.adapters"])
     queue = ctx.Queue()
     child = ctx.Process(target=_convert_in_child, args=(str(path), str(out), one_core, queue))
     child.start()
-    got = queue.get()
+    got = _result(queue, child)
     child.join()
     if isinstance(got, BaseException):
         raise got
@@ -179,6 +181,17 @@ def measure(path: Path, out: Path, one_core: bool) -> dict[str, float]:
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds,
             "baseline_rss_mb": baseline / 2**20, "peak_rss_mb": peak / 2**20,
             "peak_above_baseline_mb": (peak - baseline) / 2**20}
+
+
+def _result(queue: Any, child: Any) -> Any:
+    """What ``child`` puts on ``queue``; RuntimeError if it dies without (killed, out of memory)."""
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"the conversion's process exited (code {child.exitcode}) "
+                                   "without a result") from None
 
 
 def run(cfg: PrepareBenchConfig, progress: bool = True) -> tuple[dict[str, Any], str]:

@@ -22,19 +22,18 @@ for, so that it reuses the memory of the batch consumed before it.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import secrets
 import shutil
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from multiprocessing.context import BaseContext
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from recsys.clean_start import clean_context
 from recsys.data.batch import Batch, BatchBuilder, Columns, Window
 from recsys.data.parquet import ParquetSplit, RowGroupRef
 from recsys.errors import RecsysError, SpecError
@@ -229,7 +228,8 @@ class ParquetLoader:
             # happens here, since sending one shared buffer costs far less than many tensors
             loader = DataLoader(_WindowDataset(self, epoch, first_window), batch_size=None,
                                 num_workers=self.num_workers,
-                                multiprocessing_context=worker_context())
+                                # forked from a fork server: see recsys.clean_start
+                                multiprocessing_context=clean_context([__name__]))
             # the workers' pooled buffers stay mapped here for the epoch: a buffer sent again
             # then arrives as the storage already mapped, not as a new mapping whose every page
             # faults on first read
@@ -238,28 +238,6 @@ class ParquetLoader:
         for w, window in enumerate(windows):
             # built one at a time: a batch reuses the memory of the one just consumed
             yield from self.builder.batches(window, skip if w == 0 else 0)
-
-
-def worker_context() -> BaseContext:
-    """How loader workers start: forked from a fork server (a fresh process that imported this
-    module once), not from the process that trains.
-
-    A fork copies only the calling thread, with every lock as it was: one that another thread
-    held at that moment stays held in the child forever. A training process has such threads
-    (TensorBoard's writer, gloo's, Arrow's I/O pool, a user's own), and a worker forked while one
-    of them held torch's default generator hung in the ``manual_seed`` every DataLoader worker
-    starts with (reproduced: one epoch in a few hundred with a thread drawing random numbers;
-    the test suite once hung this way on CI). The server is started once per process (about
-    2 s on first use); each epoch's workers then start as fast as forked ones (about 45 ms for
-    two). ``spawn`` where there is no fork server (Windows).
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    # read when the server starts: it imports this module (torch, pyarrow, numpy) once, so that
-    # a worker does not
-    context.set_forkserver_preload([__name__])
-    return context
 
 
 def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -513,7 +491,7 @@ def _mapped(obj: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
 @dataclass
 class _Piped:
     """A run of windows sent through the pipe, with the worker's warning about it the first
-    time (a worker's own log goes nowhere: it is a fresh process, see :func:`worker_context`)."""
+    time (a worker's own log goes nowhere: it is a fresh process, see :mod:`recsys.clean_start`)."""
 
     windows: list[Window]
     warning: str | None = None
