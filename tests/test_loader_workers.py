@@ -5,11 +5,13 @@ once no batch reads it), and the pipe where /dev/shm is short."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import subprocess
 import sys
 import time
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -228,3 +230,41 @@ def test_workers_start_while_another_thread_holds_a_lock(tiny_spec, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [int(line) for line in done.stdout.split()]
     assert len(rows) == 3 and len(set(rows)) == 1 and rows[0] > 0
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores and sched_setaffinity")
+def test_workers_run_on_the_cores_of_the_process_that_reads(tiny_dataset, tiny_schema):
+    """Workers come from the fork server, whose cores are those it started with; they take the
+    reading process's cores of the moment, as forked ones would."""
+    split = ParquetSplit(tiny_dataset.files("impressions", "train"), tiny_schema)
+    before = os.sched_getaffinity(0)
+    list(ParquetLoader(split, 256, num_workers=1).epoch(0))  # the fork server is up (its cores)
+    one = {min(before)}
+    os.sched_setaffinity(0, one)
+    try:
+        batches = ParquetLoader(split, 64, window_batches=1, num_workers=2).epoch(0)
+        next(batches)  # the workers are up
+        servers = [p for p in _children(os.getpid())
+                   if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        workers = [w for s in servers for w in _children(s)]
+        assert len(workers) == 2
+        assert all(os.sched_getaffinity(w) == one for w in workers)
+        batches.close()
+    finally:
+        os.sched_setaffinity(0, before)

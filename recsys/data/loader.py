@@ -22,6 +22,7 @@ for, so that it reuses the memory of the batch consumed before it.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import weakref
@@ -286,9 +287,14 @@ class _WindowDataset(IterableDataset):
 
     def __init__(self, loader: ParquetLoader, epoch: int, first_window: int) -> None:
         self.loader, self.epoch, self.first = loader, epoch, first_window
+        # the cores the training process may use now, which a forked worker would have had (the
+        # fork server's are those of the process when it started)
+        self.cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
     def __iter__(self) -> Iterator[SharedWindows | _Piped | _Raised]:
         info = get_worker_info()
+        if info is not None and self.cores:
+            os.sched_setaffinity(0, self.cores)
         j, n = (info.id, info.num_workers) if info else (0, 1)
         order = self.loader._row_group_order(self.epoch)
         end = self.loader.num_windows()
