@@ -315,6 +315,71 @@ def test_dispatches_agree_in_training(weighted: bool, forced: int, noise: float)
     assert gather.rows_computed.sum() < static.rows_computed.sum()
 
 
+def _rows_seen(net: AdaEnsemble) -> tuple[list[int], list[torch.utils.hooks.RemovableHandle]]:
+    """Records the row count of every expert and router call of ``net``."""
+    seen: list[int] = []
+    modules = [m for b in net.blocks for m in (*b.moe.experts, b.moe.router.hidden)]
+    handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+               for m in modules]
+    return seen, handles
+
+
+@pytest.mark.parametrize(("forced", "noise"), [(-1, 0.0), (1, 0.5)])
+def test_gather_padding_to_a_row_bucket_changes_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                        forced: int, noise: float) -> None:
+    """Gather with each expert's and router's rows padded to a multiple of the bucket (as under CPU
+    bf16, where oneDNN builds a kernel per shape) gives the unpadded result: logits, aux loss,
+    input and parameter gradients and diagnostics; and the padded calls really ran."""
+    import recsys.modules.moe as moe_module
+
+    x = torch.randn(37, M, D, dtype=torch.float64)
+    got = {}
+    for bucket in (1, 5):
+        monkeypatch.setattr(moe_module, "row_bucket", lambda _x, b=bucket: b)
+        net = model(seed=21, anneal_steps=2, noise_eps=noise, dispatch="gather").double().train()
+        _spread_exits(net)
+        net.force_exit_depth(forced)
+        seen, handles = _rows_seen(net)
+        xd = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        for _ in range(2):  # k: 5 of 5 experts (every expert reads x itself), then 4
+            net.zero_grad()
+            logits, aux = net(xd)
+            (logits.square().sum() + aux).backward()
+        for h in handles:
+            h.remove()
+        got[bucket] = (logits, aux, xd.grad, net, seen)
+    (logits, aux, grad, plain, seen1), (p_logits, p_aux, p_grad, padded, seen5) = got.values()
+    assert any(n % 5 for n in seen1 if n < 37)  # unpadded: routed counts that 5 does not divide
+    assert all(n % 5 == 0 or n == 37 for n in seen5)  # padded: multiples of 5 or the whole batch
+    torch.testing.assert_close(p_logits, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p_aux, aux, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p_grad, grad, rtol=1e-12, atol=1e-12)
+    for (name, p1), p5 in zip(plain.named_parameters(), padded.parameters(), strict=True):
+        assert (p1.grad is None) == (p5.grad is None), name
+        if p1.grad is not None:
+            torch.testing.assert_close(p5.grad, p1.grad, rtol=1e-12, atol=1e-12, msg=name)
+    for buf in ("rows_per_depth", "exits_per_depth", "expert_load", "rows_computed", "step"):
+        assert torch.equal(getattr(padded, buf), getattr(plain, buf)), buf
+
+
+def test_row_bucket_only_under_cpu_low_precision() -> None:
+    """64 under CPU autocast or bf16 inputs (oneDNN), 1 for fp32 (MKL); a bf16 autocast forward
+    runs each gathered expert on a multiple of 64 rows."""
+    from recsys.modules.moe import ROW_BUCKET, row_bucket
+
+    x = torch.randn(300, M * D)
+    assert row_bucket(x) == 1 and row_bucket(x.bfloat16()) == ROW_BUCKET == 64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert row_bucket(x) == 64
+    net = model(seed=3, dispatch="gather").eval()
+    seen, _ = _rows_seen(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x.view(300, M, D))
+    assert seen and all(n % 64 == 0 or n == 300 for n in seen)
+    assert any(n % 64 for n in net.expert_load.flatten().tolist() if n)  # routed counts were not
+
+
 def test_noise_only_in_training() -> None:
     net = model(seed=6)
     x = torch.randn(8, M, D)
