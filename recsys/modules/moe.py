@@ -307,7 +307,8 @@ class AdaEnsemble(nn.Module):
     * gather (the "auto" choice on the CPU): at each depth, the router runs on the rows that have
       not exited and each expert on the rows routed to it among them (found with ``nonzero``: a
       sync on an accelerator, free on the CPU), so a row costs k experts at each depth up to its
-      exit. The rows that left keep their x (no expert adds to it) and are masked as in static.
+      exit. The rows that left keep their x (no expert adds to it) and are masked as in static;
+      each depth's estimator runs on the rows that exit there only.
 
     ``force_exit_depth(d)`` truncates the stack on the host in both: depths past d never run, and
     inference saves their compute (``recsys bench moe``).
@@ -447,6 +448,7 @@ class AdaEnsemble(nn.Module):
         self.expert_load.zero_()
         self.rows_computed.zero_()
         gather = resolve_dispatch(self.dispatch, x0.device.type) == "gather"
+        bucket = row_bucket(x0) if gather else 1
         forced = self.forced_exit
         exit_at = torch.zeros(0, dtype=torch.long, device=x0.device)
         last = self.depths - 1
@@ -490,8 +492,14 @@ class AdaEnsemble(nn.Module):
                         logits, mask, self.expert_prior, present)
                     aux = aux + self.z_loss_weight * router_z_loss(logits, present)
                     self.expert_load[d].copy_((mask & present.unsqueeze(1)).sum(0))
-                    here = (exit_at == d).unsqueeze(1)
-                    out = torch.where(here, block.estimator(x).to(out.dtype), out)
+                    here = exit_at == d
+                    if gather:  # the estimator on the rows that exit here only
+                        rows = here.nonzero().squeeze(1)
+                        est = block.estimator(x.index_select(0, pad_rows(rows, b, bucket)))
+                        out = out.index_copy(0, rows, est[:rows.shape[0]].to(out.dtype))
+                    else:
+                        out = torch.where(here.unsqueeze(1), block.estimator(x).to(out.dtype),
+                                          out)
                 if gather:
                     self.rows_computed[d].copy_(self.expert_load[d])
                 else:
