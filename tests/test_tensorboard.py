@@ -121,6 +121,28 @@ def test_resume_after_a_crash_keeps_one_point_per_step(trained: Path, tiny_datas
     assert sorted(_series(acc, "final/test/click/auc")) == [STEPS]
 
 
+def test_a_failed_run_flushes_and_closes_its_writer(tiny_dataset, tmp_path: Path) -> None:
+    """A run that fails in this process (here: at its first validation) has flushed what it logged
+    and stopped its writer thread when run_training raises, not at the process's exit."""
+    import threading
+
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"]
+
+    before = writers()
+
+    def fail(step: int, metric: float) -> bool:
+        raise RuntimeError(f"failed at step {step}")
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="failed at step 10"):
+        run_training(_spec(tiny_dataset.root), run, progress=False, on_validation=fail)
+    assert writers() == before
+    acc = _events(run)
+    assert sorted(_series(acc, "train/loss")) == [1, 10]
+    assert sorted(_series(acc, "valid/click/auc")) == [10]
+
+
 def test_overwrite_removes_the_old_events(trained: Path, tiny_dataset, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)

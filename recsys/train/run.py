@@ -87,6 +87,7 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
                        "continue it")
     ctx = init_distributed(spec.train.device, spec.distributed.backend)
     lock: list[ExclusiveLock] = []
+    trainer: Trainer | None = None
     try:
         setup_logging(None, ctx.is_main)
         on_main(lambda: lock.append(_claim_for_training(RunDir(out), spec, resume, overwrite)))
@@ -122,6 +123,10 @@ def run_training(spec: Spec, run_dir: str | Path | None = None, progress: bool =
         barrier()
         return metrics
     finally:
+        if trainer is not None:
+            # a failed run flushes what it logged now and stops its writer thread, rather than
+            # at the exit of a process that may go on (a notebook, a sweep, a test session)
+            trainer.board.close()
         for held in lock:
             held.release()
         shutdown()
