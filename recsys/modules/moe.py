@@ -166,6 +166,19 @@ def pad_rows(rows: torch.Tensor, total: int, bucket: int) -> torch.Tensor:
     return torch.cat([rows, rows[:1].expand(size - n)])
 
 
+def first_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``t`` (the results of unpadded rows, :func:`pad_rows`): ``t`` itself
+    when it has ``n``, since even a full slice records a backward that allocates a zero gradient
+    and copies into it.
+
+    Example:
+        >>> t = torch.zeros(4, 2)
+        >>> first_rows(t, 4) is t, first_rows(t, 3).shape
+        (True, torch.Size([3, 2]))
+    """
+    return t if t.shape[0] == n else t[:n]
+
+
 # --------------------------------------------------------------------------------------------------
 # SparseMoE layer, early-exit stack (the router: recsys.modules.moe_routing)
 
@@ -230,7 +243,7 @@ class SparseMoE(nn.Module):
         if gather and present is not None:
             rows_in = present.nonzero().squeeze(1)
             sub = self.router.logits(x0.detach().index_select(0, pad_rows(rows_in, b, bucket)))
-            sub = sub[:rows_in.shape[0]]
+            sub = first_rows(sub, rows_in.shape[0])
             sub_mask = top_k_mask(sub, self.top_k) if k is None else ranked_mask(sub, k)
             logits = sub.new_zeros(x0.shape[0], sub.shape[1]).index_copy(0, rows_in, sub)
             mask = torch.zeros(logits.shape, dtype=torch.bool, device=x0.device).index_copy(
@@ -271,7 +284,8 @@ class SparseMoE(nn.Module):
                     y = y * weight[:, e:e + 1]
                 out.add_(y.to(out.dtype))
             elif counts[e] > 0:  # an expert nobody was routed to costs nothing
-                y = expert(xs_of[e], x0s_of[e] if self.reads_x0[e] else xs_of[e])[:counts[e]]
+                y = first_rows(expert(xs_of[e], x0s_of[e] if self.reads_x0[e] else xs_of[e]),
+                               counts[e])
                 if self.weight_by_gates:
                     y = y * weight[:, e].index_select(0, rows_of[e]).unsqueeze(1)
                 out.index_add_(0, rows_of[e], y.to(out.dtype))  # autocast may give bf16
@@ -496,7 +510,8 @@ class AdaEnsemble(nn.Module):
                     if gather:  # the estimator on the rows that exit here only
                         rows = here.nonzero().squeeze(1)
                         est = block.estimator(x.index_select(0, pad_rows(rows, b, bucket)))
-                        out = out.index_copy(0, rows, est[:rows.shape[0]].to(out.dtype))
+                        out = out.index_copy(0, rows,
+                                             first_rows(est, rows.shape[0]).to(out.dtype))
                     else:
                         out = torch.where(here.unsqueeze(1), block.estimator(x).to(out.dtype),
                                           out)
