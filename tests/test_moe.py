@@ -315,9 +315,9 @@ def test_dispatches_agree_in_training(weighted: bool, forced: int, noise: float)
 
 
 def _rows_seen(net: AdaEnsemble) -> tuple[list[int], list[torch.utils.hooks.RemovableHandle]]:
-    """Records the row count of every expert and router call of ``net``."""
+    """Records the row count of every expert, router and estimator call of ``net``."""
     seen: list[int] = []
-    modules = [m for b in net.blocks for m in (*b.moe.experts, b.moe.router.hidden)]
+    modules = [m for b in net.blocks for m in (*b.moe.experts, b.moe.router.hidden, b.estimator)]
     handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
                for m in modules]
     return seen, handles
@@ -326,9 +326,9 @@ def _rows_seen(net: AdaEnsemble) -> tuple[list[int], list[torch.utils.hooks.Remo
 @pytest.mark.parametrize(("forced", "noise"), [(-1, 0.0), (1, 0.5)])
 def test_gather_padding_to_a_row_bucket_changes_nothing(monkeypatch: pytest.MonkeyPatch,
                                                         forced: int, noise: float) -> None:
-    """Gather with each expert's and router's rows padded to a multiple of the bucket (as under CPU
-    bf16, where oneDNN builds a kernel per shape) gives the unpadded result: logits, aux loss,
-    input and parameter gradients and diagnostics; and the padded calls really ran."""
+    """Gather with each expert's, router's and estimator's rows padded to a multiple of the bucket
+    (as under CPU bf16, where oneDNN builds a kernel per shape) gives the unpadded result: logits,
+    aux loss, input and parameter gradients and diagnostics; and the padded calls really ran."""
     import recsys.modules.moe as moe_module
 
     x = torch.randn(37, M, D, dtype=torch.float64)
@@ -364,7 +364,7 @@ def test_gather_padding_to_a_row_bucket_changes_nothing(monkeypatch: pytest.Monk
 
 def test_row_bucket_only_under_cpu_low_precision() -> None:
     """64 under CPU autocast or bf16 inputs (oneDNN), 1 for fp32 (MKL); a bf16 autocast forward
-    runs each gathered expert on a multiple of 64 rows."""
+    runs each gathered expert, router and estimator on a multiple of 64 rows."""
     from recsys.modules.moe import ROW_BUCKET, row_bucket
 
     x = torch.randn(300, M * D)

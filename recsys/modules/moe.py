@@ -129,8 +129,8 @@ def _eager_row_bucket(x: torch.Tensor) -> int:
 
 
 def row_bucket(x: torch.Tensor) -> int:
-    """The multiple that the gather dispatch pads each expert's (and router's) row count to for
-    ``x``: :data:`ROW_BUCKET` under CPU low precision (bf16/fp16 inputs or CPU autocast), else 1.
+    """The multiple that the gather dispatch pads each expert's, router's and estimator's row count
+    to for ``x``: :data:`ROW_BUCKET` under CPU low precision (bf16/fp16 inputs or CPU autocast), else 1.
 
     Why: CPU bf16 matrix products run in oneDNN, which builds (JIT-compiles) a kernel for every new
     shape and caches it by shape. Routed row counts change every step, so unpadded each product
