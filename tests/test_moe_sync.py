@@ -104,3 +104,45 @@ def test_no_sync_on_cuda(weighted: bool) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(net.step) == 4 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.slow
+def test_static_dispatch_compiles_to_one_graph() -> None:
+    """The static dispatch traces as one graph (``torch.compile(fullgraph=True)`` raises at any
+    graph break) in training, with annealing k, router noise and a forced exit, and in eval; and
+    the compiled steps equal eager ones, logits, router losses, every gradient and the routing
+    counters (noise off, so that both sides route alike). aot_eager: the trace and autograd
+    split that a GPU compile uses, without needing a C++ compiler."""
+    torch._dynamo.reset()
+    x = torch.randn(24, M, D)
+    try:
+        noisy = torch.compile(model(seed=15, anneal_steps=5, dispatch="static"),
+                              backend="aot_eager", fullgraph=True)
+        noisy.force_exit_depth(1)
+        logits, aux = noisy.train()(x)
+        (logits.sum() + aux).backward()
+
+        eager, twin = (model(seed=16, anneal_steps=3, noise_eps=0.0, dispatch="static")
+                       for _ in range(2))
+        compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+        for net in (eager, compiled):
+            outs = []
+            for _ in range(4):  # k anneals 5 -> 3 over these steps
+                net.zero_grad()
+                logits, aux = net.train()(x)
+                (logits.square().sum() + aux).backward()
+                outs.append((logits.detach(), aux.detach()))
+            with torch.no_grad():
+                outs.append((net.eval()(x)[0], torch.zeros(())))
+            net.outs = outs
+        for (a, b), (c, d) in zip(eager.outs, compiled.outs, strict=True):
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(eager.named_parameters(), twin.parameters(), strict=True):
+            assert p.grad is not None and q.grad is not None, name
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for name, buf in eager.named_buffers():
+            torch.testing.assert_close(twin.get_buffer(name), buf, msg=name)
+        assert int(twin.step) == 4 and int(twin.rows_computed.sum()) > 0
+    finally:
+        torch._dynamo.reset()

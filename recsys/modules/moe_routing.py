@@ -171,7 +171,10 @@ def _input_noise_cpu(x: torch.Tensor, eps: float) -> torch.Tensor | None:
     # it took 2.5x as long: 1.3-1.9 against 0.47-0.53 ms for 2,048 x 432 values.) Its seed comes
     # from torch's generator, so torch.manual_seed still decides the draw.
     # (numpy is imported here: the pure-torch layers must import with torch alone; without it,
-    # None: torch's own draw)
+    # None: torch's own draw.) Under torch.compile, torch's draw too: numpy's generator cannot be
+    # traced, and a graph break per router would split a compiled model at every depth.
+    if torch.compiler.is_compiling():
+        return None
     try:
         import numpy as np
     except ImportError:
