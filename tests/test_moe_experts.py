@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_moe import D, N, np_, np_linear, np_sigmoid
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import recsys.modules.moe_experts as experts_module
 from recsys.modules.moe import gather_rows
@@ -94,6 +95,7 @@ def test_chunked_attention_equals_the_whole_batch_one(monkeypatch: pytest.Monkey
     torch.testing.assert_close(experts_module._ChunkedAttention.apply(*qkv),
                                experts_module._attention(*qkv))
     assert torch.autograd.gradcheck(experts_module._ChunkedAttention.apply, tuple(qkv))
+    assert torch.autograd.gradcheck(experts_module._attention, tuple(qkv))
     ex = AttentionExpert(4, D)
     x = torch.randn(5, 4 * D, requires_grad=True)
     y = ex(x, x)
@@ -104,6 +106,41 @@ def test_chunked_attention_equals_the_whole_batch_one(monkeypatch: pytest.Monkey
     torch.testing.assert_close(grad, torch.autograd.grad(want.square().sum(), x)[0])
     none = torch.zeros(0, 4 * D)
     assert ex(none, none).shape == (0, 4 * D)
+
+
+class _Writes(TorchDispatchMode):
+    """The shapes that each aten op of the block inside writes or fills."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.calls.append((func.name(), tuple(out.shape)))
+        return out
+
+
+def test_whole_batch_attention_backward_makes_no_extra_pass() -> None:
+    """The attention that CUDA runs: backward neither copies the (N, m, m) softmax gradient
+    (``v @ attᵀ`` gave it transposed, and softmax's backward made it contiguous first) nor
+    zero-fills the stacked q, k, v gradient once per head input (``t[0], t[1], t[2]``)."""
+    ex = AttentionExpert(6, D)
+    ex._eager_attention = experts_module._attention
+    x = torch.randn(5, 6 * D, requires_grad=True)
+    y = ex(x, x)
+    # a kernel's own copies run below the Python dispatch: the profiler sees them
+    with torch.profiler.profile(record_shapes=True) as prof, _Writes() as rec:
+        y.square().sum().backward()
+    n, m = 5 * ex.heads, 6
+    scores = [e.name for e in prof.events() if [n, m, m] in e.input_shapes]
+    assert "aten::_softmax_backward_data" in scores
+    assert not {"aten::clone", "aten::copy_", "aten::contiguous"} & set(scores), scores
+    stacked = (3, n, ex.head_dim, m)
+    assert not [c for c in rec.calls
+                if c[1] == stacked and any(w in c[0] for w in ("zero", "fill", "select_backward"))]
+    assert any(c[1] == stacked for c in rec.calls)  # the one stack of the three gradients
 
 
 def test_gather_rows_scatters_gradients_once() -> None:

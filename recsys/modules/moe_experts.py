@@ -121,9 +121,13 @@ ATTENTION_CHUNK = 256  # (row, head) pairs per chunk of _ChunkedAttention: ~190 
 
 def _attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
     """``(softmax(q kᵀ) v)ᵀ`` from ``qt``, ``kt``, ``vt`` (N, head_dim, m), q pre-scaled: (N, head_dim,
-    m), on the whole batch at once."""
+    m), on the whole batch at once.
+
+    The result is the transposed view of ``att @ vᵀ`` (N, m, head_dim): written so, the gradient
+    that reaches the softmax is contiguous, where ``v @ attᵀ`` gave it transposed and softmax's
+    backward copied all (N, m, m) of it first (one pass over the largest tensor of the expert)."""
     att = torch.softmax(torch.bmm(qt.transpose(1, 2), kt), dim=-1)  # (N, m, m)
-    return torch.bmm(vt, att.transpose(1, 2))
+    return torch.bmm(att, vt.transpose(1, 2)).transpose(1, 2)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -225,14 +229,17 @@ class AttentionExpert(nn.Module):
         qkv = F.gelu(F.linear(x.view(b, m, self.dim), weight, bias))  # (B, m, 3·hidden)
         # (3, B·heads, head_dim, m): one copy
         t = qkv.view(b, m, 3, self.heads, self.head_dim).permute(2, 0, 3, 4, 1)
-        t = t.reshape(3, b * self.heads, self.head_dim, m)
-        qt, kt, vt = t[0] * (1.0 / math.sqrt(self.head_dim)), t[1], t[2]
+        # unbind, not t[0], t[1], t[2]: in backward, one stack of the three gradients instead of
+        # three zero-filled (3, B·heads, head_dim, m) tensors added together
+        qt, kt, vt = t.reshape(3, b * self.heads, self.head_dim, m).unbind(0)
+        qt = qt * (1.0 / math.sqrt(self.head_dim))
         if torch.jit.is_scripting():
             ot = _attention(qt, kt, vt)
         else:
             ot = self._eager_attention(qt, kt, vt)
-        h = ot.view(b, self.hidden, m).transpose(1, 2)  # (B, m, hidden)
-        h = F.gelu(self.proj(h))
+        # (B·heads, head_dim, m) -> (B, m, heads·head_dim): one copy, whichever layout ot has
+        h = ot.transpose(1, 2).reshape(b, self.heads, m, self.head_dim).transpose(1, 2)
+        h = F.gelu(self.proj(h.reshape(b, m, self.hidden)))
         centred = h - h.mean(dim=1, keepdim=True)
         var = centred.square().mean(dim=1, keepdim=True)
         h = centred * torch.rsqrt(var + self.eps) * self.norm_weight + self.norm_bias
