@@ -288,3 +288,19 @@ def test_script_parity(a: str, p: str) -> None:
     dyn = _make(a, p, stop_gradient=True, activation="gelu", dropout=0.2).float().eval()
     x0 = _x0(6).float()
     torch.testing.assert_close(torch.jit.script(dyn)(x0), dyn(x0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_generator_outputs_backward_allocates_no_zero_gradients(fused: bool) -> None:
+    """The generators' shared first layer and B1's (r, c) are split, not sliced: in backward, one
+    concatenation each, where every slice's backward allocated a zero gradient of the whole
+    tensor (a pass over (B, Σ hidden) per generator on a GPU)."""
+    dyn = _make("A1", "B1").float()
+    dyn.fused = fused
+    x0 = _x0(3).float().requires_grad_()
+    out = dyn(x0)
+    with torch.profiler.profile() as prof:
+        out.square().sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::slice_backward" not in names, sorted(n for n in names if "slice" in n)
+    assert x0.grad is not None and all(p.grad is not None for p in dyn.parameters())

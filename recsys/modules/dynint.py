@@ -93,9 +93,7 @@ class _ScaledMix(nn.Module):
 
     def forward(self, x0: torch.Tensor, flat: torch.Tensor,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
-        rc = 2.0 * torch.sigmoid(self.gen(flat))
-        r = rc[:, None, : self.num_fields]
-        c = rc[:, None, self.num_fields :]
+        r, c = (2.0 * torch.sigmoid(self.gen(flat))).unsqueeze(1).split(self.num_fields, dim=2)
         if scale is not None:  # folded into r: (B, 1, M), not another pass over (B, d, M)
             r = r * scale
         return r * ((c * x0) @ self.dense.weight)
@@ -163,10 +161,11 @@ def _generator_outputs(gens: list[nn.Sequential], flat: torch.Tensor,
         first = [g[0] for g in group]
         hidden = torch.relu(torch.addmm(torch.cat([f.bias for f in first]), x,
                                         torch.cat([f.weight for f in first]).t()))
-        start = 0
-        for g, f in zip(group, first, strict=True):
-            outs[id(g)] = g[2](hidden[:, start:start + f.out_features])
-            start += f.out_features
+        # split, not slices: its backward is one concatenation, where each slice's allocated a
+        # zero (B, Σ hidden) gradient, and autograd then added those up
+        pieces = hidden.split([f.out_features for f in first], dim=1)
+        for g, piece in zip(group, pieces, strict=True):
+            outs[id(g)] = g[2](piece)
     return outs
 
 
@@ -327,8 +326,7 @@ class DynamicPIN(nn.Module):
             mix = layer.mix
             row = col = None
             if isinstance(mix, _ScaledMix):
-                rc = 2.0 * torch.sigmoid(outs[id(mix.gen)])
-                row, col = rc[:, : mix.num_fields], rc[:, mix.num_fields:]
+                row, col = (2.0 * torch.sigmoid(outs[id(mix.gen)])).split(mix.num_fields, dim=1)
             if layer.gate is not None:
                 g = 2.0 * torch.sigmoid(outs[id(layer.gate)])
                 row = g if row is None else row * g
