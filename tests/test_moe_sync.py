@@ -109,7 +109,8 @@ def test_no_sync_on_cuda(weighted: bool) -> None:
 @pytest.mark.slow
 def test_static_dispatch_compiles_to_one_graph() -> None:
     """The static dispatch traces as one graph (``torch.compile(fullgraph=True)`` raises at any
-    graph break) in training, with annealing k, router noise and a forced exit, and in eval; and
+    graph break) in training, with annealing k, router noise and a forced exit, also under bf16
+    autocast, and in eval; and
     the compiled steps equal eager ones, logits, router losses, every gradient and the routing
     counters (noise off, so that both sides route alike). aot_eager: the trace and autograd
     split that a GPU compile uses, without needing a C++ compiler."""
@@ -121,6 +122,10 @@ def test_static_dispatch_compiles_to_one_graph() -> None:
         noisy.force_exit_depth(1)
         logits, aux = noisy.train()(x)
         (logits.sum() + aux).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as a bf16 run would (CUDA's too)
+            logits, aux = noisy(x)
+        (logits.float().sum() + aux).backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in noisy.parameters())
 
         eager, twin = (model(seed=16, anneal_steps=3, noise_eps=0.0, dispatch="static")
                        for _ in range(2))

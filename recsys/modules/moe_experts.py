@@ -183,9 +183,9 @@ class AttentionExpert(nn.Module):
     Speed: Q, K and V are one matmul (their weights concatenated at forward time) and one GELU, and
     the 1/√head_dim scale multiplies q (B·m·hidden values) rather than the scores (B·heads·m²).
     Q, K and V are laid out transposed, (B·heads, head_dim, m), so that each attention bmm has 2
-    rows or contracts over 2, never 2 output columns (slow in MKL). On the CPU, in eager fp32,
-    :class:`_ChunkedAttention` computes the attention in cache-sized chunks; elsewhere (CUDA,
-    autocast, TorchScript) the same products run on the whole batch.
+    rows or contracts over 2, never 2 output columns (slow in MKL). On the CPU in eager mode,
+    :class:`_ChunkedAttention` computes the attention in cache-sized chunks (in fp32, also under
+    autocast); elsewhere (CUDA, TorchScript, torch.compile) the same products run on the whole batch.
 
     Example:
         >>> AttentionExpert(num_fields=8, dim=4)(torch.randn(2, 32), torch.randn(2, 32)).shape
@@ -214,7 +214,9 @@ class AttentionExpert(nn.Module):
 
     @torch.jit.unused
     def _eager_attention(self, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
-        if qt.device.type == "cpu":
+        # the chunks are eager mode's way to stay in cache; a compiled graph fuses on its own (and
+        # AOT autograd mis-types the chunked backward under CPU autocast)
+        if qt.device.type == "cpu" and not torch.compiler.is_compiling():
             if torch.is_autocast_enabled("cpu"):
                 # the chunked kernel in fp32 beats the whole-batch products in bf16 on CPU
                 with torch.autocast("cpu", enabled=False):
