@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from recsys.data.schema import BatchSchema, DatasetManifest, SparseColumn
 from recsys.data.synthetic import generate
@@ -37,8 +39,6 @@ TINY_SYNTHETIC: dict[str, Any] = {
 # workers' OpenMP pools spin against each other and an in-process training step takes many times
 # longer (subprocess tests set OMP_NUM_THREADS=1 themselves)
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
     torch.set_num_threads(1)
 
 # item_brand cardinality of the tiny world: max(8, num_items // 20)
@@ -269,3 +269,26 @@ def standardized(raw: list[float] | np.ndarray, train_rows: int) -> np.ndarray:
     x = np.asarray(raw, dtype=np.float64)
     std = x[:train_rows].std()
     return (x - x[:train_rows].mean()) / (std if std > 0 else 1.0)
+
+
+class OutputShapes(TorchDispatchMode):
+    """Records ``(op name, output shape)`` of every aten op that runs inside: what a block
+    allocates and writes (a tuple result gives one entry per tensor).
+
+    Example:
+        >>> with OutputShapes() as rec:
+        ...     torch.zeros(2, 3).sum()
+        >>> rec.calls
+        [('aten::zeros', (2, 3)), ('aten::sum', ())]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.calls.append((func.name(), tuple(t.shape)))
+        return out

@@ -6,12 +6,13 @@ The oracles materialise the per-instance matrix W_l(x) of shape (B, M, M); the m
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import OutputShapes
 from test_pin import np_merge, np_split
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from recsys.modules.dynint import ACTIVATION_MODES, PARAMETER_MODES, DynamicPIN
 from recsys.modules.pin import PolynomialInteractionNetwork
@@ -257,19 +258,6 @@ def test_only_scaled_static_mixes_fuse() -> None:
 # ---- no (B, M, M) tensor, TorchScript -----------------------------------------------------------
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.numels: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.numels.append((str(func), t.numel()))
-        return out
-
-
 @pytest.mark.parametrize("p", B_MODES)
 def test_never_materialises_b_m_m(p: str) -> None:
     # h = D: M = 8·4 = 32 fields of dim 1, so B·M·M = 5120 dwarfs every legitimate intermediate
@@ -277,10 +265,10 @@ def test_never_materialises_b_m_m(p: str) -> None:
     dyn = DynamicPIN(4, 8, num_layers=2, subspaces=8, activation_mode="A3", parameter_mode=p,
                      rank=RANK, num_basis=BASIS)
     x0 = torch.randn(B, 4, 8)
-    with _Shapes() as rec:
+    with OutputShapes() as rec:
         dyn(x0)
-    biggest = max(rec.numels, key=lambda r: r[1])
-    assert biggest[1] < B * 32 * 32, biggest
+    biggest = max(rec.calls, key=lambda r: math.prod(r[1]))
+    assert math.prod(biggest[1]) < B * 32 * 32, biggest
 
 
 @pytest.mark.parametrize(("a", "p"), list(itertools.product(A_MODES, B_MODES)))

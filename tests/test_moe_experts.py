@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OutputShapes
 from test_moe import D, N, np_, np_linear, np_sigmoid
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import recsys.modules.moe_experts as experts_module
 from recsys.modules.moe import gather_rows
@@ -108,20 +108,6 @@ def test_chunked_attention_equals_the_whole_batch_one(monkeypatch: pytest.Monkey
     assert ex(none, none).shape == (0, 4 * D)
 
 
-class _Writes(TorchDispatchMode):
-    """The shapes that each aten op of the block inside writes or fills."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.calls.append((func.name(), tuple(out.shape)))
-        return out
-
-
 def test_whole_batch_attention_backward_makes_no_extra_pass() -> None:
     """The attention that CUDA runs: backward neither copies the (N, m, m) softmax gradient
     (``v @ attᵀ`` gave it transposed, and softmax's backward made it contiguous first) nor
@@ -131,7 +117,7 @@ def test_whole_batch_attention_backward_makes_no_extra_pass() -> None:
     x = torch.randn(5, 6 * D, requires_grad=True)
     y = ex(x, x)
     # a kernel's own copies run below the Python dispatch: the profiler sees them
-    with torch.profiler.profile(record_shapes=True) as prof, _Writes() as rec:
+    with torch.profiler.profile(record_shapes=True) as prof, OutputShapes() as rec:
         y.square().sum().backward()
     n, m = 5 * ex.heads, 6
     scores = [e.name for e in prof.events() if [n, m, m] in e.input_shapes]

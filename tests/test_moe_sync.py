@@ -130,17 +130,16 @@ def test_static_dispatch_compiles_to_one_graph() -> None:
         eager, twin = (model(seed=16, anneal_steps=3, noise_eps=0.0, dispatch="static")
                        for _ in range(2))
         compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
-        for net in (eager, compiled):
-            outs = []
+        outs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"eager": [], "compiled": []}
+        for name, net in (("eager", eager), ("compiled", compiled)):
             for _ in range(4):  # k anneals 5 -> 3 over these steps
                 net.zero_grad()
                 logits, aux = net.train()(x)
                 (logits.square().sum() + aux).backward()
-                outs.append((logits.detach(), aux.detach()))
+                outs[name].append((logits.detach(), aux.detach()))
             with torch.no_grad():
-                outs.append((net.eval()(x)[0], torch.zeros(())))
-            net.outs = outs
-        for (a, b), (c, d) in zip(eager.outs, compiled.outs, strict=True):
+                outs[name].append((net.eval()(x)[0], torch.zeros(())))
+        for (a, b), (c, d) in zip(outs["eager"], outs["compiled"], strict=True):
             torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-6)
         for (name, p), q in zip(eager.named_parameters(), twin.parameters(), strict=True):
